@@ -1,0 +1,28 @@
+"""mergeback: recover what fine-tuning forgot by merging the SFT checkpoint back with its base.
+
+``t`` is always the share of the base model: ``t=0`` is the SFT unchanged, ``t=1`` is the base.
+
+    import merge
+    summary = merge.merge("slerp", sft="./med", base="./llama3-8b", t=0.3, out="./med-recovered")
+    merge.run(merge.Recipe.load("recipe.yaml"))
+"""
+
+from .errors import MergeError
+from .recipes import Recipe
+
+__version__ = "0.1.0"
+
+__all__ = ["MergeError", "MergeSummary", "Recipe", "__version__", "merge", "run"]
+
+
+def __getattr__(name):
+    # torch is imported only when a merge is asked for, so `merge --help` stays fast.
+    if name in ("merge", "run"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "MergeSummary":
+        from .summary import MergeSummary
+
+        return MergeSummary
+    raise AttributeError(f"module 'merge' has no attribute {name!r}")

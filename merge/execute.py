@@ -1,0 +1,338 @@
+"""The executor: runs a plan tensor by tensor, chunk by chunk, on CPU or GPU, in bounded memory.
+
+Each worker thread takes whole tensors; inside a tensor it walks fixed-size flat chunks (the chunk geometry
+depends only on the tensor, so results are byte-identical on any thread count), reads each input chunk from
+the page cache into a reused float32 (float64 for float64 inputs) buffer, applies the method and writes the
+cast result straight to its planned place in the output shard. Torch kernels and ``pwrite`` release the GIL,
+so reading, computing and writing of different tensors overlap across workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from . import methods
+from .errors import MergeError
+from .io.writer import ShardWriter
+from .plan import Plan, TensorJob, TensorSource
+
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per input buffer
+RNG_BLOCK = 1 << 16  # random masks are drawn per fixed block, so they do not depend on the chunk size
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when torch sees a GPU, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MergeError("--device cuda: torch sees no CUDA GPU here; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise MergeError(f"--device {device}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def chunk_ranges(numel: int, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int, int]]:
+    """``(index, start, stop)`` flat ranges covering ``numel`` elements."""
+    return [(i, s, min(s + chunk, numel)) for i, s in enumerate(range(0, numel, chunk))]
+
+
+def block_generator(seed: int, name: str, stream: int, block: int, device: torch.device) -> torch.Generator:
+    """A generator seeded from (seed, tensor name, input, block): the same masks on any thread count."""
+    digest = hashlib.sha256(f"{seed}\0{name}\0{stream}\0{block}".encode()).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+def dare_keep(seed: int, name: str, stream: int, start: int, stop: int, density: float,
+              device: torch.device) -> torch.Tensor:
+    """The DARE keep-mask of elements [start, stop) of one delta, assembled from fixed RNG blocks."""
+    parts = []
+    for b0 in range(start - start % RNG_BLOCK, stop, RNG_BLOCK):
+        g = block_generator(seed, name, stream, b0 // RNG_BLOCK, device)
+        block = methods.dare_mask(RNG_BLOCK, density, g, device)
+        parts.append(block[max(start, b0) - b0: min(stop, b0 + RNG_BLOCK) - b0])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@dataclass
+class ExecutionStats:
+    """What happened, for the summary and the card."""
+
+    slerp: dict[str, methods.SlerpCoefficients] = field(default_factory=dict)
+    bytes_written: int = 0
+
+    @property
+    def spherical(self) -> int:
+        return sum(c.spherical for c in self.slerp.values())
+
+    @property
+    def linear_fallback(self) -> int:
+        return sum(not c.spherical for c in self.slerp.values())
+
+    @property
+    def max_angle(self) -> float:
+        return max((c.angle for c in self.slerp.values()), default=0.0)
+
+
+class _Buffers(threading.local):
+    """Per-thread reusable buffers, grown on demand, so steady state allocates nothing."""
+
+    def __init__(self):
+        self.slots: dict[tuple, torch.Tensor] = {}
+        self.stream = None
+
+    def get(self, slot: str, n: int, dtype: torch.dtype, device: torch.device, pinned: bool = False) -> torch.Tensor:
+        key = (slot, dtype, device.type, pinned)
+        buf = self.slots.get(key)
+        if buf is None or buf.numel() < n:
+            size = max(n, 1 << 16)
+            buf = torch.empty(size, dtype=dtype, device=device, pin_memory=pinned)
+            self.slots[key] = buf
+        return buf[:n]
+
+
+class Executor:
+    """Runs plans on one device with ``threads`` workers."""
+
+    def __init__(self, device: torch.device, threads: int = 2, chunk_elements: int = CHUNK_ELEMENTS):
+        self.device = device
+        self.threads = max(1, threads)
+        self.chunk = max(1, chunk_elements)
+        self._buffers = _Buffers()
+
+    # -- public --------------------------------------------------------------------------------------------
+    def run(self, plan: Plan, models: Mapping[str, TensorSource], writer: ShardWriter,
+            skip: set[str] = frozenset(), on_done: Callable[[TensorJob], None] | None = None,
+            progress: Callable[[int], None] | None = None) -> ExecutionStats:
+        stats = ExecutionStats()
+        lock = threading.Lock()
+
+        def one(job: TensorJob) -> None:
+            coeffs = self._run_job(job, models, writer)
+            for key in dict.fromkeys(job.op.inputs + (job.primary,)):
+                models[key].release(job.source_name(key))
+            with lock:
+                if coeffs is not None:
+                    stats.slerp[job.name] = coeffs
+                stats.bytes_written += job.numel * job.out_dtype.itemsize
+            if on_done:
+                on_done(job)
+            if progress:
+                progress(job.numel * job.out_dtype.itemsize)
+
+        jobs = [j for j in plan.jobs if j.name not in skip]
+        with _single_threaded_torch():
+            if self.threads == 1:
+                for job in jobs:
+                    one(job)
+            else:
+                self._run_parallel(jobs, one)
+        return stats
+
+    def _run_parallel(self, jobs: list[TensorJob], one: Callable[[TensorJob], None]) -> None:
+        window = 2 * self.threads
+        pending: set[Future] = set()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="merge") as pool:
+            try:
+                for job in jobs:
+                    if len(pending) >= window:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in done:
+                            f.result()
+                    pending.add(pool.submit(one, job))
+                for f in pending:
+                    f.result()
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+
+    # -- one tensor ----------------------------------------------------------------------------------------
+    def _run_job(self, job: TensorJob, models: Mapping[str, TensorSource], writer: ShardWriter):
+        op = job.op
+        coeffs = None
+        with self._stream():
+            if op.kind == "copy":
+                self._copy(job, models[op.inputs[0]], job.source_name(op.inputs[0]), 0, job.numel, writer)
+                return None
+            compute = torch.float64 if any(models[k].info(job.source_name(k)).dtype == torch.float64
+                                           for k in op.inputs) else torch.float32
+            loader = _Loader(self, job, models, compute)
+            kernel = _KERNELS[op.kind]
+            state = kernel.prepare(job, loader)
+            for index, start, stop in chunk_ranges(job.merged_numel, self.chunk):
+                xs = loader.load(index, start, stop)
+                result = kernel.apply(job, xs, state, start, stop, self.device)
+                self._write(job, start, result, writer)
+            if job.merged_numel < job.numel:
+                self._copy(job, models[job.primary], job.name, job.merged_numel, job.numel, writer)
+            if op.kind == "slerp":
+                coeffs = state
+        return coeffs
+
+    def _copy(self, job: TensorJob, model: TensorSource, name: str, start: int, stop: int,
+              writer: ShardWriter) -> None:
+        for _, s, e in chunk_ranges(stop - start, self.chunk):
+            view = model.view(name, start + s, start + e)
+            if view.dtype == job.out_dtype:
+                writer.write(job.name, start + s, view)
+            else:
+                out = self._buffers.get("out", e - s, job.out_dtype, torch.device("cpu"))
+                out.copy_(view)
+                writer.write(job.name, start + s, out)
+
+    def _write(self, job: TensorJob, start: int, result: torch.Tensor, writer: ShardWriter) -> None:
+        cuda = self.device.type == "cuda"
+        out = self._buffers.get("out", result.numel(), job.out_dtype, torch.device("cpu"), pinned=cuda)
+        if cuda:
+            out.copy_(result.to(job.out_dtype), non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        else:
+            out.copy_(result)
+        writer.write(job.name, start, out)
+
+    def load_into(self, slot: str, view: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Copy a CPU view into this thread's ``slot`` buffer on the device, converting to ``dtype``."""
+        n = view.numel()
+        buf = self._buffers.get(slot, n, dtype, self.device)
+        if self.device.type == "cuda":
+            staging = self._buffers.get(slot + "/pinned", n, view.dtype, torch.device("cpu"), pinned=True)
+            staging.copy_(view)
+            buf.copy_(staging, non_blocking=True)
+        else:
+            buf.copy_(view)
+        return buf
+
+    @contextmanager
+    def _stream(self):
+        if self.device.type != "cuda":
+            yield
+            return
+        if self._buffers.stream is None:
+            self._buffers.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._buffers.stream):
+            yield
+
+
+@contextmanager
+def _single_threaded_torch():
+    """One intra-op thread per worker: parallelism comes from workers, and reductions stay deterministic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Loader:
+    """Reads one tensor's input chunks into reused compute-dtype buffers; keeps a single chunk loaded so
+    statistics passes over small tensors cost no second read."""
+
+    def __init__(self, executor: Executor, job: TensorJob, models: Mapping[str, TensorSource], dtype: torch.dtype):
+        self.executor, self.job, self.models, self.dtype = executor, job, models, dtype
+        self.single = job.merged_numel <= executor.chunk
+        self._cached: list[torch.Tensor] | None = None
+
+    def load(self, index: int, start: int, stop: int) -> list[torch.Tensor]:
+        if self.single and self._cached is not None:
+            cached, self._cached = self._cached, None
+            return cached
+        xs = []
+        for slot, key in enumerate(self.job.op.inputs):
+            view = self.models[key].view(self.job.source_name(key), start, stop)
+            xs.append(self.executor.load_into(f"in{slot}", view, self.dtype))
+        return xs
+
+    def passes(self) -> Callable[[], Iterator[list[torch.Tensor]]]:
+        """A callable that walks all chunks again (a statistics pass)."""
+
+        def walk():
+            for index, start, stop in chunk_ranges(self.job.merged_numel, self.executor.chunk):
+                xs = self.load(index, start, stop)
+                if self.single:
+                    self._cached = xs
+                yield xs
+
+        return walk
+
+
+# -- kernels: bind the pure methods to chunked execution -----------------------------------------------------
+class _Linear:
+    @staticmethod
+    def prepare(job, loader):
+        return None
+
+    @staticmethod
+    def apply(job, xs, state, start, stop, device):
+        p = job.op.params
+        return methods.linear(xs, p["weights"], normalize=bool(p.get("normalize", False)), out=xs[0])
+
+
+class _Slerp:
+    @staticmethod
+    def prepare(job, loader):
+        dot = sq_a = sq_b = 0.0
+        for a, b in loader.passes()():
+            d, x, y = methods.slerp_partial_sums(a, b)
+            dot, sq_a, sq_b = dot + d, sq_a + x, sq_b + y
+        return methods.slerp_coefficients(dot, sq_a, sq_b, float(job.op.params["t"]))
+
+    @staticmethod
+    def apply(job, xs, state, start, stop, device):
+        return methods.linear(xs, [state.a, state.b], out=xs[0])
+
+
+class _TaskArithmetic:
+    """``W_base + lam * sum_i w_i * m_i * sparsify(W_i - W_base)``; inputs are (base, fine-tunes...)."""
+
+    @staticmethod
+    def prepare(job, loader):
+        sp = job.op.params.get("sparsify")
+        if not sp or sp["method"] == "random":
+            return None
+        n = job.merged_numel
+        thresholds = []
+        for i in range(1, len(job.op.inputs)):
+            def deltas(i=i):
+                for xs in loader.passes()():
+                    yield xs[i] - xs[0]
+            if sp["method"] == "magnitude":
+                thresholds.append((float("inf"), methods.kth_largest(deltas, int(sp["density"] * n))))
+            else:
+                k_hi = int(sp["gamma"] * n)
+                upper = methods.kth_largest(deltas, k_hi) if k_hi > 0 else float("inf")
+                lower = methods.kth_largest(deltas, k_hi + int(sp["density"] * n))
+                thresholds.append((upper, lower))
+        return thresholds
+
+    @staticmethod
+    def apply(job, xs, state, start, stop, device):
+        p = job.op.params
+        sp = p.get("sparsify")
+        base, fine = xs[0], xs[1:]
+        deltas = [x.sub_(base) for x in fine]
+        if sp:
+            for i, d in enumerate(deltas):
+                if sp["method"] == "random":
+                    d.mul_(dare_keep(int(sp.get("seed", 0)), job.name, i, start, stop, sp["density"], device))
+                    if sp.get("rescale", True):
+                        d.div_(sp["density"])
+                elif sp["method"] == "magnitude":
+                    d.mul_(methods.magnitude_mask(d, state[i][1]))
+                else:
+                    d.mul_(methods.breadcrumbs_mask(d, *state[i]))
+        return methods.task_arithmetic(base, deltas, p["weights"], sign_consensus=p.get("sign_consensus"),
+                                       normalize=bool(p.get("normalize", False)), lam=float(p.get("lam", 1.0)),
+                                       out=base)
+
+
+_KERNELS = {"linear": _Linear, "slerp": _Slerp, "task_arithmetic": _TaskArithmetic}

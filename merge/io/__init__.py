@@ -1,0 +1,1 @@
+"""Reading checkpoints, resolving model references and writing sharded output."""

@@ -1,0 +1,82 @@
+"""The output folder: built in a temporary sibling, then renamed into place, so OUT is never half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import OutputExistsError
+
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template.jinja", "chat_template.json", "generation_config.json", "preprocessor_config.json",
+)
+_DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64"}
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an existing non-empty OUT unless ``force``."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise OutputExistsError(f"output {out} exists and is not empty; pass --force to replace it")
+
+
+def staging_dir(out: Path) -> Path:
+    """The sibling folder a run builds in (stable, so an interrupted run can be found again)."""
+    return out.parent / f".{out.name}.mergeback-partial"
+
+
+def fresh_staging(out: Path) -> Path:
+    stage = staging_dir(out)
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def commit(stage: Path, out: Path) -> None:
+    """Atomically put ``stage`` at ``out``, replacing an old OUT only after the new one is complete."""
+    _fsync_dir(stage)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.mergeback-old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(out, old)
+    os.rename(stage, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Tokenizer files, chat template and generation config from the SFT folder (never pickles)."""
+    copied = []
+    for name in SIDE_FILES:
+        f = src / name
+        if f.is_file():
+            shutil.copyfile(f, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_config(config: dict, dst: Path, dtype_name: str | None) -> None:
+    """The SFT's config.json with its dtype field saying what was written."""
+    if not config:
+        return
+    config = dict(config)
+    if dtype_name:
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+        for k in keys:
+            config[k] = _DTYPE_NAMES.get(dtype_name, dtype_name)
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,25 @@
+"""Merge math: small pure functions on tensors, one concern each, composable (sparsify -> combine).
+
+No I/O here. Functions that take ``out=`` may write their result into a caller-owned buffer, which is how
+the executor reuses memory; called without it they allocate and leave their inputs untouched.
+"""
+
+from .linear import lerp, linear
+from .slerp import SlerpCoefficients, slerp, slerp_coefficients, slerp_partial_sums
+from .sparsify import breadcrumbs_mask, dare_mask, kth_largest, magnitude_mask
+from .task_arithmetic import sign_consensus_mask, task_arithmetic
+
+__all__ = [
+    "SlerpCoefficients",
+    "breadcrumbs_mask",
+    "dare_mask",
+    "kth_largest",
+    "lerp",
+    "linear",
+    "magnitude_mask",
+    "sign_consensus_mask",
+    "slerp",
+    "slerp_coefficients",
+    "slerp_partial_sums",
+    "task_arithmetic",
+]

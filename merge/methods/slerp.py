@@ -1,0 +1,60 @@
+"""Spherical linear interpolation between two tensors, treated as flat vectors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .linear import linear
+
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class SlerpCoefficients:
+    """``W = a * W_from + b * W_to``; ``spherical`` says which branch ran; ``angle`` is in degrees."""
+
+    a: float
+    b: float
+    spherical: bool
+    angle: float
+
+
+def slerp_partial_sums(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """``(x.y, x.x, y.y)`` accumulated in float64; sum them over chunks to get whole-tensor statistics."""
+    x64 = x.double()
+    y64 = y.double()
+    return float(torch.dot(x64, y64)), float(torch.dot(x64, x64)), float(torch.dot(y64, y64))
+
+
+def slerp_coefficients(dot: float, sq_from: float, sq_to: float, t: float) -> SlerpCoefficients:
+    """Coefficients of spherical interpolation from ``W_from`` (t=0) to ``W_to`` (t=1).
+
+    ``cos = dot / (|from| |to|)``, ``theta = arccos(cos)``;
+    ``a = sin((1 - t) * theta) / sin(theta)``, ``b = sin(t * theta) / sin(theta)``.
+    Falls back to linear interpolation ``a = 1 - t, b = t`` when ``|cos| > 0.9995`` or a norm is ~0.
+    """
+    norm_from, norm_to = math.sqrt(sq_from), math.sqrt(sq_to)
+    if norm_from < EPS or norm_to < EPS:
+        return SlerpCoefficients(1.0 - t, t, False, 0.0)
+    cos = max(-1.0, min(1.0, dot / (norm_from * norm_to)))
+    theta = math.acos(cos)
+    if abs(cos) > DOT_THRESHOLD:
+        return SlerpCoefficients(1.0 - t, t, False, math.degrees(theta))
+    sin_theta = math.sin(theta)
+    a = math.sin((1.0 - t) * theta) / sin_theta
+    b = math.sin(t * theta) / sin_theta
+    return SlerpCoefficients(a, b, True, math.degrees(theta))
+
+
+def slerp(w_from: torch.Tensor, w_to: torch.Tensor, t: float, out: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, SlerpCoefficients]:
+    """Whole-tensor SLERP on the raw (unnormalised) tensors: ``a * W_from + b * W_to``.
+
+    For recovery, ``W_from`` is the SFT tensor and ``W_to`` the base, so ``t`` is the share of the base.
+    """
+    c = slerp_coefficients(*slerp_partial_sums(w_from.reshape(-1), w_to.reshape(-1)), t)
+    return linear([w_from, w_to], [c.a, c.b], out=out), c

@@ -1,0 +1,192 @@
+"""The planner: which output tensors exist, where each one's bytes come from, and with which parameters.
+
+Everything is decided from headers and configs before a single tensor byte is read, so every user mistake
+(missing tensors, shape or architecture mismatch, bad parameters) is reported before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol
+
+import torch
+
+from .errors import InputError
+from .io.safetensors_file import TensorInfo
+from .io.writer import PlannedTensor, Shard, layout_shards
+from .tensor_names import group_of
+
+
+class TensorSource(Protocol):
+    """What the planner and executor need from a model: a full checkpoint or a LoRA adapter over a base."""
+
+    path: object
+    config: dict
+
+    def names(self) -> list[str]: ...
+    def __contains__(self, name: str) -> bool: ...
+    def info(self, name: str) -> TensorInfo: ...
+    def view(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor: ...
+    def release(self, name: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Operation:
+    """How one output tensor is computed from the named input models.
+
+    kinds: ``copy`` (inputs[0] as is), ``linear`` (params weights, normalize), ``slerp`` (inputs from, to;
+    params t), ``task_arithmetic`` (inputs base, then the fine-tunes; params weights, sparsify,
+    sign_consensus, normalize, lam).
+    """
+
+    kind: str
+    inputs: tuple[str, ...]
+    params: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    op: Operation
+    merged_numel: int  # elements [0, merged_numel) are computed; the rest are copied from the primary model
+    primary: str
+    aliases: Mapping[str, str] = field(default_factory=dict)  # model key -> the name to read there
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def source_name(self, key: str) -> str:
+        return self.aliases.get(key, self.name)
+
+
+@dataclass
+class Plan:
+    jobs: list[TensorJob]
+    shards: list[Shard]
+    notes: list[str]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for j in self.jobs:
+            out[j.op.kind] = out.get(j.op.kind, 0) + 1
+        return out
+
+
+OpFor = Callable[[str], Operation]
+
+
+def make_plan(models: Mapping[str, TensorSource], labels: Mapping[str, str], primary: str, op_for: OpFor,
+              out_dtype: torch.dtype | None, max_shard_size: int) -> Plan:
+    """Validate the inputs against each other and plan every output tensor.
+
+    ``primary`` (the SFT in recovery merges) decides the output's tensor names, extra vocabulary rows and
+    default dtype; ``labels`` name models in messages (e.g. "SFT ./med").
+    """
+    check_configs(models, labels, primary)
+    names = models[primary].names()
+    jobs: list[TensorJob] = []
+    notes: list[str] = []
+    missing: dict[str, list[str]] = {}
+    for name in names:
+        info = models[primary].info(name)
+        dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+        if not info.dtype.is_floating_point:
+            jobs.append(TensorJob(name, info.shape, info.dtype, Operation("copy", (primary,)), 0, primary))
+            continue
+        op = op_for(name)
+        aliases = {}
+        for key in dict.fromkeys(op.inputs):
+            if key == primary:
+                continue
+            if name not in models[key]:
+                alias = _tied_alias(models[key], name, info)
+                if alias is None:
+                    missing.setdefault(key, []).append(name)
+                    continue
+                aliases[key] = alias
+        if any(name in m for m in missing.values()):
+            continue
+        merged = _merged_numel(models, labels, primary, op, name, info, aliases, notes)
+        jobs.append(TensorJob(name, info.shape, dtype, op, merged, primary, aliases))
+    if missing:
+        key, lacking = next(iter(missing.items()))
+        more = f" (+{len(lacking) - 3} more)" if len(lacking) > 3 else ""
+        raise InputError(
+            f"{labels[key]} lacks {len(lacking)} tensor(s) that {labels[primary]} has: "
+            f"{', '.join(lacking[:3])}{more}; are both checkpoints of the same model?"
+        )
+    _check_extra_tensors(models, labels, primary, names)
+    planned = [PlannedTensor(j.name, j.out_dtype, j.shape) for j in jobs]
+    return Plan(jobs, layout_shards(planned, max_shard_size), notes)
+
+
+def _tied_alias(model: TensorSource, name: str, info: TensorInfo) -> str | None:
+    """A model with tied embeddings stores no lm_head: its input embedding plays that role."""
+    if group_of(name) != "lm_head":
+        return None
+    candidates = [n for n in model.names() if group_of(n) == "embed" and len(model.info(n).shape) == 2
+                  and model.info(n).shape[1:] == info.shape[1:]]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _merged_numel(models, labels, primary, op, name, info, aliases, notes) -> int:
+    shapes = {key: models[key].info(aliases.get(key, name)).shape for key in op.inputs}
+    others = {shapes[k] for k in op.inputs if k != primary}
+    if not others or others == {info.shape}:
+        return info.numel
+    if len(others) == 1:
+        (other,) = others
+        if (len(other) == len(info.shape) and len(other) >= 1 and other[1:] == info.shape[1:]
+                and other[0] < info.shape[0] and group_of(name) in ("embed", "lm_head")):
+            extra = info.shape[0] - other[0]
+            notes.append(f"{name}: {labels[primary]} has {extra} more vocabulary rows; "
+                         f"merged the {other[0]} shared rows and kept its extra rows as they are")
+            numel = 1
+            for d in other:
+                numel *= d
+            return numel
+    key = next(k for k in op.inputs if shapes[k] != info.shape)
+    raise InputError(
+        f"tensor {name!r}: shape {list(shapes[key])} in {labels[key]} but {list(info.shape)} in "
+        f"{labels[primary]}; only added vocabulary rows (embeddings/lm_head larger in the SFT) can be merged"
+    )
+
+
+def _check_extra_tensors(models, labels, primary, names) -> None:
+    have = set(names)
+    for key, model in models.items():
+        if key == primary:
+            continue
+        # An lm_head the primary lacks is the other model's untied copy: the output stays tied.
+        extra = [n for n in model.names() if n not in have and group_of(n) != "lm_head"]
+        if extra:
+            more = f" (+{len(extra) - 3} more)" if len(extra) > 3 else ""
+            raise InputError(
+                f"{labels[key]} has {len(extra)} tensor(s) that {labels[primary]} lacks: "
+                f"{', '.join(extra[:3])}{more}; are both checkpoints of the same model?"
+            )
+
+
+def check_configs(models: Mapping[str, TensorSource], labels: Mapping[str, str], primary: str) -> None:
+    """Same architecture and layer count, when both configs say."""
+    ref = models[primary].config
+    for key, model in models.items():
+        if key == primary or not ref or not model.config:
+            continue
+        for field_name in ("architectures", "model_type", "num_hidden_layers", "n_layer", "hidden_size", "n_embd"):
+            a, b = ref.get(field_name), model.config.get(field_name)
+            if a is not None and b is not None and a != b:
+                raise InputError(
+                    f"config.json: {field_name} is {b!r} in {labels[key]} but {a!r} in {labels[primary]}; "
+                    "merge checkpoints of the same architecture (the SFT must be fine-tuned from this base)"
+                )

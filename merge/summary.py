@@ -1,0 +1,61 @@
+"""The result of a merge, as a value: what the CLI prints and the card records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io.resolve import ResolvedModel
+
+
+@dataclass
+class MergeSummary:
+    method: str
+    inputs: dict[str, ResolvedModel]
+    out: Path | None
+    tensors: dict[str, int]  # operation kind -> count
+    t_range: tuple[float, float] | None = None
+    spherical: int = 0
+    linear_fallback: int = 0
+    max_angle: float = 0.0
+    shards: int = 0
+    output_bytes: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def method_description(self) -> str:
+        t = ""
+        if self.t_range is not None:
+            lo, hi = self.t_range
+            t = f"t = {lo:g}" if lo == hi else f"t from {lo:g} to {hi:g} across tensors"
+            t += " (t is the share of the base model: t=0 keeps the SFT unchanged, t=1 gives the base)."
+        return {
+            "linear": f"Linear interpolation `W = (1-t)*W_sft + t*W_base`, per tensor. {t}",
+            "slerp": ("Spherical interpolation per tensor, from the SFT (t=0) towards the base (t=1), on the raw "
+                      "flattened tensors; it falls back to linear interpolation when the two tensors are nearly "
+                      f"parallel (|cos| > 0.9995) or one is ~0. {t}"),
+            "task_arithmetic": "Task arithmetic `W = W_base + sum_i s_i * sparsify(W_sft_i - W_base)`.",
+        }.get(self.method, f"{self.method} merge.")
+
+    def report(self) -> str:
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.tensors.items()))
+        lines = [f"method: {self.method}"]
+        if self.t_range is not None:
+            lo, hi = self.t_range
+            lines.append(f"t (share of base): {lo:g}" if lo == hi else f"t (share of base): {lo:g}..{hi:g}")
+        lines.append(f"tensors: {sum(self.tensors.values())} ({counts})")
+        if self.method == "slerp":
+            lines.append(f"slerp: {self.spherical} tensors took the spherical branch, {self.linear_fallback} fell "
+                         f"back to linear; largest angle {self.max_angle:.3f} deg")
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"warning: {w}" for w in self.warnings]
+        size = f"{self.output_bytes / 1e9:.2f} GB" if self.output_bytes >= 1e8 else f"{self.output_bytes / 1e6:.2f} MB"
+        where = f" -> {self.out}" if self.out else ""
+        verb = "would write" if self.dry_run else "wrote"
+        lines.append(f"{verb} {size} in {self.shards} shard(s){where}" + ("" if self.dry_run else f" in {self.seconds:.1f}s"))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.report()

@@ -1,0 +1,111 @@
+"""The pure merge math against direct computations and independent reference implementations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from merge import methods
+
+
+def reference_slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    """Textbook SLERP in float64 numpy, written independently of merge.methods."""
+    ua, ub = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    omega = np.arccos(np.clip(np.dot(ua, ub), -1, 1))
+    return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
+
+
+def test_linear_matches_direct_formula():
+    a, b = torch.randn(1000), torch.randn(1000)
+    assert torch.equal(methods.lerp(a, b, 0.3), 0.7 * a + 0.3 * b)
+    assert torch.equal(methods.linear([a, b], [2.0, 2.0], normalize=True), 0.5 * a + 0.5 * b)
+
+
+def test_linear_out_aliasing_first_input_only():
+    a, b = torch.randn(10), torch.randn(10)
+    expected = 0.25 * a + 0.75 * b
+    out = methods.linear([a.clone(), b], [0.25, 0.75], out=None)
+    assert torch.allclose(out, expected)
+    with pytest.raises(ValueError):
+        methods.linear([a, b], [0.5, 0.5], out=b)
+
+
+@pytest.mark.parametrize("angle_deg", [20.0, 60.0, 120.0, 170.0])
+@pytest.mark.parametrize("t", [0.1, 0.3, 0.5, 0.9])
+def test_slerp_matches_reference_on_large_angles(angle_deg, t):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(512)
+    y = rng.standard_normal(512)
+    y -= x * np.dot(x, y) / np.dot(x, x)  # orthogonal to x
+    theta = math.radians(angle_deg)
+    a = x
+    b = 3.0 * (np.cos(theta) * x / np.linalg.norm(x) + np.sin(theta) * y / np.linalg.norm(y))
+    out, c = methods.slerp(torch.tensor(a), torch.tensor(b), t)
+    assert c.spherical and abs(c.angle - angle_deg) < 1e-6
+    np.testing.assert_allclose(out.numpy(), reference_slerp(a, b, t), rtol=1e-9, atol=1e-12)
+
+
+def test_slerp_endpoints_exact_and_fallbacks():
+    a, b = torch.randn(300), torch.randn(300)
+    assert torch.equal(methods.slerp(a, b, 0.0)[0], a)
+    assert torch.equal(methods.slerp(a, b, 1.0)[0], b)
+    near = a + 1e-4 * torch.randn(300)
+    out, c = methods.slerp(a, near, 0.3)
+    assert not c.spherical and torch.allclose(out, 0.7 * a + 0.3 * near)
+    out, c = methods.slerp(torch.zeros(300), b, 0.5)
+    assert not c.spherical and torch.allclose(out, 0.5 * b)
+
+
+def test_slerp_chunked_statistics_equal_whole():
+    a, b = torch.randn(10_000), torch.randn(10_000)
+    whole = methods.slerp_partial_sums(a, b)
+    parts = [methods.slerp_partial_sums(a[i:i + 999], b[i:i + 999]) for i in range(0, 10_000, 999)]
+    assert all(math.isclose(w, sum(p[k] for p in parts), rel_tol=1e-12) for k, w in enumerate(whole))
+
+
+@pytest.mark.parametrize("k", [1, 2, 17, 500, 9999, 10_000])
+def test_kth_largest_is_exact_over_chunks(k):
+    x = torch.randn(10_000)
+    chunks = lambda: (x[i:i + 3000] for i in range(0, 10_000, 3000))  # noqa: E731
+    expected = torch.topk(x.abs(), k).values[-1].item()
+    assert methods.kth_largest(chunks, k) == expected
+
+
+def test_magnitude_mask_keeps_top_density():
+    d = torch.randn(1000)
+    thr = methods.kth_largest(lambda: [d], 300)
+    mask = methods.magnitude_mask(d, thr)
+    assert mask.sum() == 300
+    assert d.abs()[mask].min() >= d.abs()[~mask].max()
+
+
+def test_breadcrumbs_drops_top_gamma_and_bottom():
+    d = torch.randn(1000)
+    upper = methods.kth_largest(lambda: [d], 10)
+    lower = methods.kth_largest(lambda: [d], 10 + 500)
+    keep = methods.breadcrumbs_mask(d, upper, lower)
+    order = torch.argsort(d.abs(), descending=True)
+    expected = torch.zeros(1000, dtype=torch.bool)
+    expected[order[10:510]] = True
+    assert torch.equal(keep, expected)
+
+
+def test_dare_mask_density_and_seed():
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    m1, m2 = methods.dare_mask(100_000, 0.3, g1), methods.dare_mask(100_000, 0.3, g2)
+    assert torch.equal(m1, m2)
+    assert abs(m1.float().mean().item() - 0.3) < 0.01
+
+
+def test_task_arithmetic_formula_and_sign_consensus():
+    base = torch.randn(50)
+    d1, d2 = torch.randn(50), torch.randn(50)
+    out = methods.task_arithmetic(base, [d1, d2], [0.5, 2.0])
+    assert torch.allclose(out, base + 0.5 * d1 + 2.0 * d2)
+    ties = methods.task_arithmetic(base, [d1, d2], [1.0, 1.0], sign_consensus="sum")
+    elected = torch.sign(d1 + d2)
+    expected = base + d1 * (torch.sign(d1) == elected) + d2 * (torch.sign(d2) == elected)
+    assert torch.allclose(ties, expected)
+    norm = methods.task_arithmetic(base, [d1, d2], [1.0, 3.0], normalize=True)
+    assert torch.allclose(norm, base + (d1 + 3 * d2) / 4)
