@@ -16,7 +16,30 @@ T_CONVENTION = ("t is the share of the BASE model: t=0 keeps the SFT unchanged, 
 
 
 def _command_line() -> str:
-    return "merge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The invoked command with its explicitly given options, for the model card."""
+    ctx = click.get_current_context()
+    parts = ["merge", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        source = ctx.get_parameter_source(param.name)
+        if value in (None, False, ()) or source != click.core.ParameterSource.COMMANDLINE:
+            continue
+        flag = max(param.opts, key=len)
+        if getattr(param, "is_flag", False):
+            parts.append(flag)
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            parts += [flag, shlex.quote(str(v))]
+    return " ".join(parts)
+
+
+def _resume_command() -> str:
+    """The command that was run, with --resume."""
+    try:
+        command = _command_line()
+    except RuntimeError:  # no click context
+        command = "merge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return command if " --resume" in command else command + " --resume"
 
 
 def user_errors(fn):
@@ -27,10 +50,12 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MergeError as e:
-            click.echo(f"error: {e}", err=True)
+            extra = f"; continue with: {_resume_command()}" if getattr(e, "resumable", False) else ""
+            click.echo(f"error: {e}{extra}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written to the output folder", err=True)
+            click.echo("interrupted: the output folder was not touched; finished shards are kept - continue "
+                       f"with: {_resume_command()}", err=True)
             sys.exit(130)
         except OSError as e:
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
@@ -54,6 +79,10 @@ def merge_options(fn):
         click.option("--threads", type=click.IntRange(1, 64), help="Worker threads (default: cores, at most 4)."),
         click.option("--dry-run", is_flag=True, help="Validate and plan without writing anything."),
         click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
+        click.option("--resume", is_flag=True,
+                     help="Continue an interrupted run into the same OUT, reusing its verified finished shards."),
+        click.option("--check-finite", is_flag=True, help="Fail if any output tensor has NaN or Inf."),
+        click.option("-v", "--verbose", is_flag=True, help="Print one line per finished tensor on stderr."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -128,6 +157,37 @@ def slerp(sft, base, t, quiet, **kwargs):
 def task_arithmetic(base, sfts, scales, quiet, **kwargs):
     scale = list(scales) if len(scales) > 1 else scales[0]
     _merge(quiet, method="task_arithmetic", sft=list(sfts), base=base, scale=scale, **kwargs)
+
+
+@main.command(help="Fold a LoRA/DoRA adapter into its base: W = W_base + s*B@A (s = alpha/r, or alpha/sqrt(r) "
+                   "with rsLoRA), streamed tensor by tensor; the same as `merge linear --sft ADAPTER --t 0`. "
+                   "Every merge command also accepts an adapter folder wherever it takes an SFT.")
+@click.option("--adapter", required=True, help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors).")
+@click.option("--base", required=True, help="The base model folder the adapter was trained on.")
+@merge_options
+@user_errors
+def fold(adapter, base, quiet, **kwargs):
+    import warnings
+
+    from . import api
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = api.fold(adapter, base, progress=not quiet and sys.stderr.isatty(), command=_command_line(),
+                           **kwargs)
+    _report(summary, quiet)
+
+
+
+@main.command(help="Check a model folder: the index against the shard files, every safetensors header, and that "
+                   "sizes add up; --load also loads it with transformers and runs one forward pass.")
+@click.argument("folder", type=click.Path())
+@click.option("--load", is_flag=True, help="Also load with transformers and run a forward pass.")
+@user_errors
+def verify(folder, load):
+    from .verify import verify as verify_folder
+
+    click.echo(str(verify_folder(folder, load=load)))
 
 
 if __name__ == "__main__":
