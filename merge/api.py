@@ -5,25 +5,25 @@
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
 from .card import render_card
 from .errors import InputError, MergeError
-from .execute import CHUNK_ELEMENTS, Executor, resolve_device
+from .execute import CHUNK_ELEMENTS, ExecutionStats, Executor, resolve_device
 from .io import output
 from .io.checkpoint import Checkpoint
+from .io.lora import LoraAdapter, adapter_notes, is_adapter
 from .io.resolve import ResolvedModel, resolve_model
 from .io.writer import ShardWriter, parse_size, write_index
-from .plan import Operation, Plan, make_plan
+from .plan import Plan, make_plan
+from .recipes.operations import operations_for
 from .recipes.schema import Recipe
-from .recipes.values import value_for
 from .summary import MergeSummary
 from .tensor_names import num_layers
 
@@ -36,11 +36,15 @@ def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: s
           seed: int = 0, sign_consensus: bool = False, dtype: str | None = None, device: str = "auto",
           max_shard_size: str = "5GB", threads: int | None = None, force: bool = False,
           dry_run: bool = False, progress: bool = False, command: str | None = None,
-          chunk_elements: int | None = None) -> MergeSummary:
+          chunk_elements: int | None = None, resume: bool = False, check_finite: bool = False,
+          verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
+          revision: str | None = None, commit_message: str | None = None, token: str | None = None) -> MergeSummary:
     """Merge an SFT checkpoint back with its base and write a Hugging Face model folder to ``out``.
 
     ``t`` is the share of the base (0 = SFT unchanged, 1 = base). ``method`` is ``linear``, ``slerp`` or
     ``task_arithmetic`` (with ``scale`` per SFT, and optional ``sparsify`` = magnitude|random|breadcrumbs).
+    Models are folders, Hub ids (``org/name@rev``) or aliases; ``base="auto"`` reads the SFT's metadata.
+    ``push_to_hub`` uploads the result (see :func:`run`).
     """
     method = method.replace("-", "_")
     sfts = [sft] if isinstance(sft, (str, Path)) else list(sft)
@@ -61,7 +65,19 @@ def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: s
         fields["t"] = t
     recipe = build_recipe(fields)
     return run(recipe, out=out, force=force, threads=threads, dry_run=dry_run, progress=progress, command=command,
-               chunk_elements=chunk_elements)
+               chunk_elements=chunk_elements, resume=resume, check_finite=check_finite, verbose=verbose,
+               push_to_hub=push_to_hub, private=private, revision=revision, commit_message=commit_message,
+               token=token)
+
+
+def fold(adapter: str | Path, base: str | Path, out: str | Path | None = None, **options) -> MergeSummary:
+    """Write the plain merged model ``W_base + s*B@A`` of a LoRA/DoRA adapter, streamed tensor by tensor.
+
+    The same as ``merge("linear", sft=adapter, base=base, t=0, out=out, **options)``; ``options`` are merge's.
+    """
+    if not is_adapter(adapter):
+        raise InputError(f"--adapter {adapter}: no adapter_config.json there; give a PEFT LoRA adapter folder")
+    return merge("linear", sft=adapter, base=base, t=0.0, out=out, **options)
 
 
 def build_recipe(fields: dict) -> Recipe:
@@ -76,14 +92,36 @@ def build_recipe(fields: dict) -> Recipe:
         raise InputError(f"{where}: {err['msg']}") from None
 
 
-def run(recipe: Recipe, out: str | Path | None = None, *, force: bool = False, threads: int | None = None,
+def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bool = False, threads: int | None = None,
         dry_run: bool = False, progress: bool = False, command: str | None = None,
-        chunk_elements: int | None = None) -> MergeSummary:
+        chunk_elements: int | None = None, resume: bool = False, check_finite: bool = False,
+        verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
+        revision: str | None = None, commit_message: str | None = None, token: str | None = None,
+        card_sections: Sequence[str] = ()) -> MergeSummary:
     """Run a recipe: resolve its models, plan, execute in bounded memory, and write ``out`` atomically.
 
     ``chunk_elements`` (advanced) is how many elements of a tensor are processed at once; results do not
-    depend on it or on ``threads``.
+    depend on it or on ``threads``. An interrupted run (Ctrl-C, full disk, kill) keeps its finished shards in
+    ``output.staging_dir(out)``; ``resume=True`` continues it, byte-identical to an uninterrupted run.
+    ``check_finite`` fails on NaN/Inf in any output tensor; ``verbose`` prints one line per finished tensor
+    to stderr.
+
+    ``push_to_hub="org/name"`` then uploads ``out`` (default ``./name``) with :func:`merge.hub.push`
+    (``private``, branch ``revision``, ``commit_message``); ``token`` (default: HF_TOKEN or the cached login)
+    is used for private inputs and the push. A failed push keeps ``out`` and says how to retry.
+    ``card_sections`` are markdown sections added to the model card (e.g. ``merge sweep``'s Recovery table).
     """
+    if isinstance(recipe, (str, Path)):
+        from .recipes.loading import load_recipe
+
+        recipe = load_recipe(recipe)
+    primary = recipe.primary
+    if push_to_hub is not None:
+        from .hub import check_repo_id
+
+        check_repo_id(push_to_hub, "--push-to-hub")
+        if out is None and not recipe.out:
+            out = push_to_hub.split("/")[-1]
     out_path = Path(out if out is not None else (recipe.out or "")).expanduser() if (out or recipe.out) else None
     if out_path is None and not dry_run:
         raise InputError("no output folder: pass -o OUT (or set out: in the recipe)")
@@ -92,17 +130,17 @@ def run(recipe: Recipe, out: str | Path | None = None, *, force: bool = False, t
         if not dry_run:
             output.check_output(out_path, force)
     started = time.perf_counter()
-    resolved = {"base": resolve_model(recipe.base, "base")}
-    for i, s in enumerate(recipe.sft):
-        resolved[f"sft{i}"] = resolve_model(s.model, "SFT")
+    resolved, resolve_notes = resolve_inputs(recipe, token=token, progress=progress)
     labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
     with ExitStack() as stack:
         models = {k: stack.enter_context(open_model(m, labels[k], resolved)) for k, m in resolved.items()}
-        n_layers = num_layers(models[PRIMARY].config, models[PRIMARY].names())
-        op_for, t_values = operations_for(recipe, n_layers)
-        out_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
-        plan = make_plan(models, labels, PRIMARY, op_for, out_dtype, parse_size(recipe.max_shard_size))
-        summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=list(plan.notes),
+        n_layers = num_layers(models[primary].config, models[primary].names())
+        op_for = operations_for(recipe, n_layers)
+        t_values = op_for.t_values
+        out_dtype = DTYPES[recipe.output_dtype] if recipe.output_dtype else None
+        plan = make_plan(models, labels, primary, op_for, out_dtype, parse_size(recipe.max_shard_size))
+        notes = resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
+        summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
                                shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run)
         if t_values:
             summary.t_range = (min(t_values), max(t_values))
@@ -113,76 +151,137 @@ def run(recipe: Recipe, out: str | Path | None = None, *, force: bool = False, t
                 summary.warnings.append(msg)
                 warnings.warn(msg, stacklevel=2)
         if dry_run:
-            return summary
-        stage = output.fresh_staging(out_path)
-        try:
-            stats = execute(plan, models, stage, recipe.device, threads, progress, chunk_elements)
-            summary.spherical, summary.linear_fallback = stats.spherical, stats.linear_fallback
-            summary.max_angle = stats.max_angle
-            summary.seconds = time.perf_counter() - started
-            finish_folder(stage, summary, recipe, models, plan, command)
-            output.commit(stage, out_path)
-        except BaseException:
-            import shutil
+            from .execute import estimate_peak_bytes
+            from .recipes.table import parameter_table
 
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
+            summary.parameter_table = parameter_table(plan, op_for, n_layers)
+            summary.peak_bytes = estimate_peak_bytes(plan, threads or default_threads(),
+                                                     chunk_elements or CHUNK_ELEMENTS)
+            return summary
+        with output.output_lock(out_path):
+            output.check_output(out_path, force)  # again: a run that held the lock may have finished it
+            execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, threads, progress,
+                               command, chunk_elements, resume, check_finite, verbose, card_sections)
+    if push_to_hub is not None:
+        from .hub import push
+
+        summary.pushed_to = push(out_path, push_to_hub, private=private, revision=revision,
+                                 commit_message=commit_message, token=token, progress=progress)
     return summary
 
 
+def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False) -> tuple[dict, list[str]]:
+    """Every input of ``recipe`` as a :class:`ResolvedModel` (base first), and notes on what was inferred.
+
+    ``base: auto`` takes the base each SFT names in its metadata (:func:`infer_base`); they must agree.
+    """
+    from .io.resolve import infer_base
+
+    if not isinstance(recipe, Recipe):  # a mergekit recipe: its models by key, nothing inferred
+        refs = recipe.input_refs()
+        return {k: resolve_model(ref, "base_model" if k == "base" else "model", token=token, progress=progress)
+                for k, ref in refs.items()}, [f"mergekit ignores {k} (so does this run)" for k in recipe.unknown_keys()]
+    sfts = {f"sft{i}": resolve_model(s.model, "SFT", token=token, progress=progress) for i, s in enumerate(recipe.sft)}
+    notes = []
+    base_ref = recipe.base
+    if base_ref.strip().lower() == "auto":
+        found = {sft.ref: infer_base(sft) for sft in sfts.values()}
+        names = {ref for ref, _ in found.values()}
+        if len(names) > 1:
+            listing = ", ".join(f"{sft} -> {ref}" for sft, (ref, _) in found.items())
+            raise InputError(f"--base auto: the SFTs name different bases ({listing}); pass --base")
+        base_ref, source = next(iter(found.values()))
+        notes.append(f"base: auto chose {base_ref} (from the SFT's {source})")
+    base = resolve_model(base_ref, "base", token=token, progress=progress)
+    return {"base": base, **sfts}, notes
+
+
+def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, resolved: dict, models: dict,
+                       plan: Plan, started: float, threads, progress, command, chunk_elements, resume: bool,
+                       check_finite: bool, verbose: bool, card_sections: Sequence[str] = ()) -> None:
+    """Stage (journaled, resumable), execute, finish, verify and atomically commit one planned merge.
+
+    The staging folder survives interrupts, full disks and crashes for ``resume``; it is removed when a
+    MergeError during execution (a problem resuming would not fix, e.g. --check-finite) ends the run.
+    """
+    import errno
+    import shutil
+
+    from . import __version__
+    from .io.manifest import Journal, run_identity
+    from .integrity import VerifyError, _check_files
+
+    stage = output.staging_dir(out_path)
+    inputs = {k: Path(m.path) for k, m in resolved.items()}
+    identity = run_identity(__version__, _pinned(recipe, summary).model_dump(mode="json"), inputs, plan.shards)
+    keep, journal = True, None
+    try:
+        journal, message = Journal.start(stage, plan.shards, identity, resume)
+        stats = execute(plan, models, stage, recipe.device, threads, progress, chunk_elements,
+                        journal=journal, check_finite=check_finite, verbose=verbose)
+        summary.spherical, summary.linear_fallback = stats.spherical, stats.linear_fallback
+        summary.max_angle = stats.max_angle
+        summary.seconds = time.perf_counter() - started
+        finish_folder(stage, summary, recipe, models, plan, command, card_sections)
+        if message:  # after the card is written: it is about this run, not about the model
+            summary.warnings.append(message)
+            warnings.warn(message, stacklevel=3)
+        journal.remove()
+        try:
+            _check_files(stage)
+        except MergeError as e:
+            raise VerifyError(f"the merged folder failed verification before it was committed: {e}") from None
+        output.commit(stage, out_path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise output.DiskFull(
+                f"no space left on the device of {stage.parent} ({plan.output_bytes / 1e9:.2f} GB of weights "
+                f"planned); {out_path} was not touched and finished shards are kept - free space and rerun "
+                "with --resume (resume=True)") from None
+        raise
+    except MergeError:
+        keep = journal is None  # a refused --resume leaves the interrupted run as it was
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _pinned(recipe: Recipe, summary: MergeSummary) -> Recipe:
+    """The recipe with inputs named by their resolved location (what the card records) and no ``out``."""
+    return recipe.pinned({k: m.pinned for k, m in summary.inputs.items()})
+
+
 def open_model(resolved: ResolvedModel, label: str, all_resolved: dict):
-    """A lazily-read tensor source for one input."""
+    """A lazily-read tensor source for one input; a LoRA adapter folder is computed over the recipe's base."""
+    base = all_resolved.get("base")
+    if resolved is not base and is_adapter(resolved.path):
+        if base is None:
+            raise InputError(f"{label}: is a LoRA adapter folder; give the model it was trained on as the base")
+        return LoraAdapter(resolved.path, base.path, role=label)
     return Checkpoint(resolved.path, role=label)
 
 
-def operations_for(recipe: Recipe, n_layers: int) -> tuple[Callable[[str], Operation], list[float]]:
-    """Per-tensor operations of our recipe format (t = share of base), and the t values handed out."""
-    t_values: list[float] = []
-    sft_keys = tuple(f"sft{i}" for i in range(len(recipe.sft)))
-
-    def number(value, what: str, name: str) -> float:
-        v = value_for(value, name, n_layers)
-        if v is None:
-            raise InputError(f"{what}: no rule matches tensor {name!r}; add a default rule without match")
-        if not math.isfinite(v):
-            raise InputError(f"{what}: value for {name!r} is {v}; give a finite number")
-        return v
-
-    def op_for(name: str) -> Operation:
-        if recipe.method in ("linear", "slerp"):
-            t = number(recipe.t, "t", name)
-            t_values.append(t)
-            if t == 0:
-                return Operation("copy", (PRIMARY,))
-            if recipe.method == "linear":
-                return Operation("linear", (PRIMARY, "base"), {"weights": (1.0 - t, t)})
-            return Operation("slerp", (PRIMARY, "base"), {"t": t})
-        weights = tuple(number(recipe.scale_of(i), f"sft[{i}].scale", name) for i in range(len(recipe.sft)))
-        params = {"weights": weights, "sign_consensus": _consensus(recipe.sign_consensus),
-                  "sparsify": recipe.sparsify.model_dump() if recipe.sparsify else None}
-        return Operation("task_arithmetic", ("base",) + sft_keys, params)
-
-    return op_for, t_values
-
-
-def _consensus(value) -> str | None:
-    if value is True:
-        return "sum"
-    return value or None
-
-
 def execute(plan: Plan, models: dict, stage: Path, device: str, threads: int | None, progress: bool,
-            chunk_elements: int | None = None):
-    """Write every planned tensor into the shard files under ``stage``."""
-    writer = ShardWriter(stage, plan.shards)
-    executor = Executor(resolve_device(device), threads or default_threads(), chunk_elements or CHUNK_ELEMENTS)
+            chunk_elements: int | None = None, journal=None, check_finite: bool = False, verbose: bool = False):
+    """Write every planned tensor into the shard files under ``stage`` (those ``journal`` has not already
+    recorded as complete), recording each shard in the journal as it completes."""
+    skip_files = journal.skip_files if journal else set()
+    writer = ShardWriter(stage, plan.shards, skip=skip_files)
+    executor = Executor(resolve_device(device), threads or default_threads(), chunk_elements or CHUNK_ELEMENTS,
+                        check_finite=check_finite)
+    stats = ExecutionStats()
+    if journal:
+        journal.attach(writer, stats)
+    on_done = _tensor_hook(journal, verbose, len(plan.jobs) - len(journal.skip_tensors if journal else ()))
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", leave=False)
     try:
-        stats = executor.run(plan, models, writer, progress=bar.update if bar else None)
+        stats = executor.run(plan, models, writer, skip=journal.skip_tensors if journal else frozenset(),
+                             on_done=on_done, progress=bar.update if bar else None, stats=stats)
         writer.sync()
     finally:
         writer.close()
@@ -192,6 +291,26 @@ def execute(plan: Plan, models: dict, stage: Path, device: str, threads: int | N
     return stats
 
 
+def _tensor_hook(journal, verbose: bool, total: int):
+    """The executor's per-tensor callback: record shard completion, then (verbose) one line on stderr."""
+    if not verbose:
+        return journal.on_done if journal else None
+    import sys
+    import threading
+
+    lock = threading.Lock()
+    count = [0]
+
+    def done(job) -> None:
+        if journal:
+            journal.on_done(job)
+        with lock:
+            count[0] += 1
+            print(f"merged {job.name} ({count[0]}/{total})", file=sys.stderr, flush=True)
+
+    return done
+
+
 def default_threads() -> int:
     import os
 
@@ -199,21 +318,16 @@ def default_threads() -> int:
 
 
 def finish_folder(stage: Path, summary: MergeSummary, recipe: Recipe, models: dict, plan: Plan,
-                  command: str | None) -> None:
+                  command: str | None, card_sections: Sequence[str] = ()) -> None:
     """Config, tokenizer files, the reproducible recipe and the card, next to the weights."""
-    primary = models[PRIMARY]
-    dtype_name = recipe.dtype or _dominant_dtype(plan)
+    primary = models[recipe.primary]
+    dtype_name = recipe.output_dtype or _dominant_dtype(plan)
     output.write_config(primary.config, stage, dtype_name)
-    output.copy_side_files(Path(primary.path), stage)
-    pinned = recipe.model_copy(update={
-        "base": summary.inputs["base"].pinned,
-        "sft": [s.model_copy(update={"model": summary.inputs[f"sft{i}"].pinned}) for i, s in enumerate(recipe.sft)],
-        "out": None,
-    })
-    recipe_yaml = pinned.to_yaml()
+    output.copy_side_files(Path(getattr(primary, "side_files_path", primary.path)), stage)
+    recipe_yaml = _pinned(recipe, summary).to_yaml()
     (stage / "merge_recipe.yaml").write_text(recipe_yaml)
     command = command or f"merge run {summary.out}/merge_recipe.yaml -o OUT"
-    (stage / "README.md").write_text(render_card(summary, recipe_yaml, command))
+    (stage / "README.md").write_text(render_card(summary, recipe_yaml, command, list(card_sections)))
 
 
 def _dominant_dtype(plan: Plan) -> str | None:

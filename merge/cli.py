@@ -15,6 +15,10 @@ T_CONVENTION = ("t is the share of the BASE model: t=0 keeps the SFT unchanged, 
                 "--t 0.3 is roughly 0.7*SFT + 0.3*base. Values outside [0,1] extrapolate (with a warning).")
 
 
+MODEL_REF_HELP = "{} (a folder, a Hub id org/name[@revision], or an alias: see `merge aliases`)."
+BASE_REF_HELP = MODEL_REF_HELP.format("Base model") + " `auto` reads it from the SFT's metadata."
+
+
 def _command_line() -> str:
     """The invoked command with its explicitly given options, for the model card."""
     ctx = click.get_current_context()
@@ -83,6 +87,13 @@ def merge_options(fn):
                      help="Continue an interrupted run into the same OUT, reusing its verified finished shards."),
         click.option("--check-finite", is_flag=True, help="Fail if any output tensor has NaN or Inf."),
         click.option("-v", "--verbose", is_flag=True, help="Print one line per finished tensor on stderr."),
+        click.option("--push-to-hub", metavar="REPO",
+                     help="Upload OUT to this Hub model repo (created if needed; OUT defaults to ./NAME). Token: "
+                          "HF_TOKEN or `hf auth login`."),
+        click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
+        click.option("--revision", metavar="BRANCH",
+                     help="With --push-to-hub: push to this branch (created if needed)."),
+        click.option("--commit-message", help="With --push-to-hub: the commit message."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -114,8 +125,8 @@ def main() -> None:
 
 
 @main.command(help=f"Linear interpolation: W = (1-t)*W_sft + t*W_base.\n\n{T_CONVENTION}")
-@click.option("--sft", required=True, help="Fine-tuned model folder.")
-@click.option("--base", required=True, help="Base model folder.")
+@click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))
+@click.option("--base", required=True, help=BASE_REF_HELP)
 @click.option("--t", "t", type=float, required=True, help="Share of the base, 0..1.")
 @merge_options
 @user_errors
@@ -127,8 +138,8 @@ def linear(sft, base, t, quiet, **kwargs):
                    "flattened tensors: W = sin((1-t)θ)/sin θ * W_sft + sin(tθ)/sin θ * W_base, θ the angle "
                    "between them; linear when |cos θ| > 0.9995 (typical for small SFT deltas).\n\n"
                    f"{T_CONVENTION}")
-@click.option("--sft", required=True, help="Fine-tuned model folder.")
-@click.option("--base", required=True, help="Base model folder.")
+@click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))
+@click.option("--base", required=True, help=BASE_REF_HELP)
 @click.option("--t", "t", type=float, required=True, help="Share of the base, 0..1.")
 @merge_options
 @user_errors
@@ -142,8 +153,9 @@ def slerp(sft, base, t, quiet, **kwargs):
     "--sparsify magnitude keeps the largest --density fraction of each delta (TIES trimming); random drops "
     "entries with probability 1-density and rescales survivors (DARE); breadcrumbs drops the largest --gamma "
     "and the smallest entries. --sign-consensus elects signs across several SFTs (TIES)."))
-@click.option("--base", required=True, help="Base model folder.")
-@click.option("--sft", "sfts", multiple=True, required=True, help="Fine-tuned model folder (repeatable).")
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--sft", "sfts", multiple=True, required=True,
+              help=MODEL_REF_HELP.format("Fine-tuned model") + " Repeatable.")
 @click.option("--scale", "scales", type=float, multiple=True, required=True,
               help="Scale of each delta: one for all SFTs or one per --sft.")
 @click.option("--sparsify", type=click.Choice(["magnitude", "random", "breadcrumbs"]))
@@ -179,15 +191,208 @@ def fold(adapter, base, quiet, **kwargs):
 
 
 
+RECIPE_HELP = ("RECIPE is a YAML file in mergeback's format (method, base, sft, t/scale, schedule...) or a "
+               "mergekit config (merge_method, models/slices, base_model, parameters), which runs with "
+               "mergekit's semantics and t convention. Relative model paths resolve against the current "
+               "directory.")
+
+
+def _recipe_with_overrides(path: str, dtype, device, max_shard_size):
+    """The recipe in ``path`` with the options given on the command line replacing its own."""
+    from .recipes.loading import load_recipe
+    from .recipes.mergekit import MergekitRecipe
+
+    recipe = load_recipe(path)
+    ctx = click.get_current_context()
+    given = {name for name in ("dtype", "device", "max_shard_size")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    values = {"dtype": dtype, "device": device, "max_shard_size": max_shard_size}
+    if isinstance(recipe, MergekitRecipe):
+        recipe = recipe.with_options(**{k: values[k] for k in given - {"dtype"}})
+        if "dtype" in given:
+            recipe = recipe.model_copy(update={"out_dtype": dtype})
+        return recipe
+    return recipe.model_copy(update={k: values[k] for k in given})
+
+
+@main.command("run", help="Run a merge recipe: `merge run RECIPE.yaml -o OUT`. OUT may come from the recipe's "
+                          "`out:`. Every output holds merge_recipe.yaml; `merge run OUT/merge_recipe.yaml` "
+                          "reproduces it byte for byte.\n\n" + RECIPE_HELP)
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@merge_options
+@user_errors
+def run_recipe(recipe, quiet, dtype, device, max_shard_size, **kwargs):
+    import warnings
+
+    from . import api
+
+    loaded = _recipe_with_overrides(recipe, dtype, device, max_shard_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = api.run(loaded, progress=not quiet and sys.stderr.isatty(), **kwargs)
+    _report(summary, quiet)
+
+
+@main.command(help="Validate a recipe without writing anything, then print the resolved parameters per layer and "
+                   "tensor group, the output size, shard count and an estimate of peak memory.\n\n" + RECIPE_HELP)
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out", type=click.Path(file_okay=False), help="Output folder to check (optional).")
+@click.option("--threads", type=click.IntRange(1, 64), help="Worker threads the estimate assumes.")
+@user_errors
+def plan(recipe, out, threads):
+    import warnings
+
+    from . import api
+    from .recipes.loading import load_recipe
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = api.run(load_recipe(recipe), out=out, threads=threads, dry_run=True)
+    _report(summary, False)
+
+
+@main.command(help="Print a mergekit recipe in mergeback's format (t = share of the base), with comments on what "
+                   "differs, or say precisely what cannot be expressed (such recipes still run with `merge run`).")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@user_errors
+def convert(recipe):
+    from .errors import InputError
+    from .recipes.convert import convert_text
+    from .recipes.loading import load_recipe
+    from .recipes.mergekit import MergekitRecipe
+
+    loaded = load_recipe(recipe)
+    if not isinstance(loaded, MergekitRecipe):
+        raise InputError(f"{recipe}: already in mergeback's format (no merge_method key); nothing to convert")
+    click.echo(convert_text(loaded), nl=False)
+
+
+@main.command(help="Upload a merged model folder to the Hub (creates the repo if needed), e.g. to retry a failed "
+                   "--push-to-hub. The token comes from HF_TOKEN or `hf auth login`; it is never printed.")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", metavar="BRANCH", help="Push to this branch (created if needed).")
+@click.option("--commit-message", help="The commit message.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@user_errors
+def push(out, repo, private, revision, commit_message, quiet):
+    from .hub import push as push_folder
+
+    url = push_folder(out, repo, private=private, revision=revision, commit_message=commit_message,
+                      progress=not quiet and sys.stderr.isatty())
+    if not quiet:
+        click.echo(f"pushed {out} to {url}")
+
+
+@main.command(help="List model aliases (usable wherever a model is expected): the built-in table plus your own "
+                   "from $XDG_CONFIG_HOME/mergeback/aliases.yaml (~/.config/...; MERGEBACK_ALIASES overrides), "
+                   "one `alias: org/name[@revision]` per line.")
+@user_errors
+def aliases():
+    from .io.aliases import list_aliases, user_alias_file
+
+    table = list_aliases()
+    width = max((len(a.name) for a in table), default=0)
+    for a in table:
+        click.echo(f"{a.name:<{width}}  {a.target}" + ("" if a.source == "built-in" else f"  ({a.source})"))
+    click.echo(f"(your aliases file: {user_alias_file()})")
+
+
 @main.command(help="Check a model folder: the index against the shard files, every safetensors header, and that "
                    "sizes add up; --load also loads it with transformers and runs one forward pass.")
 @click.argument("folder", type=click.Path())
 @click.option("--load", is_flag=True, help="Also load with transformers and run a forward pass.")
 @user_errors
 def verify(folder, load):
-    from .verify import verify as verify_folder
+    from .integrity import verify as verify_folder
 
     click.echo(str(verify_folder(folder, load=load)))
+
+
+def _t_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated numbers, e.g. 0,0.1,0.2,...,1") from None
+
+
+@main.command(help="Evaluate base, SFT and merges at several t on general and domain probes, pick t by a stated "
+                   "rule, and write the merged model at that t with the scores in its model card.\n\n"
+                   "Probe files: .txt (documents separated by blank lines, every token scored) or .jsonl (Alpaca "
+                   "instruction/input/output or ShareGPT conversations: only response tokens scored, rendered "
+                   "with the SFT's chat template). Scores use bits per byte: general_recovered = (G_sft - G_m)/"
+                   "(G_sft - G_base), domain_retained = (D_base - D_m)/(D_base - D_sft), score = their harmonic "
+                   "mean. Choose t on one part of the probes and report on another: --general-report/"
+                   "--domain-report files or --holdout.\n\n" + T_CONVENTION)
+@click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model (or LoRA adapter folder)"))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--domain", required=True, type=click.Path(dir_okay=False), help="Domain probes (what the SFT is for).")
+@click.option("--general", type=click.Path(dir_okay=False),
+              help="General probes (default: the built-in set, a smoke signal, not a benchmark).")
+@click.option("--general-report", type=click.Path(dir_okay=False), help="General probes to report the choice on.")
+@click.option("--domain-report", type=click.Path(dir_okay=False), help="Domain probes to report the choice on.")
+@click.option("--holdout", type=float, help="Split this fraction of each probe set (by content hash) for reporting.")
+@click.option("-o", "--out", "out", type=click.Path(file_okay=False), help="Write the chosen merge here.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--t-values", callback=_t_list, help="Comma-separated t values (default 0,0.1,...,1).")
+@click.option("--method", type=click.Choice(["linear", "slerp"]), default="linear", show_default=True)
+@click.option("--select", "select_rule", type=click.Choice(["keep-domain", "score"]), default="keep-domain",
+              show_default=True, help="keep-domain: largest general_recovered with domain_retained >= --keep-domain "
+                                      "(else best score); score: largest harmonic mean.")
+@click.option("--keep-domain", type=float, default=0.9, show_default=True, help="Domain gain to keep, 0..1.")
+@click.option("--schedule", type=click.Choice(["lines", "blocks"]),
+              help="Also search per-layer schedules: LiNeS alpha/beta, or one t per block of layers.")
+@click.option("--blocks", type=int, default=3, show_default=True, help="Blocks for --schedule blocks.")
+@click.option("--budget", type=int, default=16, show_default=True, help="Most evaluations of the schedule search.")
+@click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Scored tokens per probe set, at most.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for evaluation (default: torch's).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Trade-off plot PNG (default OUT/tradeoff.png).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the final summary.")
+@user_errors
+def sweep(quiet, **kwargs):
+    from .recover import sweep as run_sweep
+
+    result = run_sweep(command=_command_line(), echo=None if quiet else click.echo, **kwargs)
+    click.echo("")
+    click.echo(result.summary())
+
+
+@main.command(help="Show how far the SFT drifted from its base, without writing anything: per-tensor relative "
+                   "delta ||D||/||W_base|| and cosine, a per-layer drift table (attention vs MLP), which tensors "
+                   "would take SLERP's spherical branch at --t, added tokens, resized or tied embeddings, dtype "
+                   "and config differences. Streams tensor by tensor in bounded memory.")
+@click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model (or LoRA adapter folder)"))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--t", "t", type=float, default=0.5, show_default=True, help="t for the SLERP branch report.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the per-layer drift.")
+@click.option("--top", type=int, default=10, show_default=True, help="How many tensors to list.")
+@user_errors
+def inspect(sft, base, t, plot, top):
+    from .diagnostics import inspect as run_inspect
+
+    report = run_inspect(sft, base, t=t, plot=plot)
+    click.echo(report.report(top=top))
+    if plot:
+        click.echo(f"plot -> {plot}")
+
+
+@main.command(help="The recovery story on a tiny shipped base/SFT pair (offline, under a minute): sweep 11 values "
+                   "of t, print the forgetting and recovery table, write the recovered model and a trade-off plot.")
+@click.option("-o", "--out", "out", type=click.Path(file_okay=False), default="mergeback-demo", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing demo folder.")
+@user_errors
+def demo(out, force):
+    from .demo import run_demo
+
+    result = run_demo(out, force=force, echo=click.echo)
+    click.echo("")
+    click.echo(result.summary())
+    click.echo(f"\neverything is in {result.out.parent}: recovered/ (the model; its README.md has the Recovery "
+               "table), tradeoff.png, sweep.json")
 
 
 if __name__ == "__main__":

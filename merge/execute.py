@@ -102,8 +102,10 @@ class _Buffers(threading.local):
 class Executor:
     """Runs plans on one device with ``threads`` workers."""
 
-    def __init__(self, device: torch.device, threads: int = 2, chunk_elements: int = CHUNK_ELEMENTS):
+    def __init__(self, device: torch.device, threads: int = 2, chunk_elements: int = CHUNK_ELEMENTS,
+                 check_finite: bool = False):
         self.device = device
+        self.check_finite = check_finite  # fail on the first NaN/Inf written (one extra pass over each chunk)
         self.threads = max(1, threads)
         self.chunk = max(1, chunk_elements)
         self._buffers = _Buffers()
@@ -111,8 +113,10 @@ class Executor:
     # -- public --------------------------------------------------------------------------------------------
     def run(self, plan: Plan, models: Mapping[str, TensorSource], writer: ShardWriter,
             skip: set[str] = frozenset(), on_done: Callable[[TensorJob], None] | None = None,
-            progress: Callable[[int], None] | None = None) -> ExecutionStats:
-        stats = ExecutionStats()
+            progress: Callable[[int], None] | None = None, stats: ExecutionStats | None = None) -> ExecutionStats:
+        """Write every job not in ``skip``; ``on_done(job)`` runs once a tensor is fully written; ``stats``
+        (default: a new one) is filled in place, so a resumed run can start from recorded results."""
+        stats = stats if stats is not None else ExecutionStats()
         lock = threading.Lock()
 
         def one(job: TensorJob) -> None:
@@ -165,12 +169,18 @@ class Executor:
                 return None
             compute = torch.float64 if any(models[k].info(job.source_name(k)).dtype == torch.float64
                                            for k in op.inputs) else torch.float32
-            loader = _Loader(self, job, models, compute)
+            working = _working_dtype(job, models)
+            if working is not None:  # mergekit semantics: task arithmetic computes in it, others upcast
+                compute = working if op.kind == "task_arithmetic" else (
+                    torch.float64 if working == torch.float64 else torch.float32)
+            loader = _Loader(self, job, models, compute, round_to=working)
             kernel = _KERNELS[op.kind]
             state = kernel.prepare(job, loader)
             for index, start, stop in chunk_ranges(job.merged_numel, self.chunk):
                 xs = loader.load(index, start, stop)
                 result = kernel.apply(job, xs, state, start, stop, self.device)
+                if working is not None and result.dtype != working:
+                    result = result.to(working)
                 self._write(job, start, result, writer)
             if job.merged_numel < job.numel:
                 self._copy(job, models[job.primary], job.name, job.merged_numel, job.numel, writer)
@@ -182,6 +192,8 @@ class Executor:
               writer: ShardWriter) -> None:
         for _, s, e in chunk_ranges(stop - start, self.chunk):
             view = model.view(name, start + s, start + e)
+            if self.check_finite:
+                _require_finite(job, start + s, view)
             if view.dtype == job.out_dtype:
                 writer.write(job.name, start + s, view)
             else:
@@ -197,6 +209,8 @@ class Executor:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(result)
+        if self.check_finite:
+            _require_finite(job, start, out)  # after the cast: overflow to the output dtype counts too
         writer.write(job.name, start, out)
 
     def load_into(self, slot: str, view: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -222,6 +236,18 @@ class Executor:
             yield
 
 
+def _require_finite(job: TensorJob, start: int, values: torch.Tensor) -> None:
+    """``--check-finite``: refuse NaN/Inf in an output chunk, naming the tensor and the first bad element."""
+    if not values.dtype.is_floating_point:
+        return
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    first = start + int((~finite).nonzero()[0])
+    raise MergeError(f"--check-finite: output tensor {job.name!r} has NaN/Inf (first at flat element {first}); "
+                     "check the inputs of that tensor or the merge parameters")
+
+
 @contextmanager
 def _single_threaded_torch():
     """One intra-op thread per worker: parallelism comes from workers, and reductions stay deterministic."""
@@ -237,8 +263,10 @@ class _Loader:
     """Reads one tensor's input chunks into reused compute-dtype buffers; keeps a single chunk loaded so
     statistics passes over small tensors cost no second read."""
 
-    def __init__(self, executor: Executor, job: TensorJob, models: Mapping[str, TensorSource], dtype: torch.dtype):
+    def __init__(self, executor: Executor, job: TensorJob, models: Mapping[str, TensorSource], dtype: torch.dtype,
+                 round_to: torch.dtype | None = None):
         self.executor, self.job, self.models, self.dtype = executor, job, models, dtype
+        self.round_to = round_to  # inputs are rounded to this dtype first (mergekit's ``dtype``)
         self.single = job.merged_numel <= executor.chunk
         self._cached: list[torch.Tensor] | None = None
 
@@ -249,6 +277,8 @@ class _Loader:
         xs = []
         for slot, key in enumerate(self.job.op.inputs):
             view = self.models[key].view(self.job.source_name(key), start, stop)
+            if self.round_to is not None and view.dtype != self.round_to:
+                view = view.to(self.round_to)
             xs.append(self.executor.load_into(f"in{slot}", view, self.dtype))
         return xs
 
@@ -274,6 +304,8 @@ class _Linear:
     @staticmethod
     def apply(job, xs, state, start, stop, device):
         p = job.op.params
+        if p.get("normalize_after"):
+            return methods.linear_sum_then_divide(xs, p["weights"], normalize=bool(p.get("normalize")))
         return methods.linear(xs, p["weights"], normalize=bool(p.get("normalize", False)), out=xs[0])
 
 
@@ -284,7 +316,8 @@ class _Slerp:
         for a, b in loader.passes()():
             d, x, y = methods.slerp_partial_sums(a, b)
             dot, sq_a, sq_b = dot + d, sq_a + x, sq_b + y
-        return methods.slerp_coefficients(dot, sq_a, sq_b, float(job.op.params["t"]))
+        return methods.slerp_coefficients(dot, sq_a, sq_b, float(job.op.params["t"]),
+                                          zero_norm=job.op.params.get("zero_norm", "linear"))
 
     @staticmethod
     def apply(job, xs, state, start, stop, device):
@@ -292,27 +325,57 @@ class _Slerp:
 
 
 class _TaskArithmetic:
-    """``W_base + lam * sum_i w_i * m_i * sparsify(W_i - W_base)``; inputs are (base, fine-tunes...)."""
+    """``W_base + lam * sum_i w_i * m_i * sparsify(W_i - W_base)``; inputs are (base, fine-tunes...).
+
+    ``sparsify``: {method magnitude|random|breadcrumbs, density and gamma (a number, or one per fine-tune),
+    seed, rescale (True: DARE survivors / density; "l1": each delta's L1 norm restored, as mergekit)}.
+    A density >= 1 leaves a delta unchanged, <= 0 zeroes it; magnitude keeps ``max(1, int(density*n))``
+    entries (ties at the threshold are all kept). ``combine: mergekit`` combines as mergekit does.
+    """
 
     @staticmethod
     def prepare(job, loader):
         sp = job.op.params.get("sparsify")
-        if not sp or sp["method"] == "random":
+        if not sp:
             return None
         n = job.merged_numel
-        thresholds = []
+        states = []
         for i in range(1, len(job.op.inputs)):
             def deltas(i=i):
                 for xs in loader.passes()():
                     yield xs[i] - xs[0]
-            if sp["method"] == "magnitude":
-                thresholds.append((float("inf"), methods.kth_largest(deltas, int(sp["density"] * n))))
-            else:
-                k_hi = int(sp["gamma"] * n)
-                upper = methods.kth_largest(deltas, k_hi) if k_hi > 0 else float("inf")
-                lower = methods.kth_largest(deltas, k_hi + int(sp["density"] * n))
-                thresholds.append((upper, lower))
-        return thresholds
+            density, gamma = _per_input(sp["density"], i - 1), _per_input(sp.get("gamma", 0.0), i - 1)
+            state = {"density": density, "all": density >= 1, "none": density <= 0, "band": None, "scale": None}
+            if not (state["all"] or state["none"]) and sp["method"] == "magnitude":
+                state["band"] = (float("inf"), methods.kth_largest(deltas, max(1, int(density * n))))
+            elif not (state["all"] or state["none"]) and sp["method"] == "breadcrumbs":
+                keep = int(density * n)
+                top = min(int(gamma * n), n - keep)
+                upper = methods.kth_largest(deltas, top) if top > 0 else float("inf")
+                state["band"] = (upper, methods.kth_largest(deltas, top + keep) if keep > 0 else float("inf"))
+            states.append(state)
+        if sp.get("rescale") == "l1":
+            _TaskArithmetic._l1_scales(job, loader, sp, states)
+        return states
+
+    @staticmethod
+    def _l1_scales(job, loader, sp, states) -> None:
+        """mergekit's rescale: ``masked * (||d||_1 / ||masked||_1)``, skipped when either norm < 1e-7."""
+        before = [0.0] * len(states)
+        after = [0.0] * len(states)
+        ranges = chunk_ranges(job.merged_numel, loader.executor.chunk)
+        for (_, start, stop), xs in zip(ranges, loader.passes()()):
+            for i, state in enumerate(states):
+                if state["all"] or state["none"]:
+                    continue
+                d = (xs[i + 1] - xs[0])
+                before[i] += float(d.abs().double().sum())
+                keep = _keep_mask(job, sp, state, d, i, start, stop, loader.executor.device)
+                after[i] += float((d * keep).abs().double().sum())
+        for i, state in enumerate(states):
+            if not (state["all"] or state["none"]) and before[i] >= 1e-7 and after[i] >= 1e-7:
+                dtype = loader.dtype
+                state["scale"] = float(torch.tensor(before[i], dtype=dtype) / torch.tensor(after[i], dtype=dtype))
 
     @staticmethod
     def apply(job, xs, state, start, stop, device):
@@ -322,17 +385,70 @@ class _TaskArithmetic:
         deltas = [x.sub_(base) for x in fine]
         if sp:
             for i, d in enumerate(deltas):
-                if sp["method"] == "random":
-                    d.mul_(dare_keep(int(sp.get("seed", 0)), job.name, i, start, stop, sp["density"], device))
-                    if sp.get("rescale", True):
-                        d.div_(sp["density"])
-                elif sp["method"] == "magnitude":
-                    d.mul_(methods.magnitude_mask(d, state[i][1]))
-                else:
-                    d.mul_(methods.breadcrumbs_mask(d, *state[i]))
+                st = state[i]
+                if st["all"]:
+                    continue
+                if st["none"]:
+                    d.zero_()
+                    continue
+                d.mul_(_keep_mask(job, sp, st, d, i, start, stop, device))
+                if st["scale"] is not None:
+                    d.mul_(st["scale"])
+                elif sp["method"] == "random" and sp.get("rescale", True) is True:
+                    d.div_(st["density"])
+        if p.get("combine") == "mergekit":
+            return methods.task_arithmetic_mergekit(base, deltas, p["weights"], consensus=p.get("sign_consensus"),
+                                                    normalize=bool(p.get("normalize", False)),
+                                                    lam=float(p.get("lam", 1.0)), out=base)
         return methods.task_arithmetic(base, deltas, p["weights"], sign_consensus=p.get("sign_consensus"),
                                        normalize=bool(p.get("normalize", False)), lam=float(p.get("lam", 1.0)),
                                        out=base)
 
 
+def _per_input(value, index: int) -> float:
+    """A sparsify setting given once for all fine-tunes or once per fine-tune."""
+    return float(value[index]) if isinstance(value, (list, tuple)) else float(value)
+
+
+def _keep_mask(job, sp, state, d, i, start, stop, device) -> torch.Tensor:
+    """Which entries of fine-tune ``i``'s delta chunk [start, stop) survive sparsification."""
+    if sp["method"] == "random":
+        return dare_keep(int(sp.get("seed", 0)), job.name, i, start, stop, state["density"], device)
+    return methods.breadcrumbs_mask(d, *state["band"])
+
+
+def _working_dtype(job: TensorJob, models: Mapping[str, TensorSource]) -> torch.dtype | None:
+    """An operation's ``working_dtype`` (mergekit's ``dtype``; ``inputs``: the inputs' promoted dtype)."""
+    name = job.op.params.get("working_dtype")
+    if name is None:
+        return None
+    if name == "inputs":
+        dtypes = [models[k].info(job.source_name(k)).dtype for k in job.op.inputs]
+        working = dtypes[0]
+        for d in dtypes[1:]:
+            working = torch.promote_types(working, d)
+        return working
+    return getattr(torch, name)
+
+
 _KERNELS = {"linear": _Linear, "slerp": _Slerp, "task_arithmetic": _TaskArithmetic}
+
+
+def estimate_peak_bytes(plan: Plan, threads: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """An estimate (not a measurement) of the executor's own memory for ``plan``: per worker thread, about
+    (inputs + 1) compute buffers of one chunk (float32, float64 for float64 tensors) plus one output-dtype
+    chunk, and two 2**16-bin int64 histograms when magnitude trimming runs; input bytes come from the page
+    cache (mmap) and are not counted."""
+    per_thread = 0
+    for job in plan.jobs:
+        if job.op.kind == "copy":
+            need = min(job.numel, chunk_elements) * job.out_dtype.itemsize
+        else:
+            elems = min(job.merged_numel, chunk_elements)
+            width = 8 if job.out_dtype == torch.float64 else 4
+            need = (len(job.op.inputs) + 1) * elems * width + elems * job.out_dtype.itemsize
+            sp = job.op.params.get("sparsify") or {}
+            if sp.get("method") in ("magnitude", "breadcrumbs"):
+                need += 2 * (1 << 16) * 8
+        per_thread = max(per_thread, need)
+    return per_thread * max(1, min(threads, len(plan.jobs) or 1))

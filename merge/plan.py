@@ -12,6 +12,7 @@ from typing import Callable, Mapping, Protocol
 import torch
 
 from .errors import InputError
+from .io.lora import copy_when_unchanged
 from .io.safetensors_file import TensorInfo
 from .io.writer import PlannedTensor, Shard, layout_shards
 from .tensor_names import group_of
@@ -26,6 +27,8 @@ class TensorSource(Protocol):
     def names(self) -> list[str]: ...
     def __contains__(self, name: str) -> bool: ...
     def info(self, name: str) -> TensorInfo: ...
+    # Flat elements [start, stop). Checkpoints give their stored dtype; a LoRA adapter gives computed tensors in
+    # float32/float64 (one rounding per merge): callers convert to what they need.
     def view(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor: ...
     def release(self, name: str) -> None: ...
 
@@ -103,7 +106,7 @@ def make_plan(models: Mapping[str, TensorSource], labels: Mapping[str, str], pri
         if not info.dtype.is_floating_point:
             jobs.append(TensorJob(name, info.shape, info.dtype, Operation("copy", (primary,)), 0, primary))
             continue
-        op = op_for(name)
+        op = copy_when_unchanged(models, op_for(name), name)
         aliases = {}
         for key in dict.fromkeys(op.inputs):
             if key == primary:

@@ -24,6 +24,9 @@ class MergeSummary:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+    pushed_to: str | None = None  # the Hub URL after push_to_hub
+    parameter_table: str | None = None  # dry runs: the resolved parameters per layer and tensor group
+    peak_bytes: int | None = None  # dry runs: estimated executor memory (merge.execute.estimate_peak_bytes)
 
     def method_description(self) -> str:
         t = ""
@@ -55,6 +58,14 @@ class MergeSummary:
         where = f" -> {self.out}" if self.out else ""
         verb = "would write" if self.dry_run else "wrote"
         lines.append(f"{verb} {size} in {self.shards} shard(s){where}" + ("" if self.dry_run else f" in {self.seconds:.1f}s"))
+        if self.pushed_to:
+            lines.append(f"pushed to {self.pushed_to}")
+        if self.peak_bytes is not None:
+            lines.append(f"estimated peak memory of the merge buffers: {self.peak_bytes / 1e6:.1f} MB (an estimate: "
+                         "per worker thread (inputs+1) float32 chunk buffers and trimming histograms; inputs are "
+                         "memory-mapped and not counted)")
+        if self.parameter_table:
+            lines += ["", self.parameter_table]
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -129,6 +129,9 @@ class Checkpoint:
                 weight_map = index.get("weight_map")
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise InputError(f"{p / index_name}: has no weight_map; re-save the model")
+                bad = [v for v in weight_map.values() if not isinstance(v, str)]
+                if bad:
+                    raise InputError(f"{p / index_name}: weight_map values must be shard file names, got {bad[0]!r}")
                 files = []
                 for rel in dict.fromkeys(weight_map.values()):
                     f = safe_member(p, rel, p / index_name)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputExistsError
+from ..errors import MergeError, OutputExistsError
 
 SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -34,6 +36,57 @@ def fresh_staging(out: Path) -> Path:
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     return stage
+
+
+def lock_path(out: Path) -> Path:
+    """The sibling file whose flock marks OUT as being written by a run."""
+    return out.parent / f".{out.name}.mergeback-lock"
+
+
+class OutputLocked(MergeError):
+    """Another run is writing the same output folder."""
+
+
+class DiskFull(MergeError):
+    """The disk filled up during a run; the finished shards are kept for ``--resume``."""
+
+    resumable = True
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold an exclusive ``flock`` on OUT's lock file for the duration, or fail at once if another run has it.
+
+    The lock file is removed on exit while still locked; a run that opened the old file re-checks the inode.
+    """
+    path = lock_path(out)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise OutputLocked(f"another merge{who} is writing {out} (lock {path}); wait for it to finish or "
+                               "choose another output folder") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def commit(stage: Path, out: Path) -> None:

@@ -1,9 +1,17 @@
-"""Model references -> local folders. A reference is a local folder (Hub ids and aliases come later)."""
+"""Model references -> local folders. A reference is a local folder, a Hub repo id with an optional
+``@revision`` (branch, tag or commit), or an alias from :mod:`merge.io.aliases` (``llama3``).
+
+A folder that exists wins over a Hub id of the same spelling. Hub models are fetched into the standard
+Hugging Face cache (:func:`merge.hub.fetch`) and pinned as ``repo@commit``.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from ..errors import InputError
 
@@ -25,10 +33,106 @@ class ResolvedModel:
         return str(self.path)
 
 
-def resolve_model(ref: str, role: str) -> ResolvedModel:
+def resolve_model(ref: str, role: str, *, token=None, progress: bool = False) -> ResolvedModel:
+    """The local folder for ``ref`` (downloading Hub models); ``role`` names it in errors ("base", "SFT").
+
+    ``token`` is for private Hub repos (default: HF_TOKEN or the cached login); ``progress`` shows download bars.
+    """
+    from .. import hub
+    from .aliases import load_aliases
+
+    ref = str(ref).strip()
+    label = f"{role} {ref}"
+    if not ref:
+        raise InputError(f"{role}: empty model reference; give a folder, a Hub repo id or an alias")
     path = Path(ref).expanduser()
     if path.is_dir():
         return ResolvedModel(ref, path.resolve())
     if path.exists():
-        raise InputError(f"{role} {ref}: expected a model folder, got a file")
-    raise InputError(f"{role} {ref}: no such folder")
+        raise InputError(f"{label}: expected a model folder, got a file")
+    if ref.startswith(("/", "./", "../", "~", ".")) or ref.count("/") > 1:
+        raise InputError(f"{label}: no such folder")
+    name, revision = hub.split_revision(ref, label)
+    alias = load_aliases().get(name)
+    if alias is not None:
+        target = Path(alias.target).expanduser()
+        if target.is_dir() and revision is None:
+            return ResolvedModel(ref, target.resolve())
+        name, alias_revision = hub.split_revision(alias.target, f"{label} (alias {alias.name}, {alias.source})")
+        revision = revision or alias_revision
+        if not hub.is_repo_id(name):
+            raise InputError(f"{label}: alias {alias.name!r} ({alias.source}) points to {alias.target!r}, which is "
+                             "neither a folder nor a Hub repo id; fix the alias file")
+        label = f"{label} (alias of {name})"
+    elif not hub.is_repo_id(name):
+        raise InputError(f"{label}: no such folder, alias or Hub repo id; give a model folder, a Hub id like "
+                         "org/name[@revision], or an alias (`merge aliases` lists them)")
+    folder, commit = hub.fetch(name, revision, label, token=token, progress=progress)
+    return ResolvedModel(ref, folder, name, commit)
+
+
+# ---- --base auto ---------------------------------------------------------------------------------------
+
+
+def infer_base(sft: ResolvedModel) -> tuple[str, str]:
+    """The base an SFT folder says it came from, and where it says so.
+
+    Looks, in order, at ``adapter_config.json`` ``base_model_name_or_path`` (PEFT), the model card's
+    ``base_model`` (one entry), and ``config.json`` ``_name_or_path``; a candidate must be an existing
+    folder or a Hub repo id, and not the SFT itself.
+    """
+    folder = sft.path
+    candidates = [
+        (_json_field(folder / "adapter_config.json", "base_model_name_or_path"),
+         "adapter_config.json base_model_name_or_path"),
+        (_card_base_model(folder / "README.md"), "README.md base_model"),
+        (_json_field(folder / "config.json", "_name_or_path"), "config.json _name_or_path"),
+    ]
+    for value, source in candidates:
+        if _usable_base(value, sft):
+            return value.strip(), source
+    raise InputError(f"--base auto: cannot tell the base of SFT {sft.ref} (no usable base_model_name_or_path in "
+                     "adapter_config.json, base_model in README.md or _name_or_path in config.json); pass --base")
+
+
+def _usable_base(value, sft: ResolvedModel) -> bool:
+    from ..hub import is_repo_id
+
+    if not isinstance(value, str) or not value.strip():
+        return False
+    value = value.strip()
+    if value in (sft.ref, sft.repo_id, str(sft.path)):
+        return False
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return path.resolve() != sft.path.resolve()
+    return is_repo_id(value.partition("@")[0])
+
+
+def _json_field(path: Path, key: str):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _card_base_model(path: Path):
+    """``base_model`` of a model card's YAML front matter when it names exactly one model."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("---"):
+        return None
+    front, sep, _ = text[3:].partition("\n---")
+    if not sep:
+        return None
+    try:
+        meta = yaml.safe_load(front)
+    except yaml.YAMLError:
+        return None
+    value = meta.get("base_model") if isinstance(meta, dict) else None
+    if isinstance(value, list):
+        return value[0] if len(value) == 1 else None
+    return value

@@ -106,7 +106,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_len
     if not isinstance(entry, dict):
         raise _fail(path, f"entry for tensor {name!r} is not an object")
     code = entry.get("dtype")
-    if code not in DTYPES:
+    if not isinstance(code, str) or code not in DTYPES:
         raise _fail(path, f"tensor {name!r} has unknown dtype {code!r}")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")

@@ -4,10 +4,10 @@ No I/O here. Functions that take ``out=`` may write their result into a caller-o
 the executor reuses memory; called without it they allocate and leave their inputs untouched.
 """
 
-from .linear import lerp, linear
+from .linear import lerp, linear, linear_sum_then_divide
 from .slerp import SlerpCoefficients, slerp, slerp_coefficients, slerp_partial_sums
 from .sparsify import breadcrumbs_mask, dare_mask, kth_largest, magnitude_mask
-from .task_arithmetic import sign_consensus_mask, task_arithmetic
+from .task_arithmetic import sign_consensus_mask, task_arithmetic, task_arithmetic_mergekit
 
 __all__ = [
     "SlerpCoefficients",
@@ -16,10 +16,12 @@ __all__ = [
     "kth_largest",
     "lerp",
     "linear",
+    "linear_sum_then_divide",
     "magnitude_mask",
     "sign_consensus_mask",
     "slerp",
     "slerp_coefficients",
     "slerp_partial_sums",
     "task_arithmetic",
+    "task_arithmetic_mergekit",
 ]

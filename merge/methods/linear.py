@@ -30,6 +30,20 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     return out
 
 
+def linear_sum_then_divide(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                           normalize: bool = True) -> torch.Tensor:
+    """mergekit's order of rounding: ``acc = 0; acc += w_i * W_i`` (weights rounded to the tensors' dtype),
+    then ``acc / sum(w)`` with the sum taken in that dtype. Returns a new tensor; no guard for a zero sum."""
+    first = tensors[0]
+    w = torch.tensor([float(x) for x in weights], dtype=first.dtype, device=first.device)
+    out = torch.zeros_like(first)
+    for t, coefficient in zip(tensors, w.unbind(0)):
+        out.addcmul_(t, coefficient)
+    if normalize:
+        out.div_(w.sum(dim=0))
+    return out
+
+
 def lerp(sft: torch.Tensor, base: torch.Tensor, t: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """``W = (1 - t) * W_sft + t * W_base``: t is the share of the base (t=0 gives the SFT, t=1 the base)."""
     return linear([sft, base], [1.0 - t, t], out=out)

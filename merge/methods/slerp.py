@@ -30,15 +30,21 @@ def slerp_partial_sums(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, 
     return float(torch.dot(x64, y64)), float(torch.dot(x64, x64)), float(torch.dot(y64, y64))
 
 
-def slerp_coefficients(dot: float, sq_from: float, sq_to: float, t: float) -> SlerpCoefficients:
+def slerp_coefficients(dot: float, sq_from: float, sq_to: float, t: float,
+                       zero_norm: str = "linear") -> SlerpCoefficients:
     """Coefficients of spherical interpolation from ``W_from`` (t=0) to ``W_to`` (t=1).
 
     ``cos = dot / (|from| |to|)``, ``theta = arccos(cos)``;
     ``a = sin((1 - t) * theta) / sin(theta)``, ``b = sin(t * theta) / sin(theta)``.
-    Falls back to linear interpolation ``a = 1 - t, b = t`` when ``|cos| > 0.9995`` or a norm is ~0.
+    Falls back to linear interpolation ``a = 1 - t, b = t`` when ``|cos| > 0.9995`` or (``zero_norm="linear"``)
+    a norm is ~0. ``zero_norm="unit"`` is mergekit's rule: a norm below 1e-8 counts as 1, so a zero tensor
+    gives cos = 0 and the spherical branch with theta = pi/2 (``slerp(0, x, 0.5) = 0.707 x``).
     """
     norm_from, norm_to = math.sqrt(sq_from), math.sqrt(sq_to)
-    if norm_from < EPS or norm_to < EPS:
+    if zero_norm == "unit":
+        norm_from = norm_from if norm_from > EPS else 1.0
+        norm_to = norm_to if norm_to > EPS else 1.0
+    elif norm_from < EPS or norm_to < EPS:
         return SlerpCoefficients(1.0 - t, t, False, 0.0)
     cos = max(-1.0, min(1.0, dot / (norm_from * norm_to)))
     theta = math.acos(cos)

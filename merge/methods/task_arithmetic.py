@@ -59,3 +59,37 @@ def task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights:
     if out is not base:
         out.copy_(base)
     return out.add_(mixed, alpha=lam)
+
+
+def task_arithmetic_mergekit(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
+                             consensus: str | None = None, normalize: bool = False, lam: float = 1.0,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """mergekit's combination step, in the tensors' dtype (its weights are rounded to that dtype):
+
+    ``D_i = w_i d_i``; with ``consensus='sum'``: ``m_i = [sign(D_i) == sign(sum_j D_j)]`` (0 counts as +),
+    ``mixed = sum_i m_i D_i``, ``div = sum_i w_i m_i`` (0 -> 1); without: ``mixed = sum_i D_i``,
+    ``div = sum_i w_i`` (|div| < 1e-8 -> 1). ``normalize``: ``mixed /= div``; then ``mixed *= lam`` when
+    ``lam != 1``; result ``base + mixed``. ``out`` may be ``base``.
+    """
+    stacked = torch.stack(list(deltas))
+    w = torch.tensor([float(x) for x in weights], dtype=stacked.dtype, device=stacked.device).unsqueeze(-1)
+    stacked.mul_(w)
+    if consensus:
+        if consensus != "sum":
+            raise ValueError(f"unknown sign consensus method {consensus!r}")
+        majority = (stacked.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+        mask = stacked.sign().to(base.dtype) == majority
+        mixed = (stacked * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = stacked.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    if out is None:
+        return base + mixed
+    return torch.add(base, mixed, out=out)

@@ -10,6 +10,8 @@
     #   - {match: embed, value: 0}          # group, glob, or re:REGEX; first match wins
     #   - {match: attn, value: [0.5, 0.1]}
     #   - {value: 0.3}                      # no match = default
+    # schedule: {preset: lines, alpha: 0.2, beta: 0.8}   # per-layer delta scale, see values.py
+    # schedule: {preset: bottom_k, k: 8}                 # first k layers from the base, the rest per t
     dtype: bfloat16          # output dtype (default: the SFT's)
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -43,6 +45,10 @@ class Rule(BaseModel):
 Value = Union[Number, Gradient, list[Rule]]
 
 
+def _is_rules(v) -> bool:
+    return isinstance(v, list) and bool(v) and isinstance(v[0], Rule)
+
+
 def _check_finite(v) -> None:
     for x in v if isinstance(v, list) else [v]:
         if isinstance(x, float) and not math.isfinite(x):
@@ -59,13 +65,34 @@ class Sparsify(BaseModel):
     density: float = Field(gt=0, le=1, description="fraction of each delta's entries kept")
     gamma: float = Field(0.01, ge=0, lt=1, description="breadcrumbs: fraction of largest entries dropped")
     seed: int = 0
-    rescale: bool = Field(True, description="random (DARE): divide survivors by density")
+    rescale: Union[bool, Literal["l1"]] = Field(
+        True, description="random (DARE): divide survivors by density; l1: restore each delta's L1 norm")
 
     @model_validator(mode="after")
     def _band(self):
         if self.method == "breadcrumbs" and self.gamma + self.density > 1:
             raise ValueError("breadcrumbs needs gamma + density <= 1")
         return self
+
+
+class LinesSchedule(BaseModel):
+    """LiNeS: layer l of L (1-based) keeps ``lam(l) = alpha + beta*(l-1)/(L-1)`` of its delta."""
+
+    model_config = ConfigDict(extra="forbid")
+    preset: Literal["lines"]
+    alpha: float = Field(allow_inf_nan=False)
+    beta: float = Field(allow_inf_nan=False)
+
+
+class BottomKSchedule(BaseModel):
+    """The first ``k`` layers are taken from the base; everything else follows ``t`` (or ``scale``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    preset: Literal["bottom_k"]
+    k: int = Field(ge=0)
+
+
+Schedule = Annotated[Union[LinesSchedule, BottomKSchedule], Field(discriminator="preset")]
 
 
 class SftModel(BaseModel):
@@ -87,6 +114,8 @@ class Recipe(BaseModel):
     scale: Optional[Value] = Field(None, description="task arithmetic: default scale of every delta")
     sparsify: Optional[Sparsify] = None
     sign_consensus: Union[bool, Literal["sum", "count"]] = False
+    normalize: bool = Field(False, description="task arithmetic: divide by the sum of the (kept) scales")
+    schedule: Optional[Schedule] = Field(None, description="a named per-layer preset (lines, bottom_k)")
     dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
@@ -109,21 +138,49 @@ class Recipe(BaseModel):
     def _method_fields(self):
         if not self.sft:
             raise ValueError("sft: give at least one SFT model")
+        lines = isinstance(self.schedule, LinesSchedule)
         if self.method in ("linear", "slerp"):
-            if self.t is None:
+            if self.t is None and not lines:
                 raise ValueError(f"t: required for method {self.method} (share of the base, 0..1)")
+            if lines and self.t is not None and not _is_rules(self.t):
+                raise ValueError("t: with schedule lines, t may only be rules ({match, value}) that override "
+                                 "the schedule for the tensors they match")
             if len(self.sft) != 1:
                 raise ValueError(f"sft: method {self.method} takes exactly one SFT model")
-            if self.scale is not None or self.sparsify is not None or self.sign_consensus:
-                raise ValueError("scale/sparsify/sign_consensus: only for method task_arithmetic")
+            if (self.scale is not None or self.sparsify is not None or self.sign_consensus
+                    or any(s.scale is not None for s in self.sft) or self.normalize):
+                raise ValueError("scale/sparsify/sign_consensus/normalize: only for method task_arithmetic")
         else:
             if self.t is not None:
                 raise ValueError("t: task_arithmetic uses scale (the multiplier of each delta), not t")
-            if self.scale is None and any(s.scale is None for s in self.sft):
+            if self.scale is None and any(s.scale is None for s in self.sft) and self.schedule is None:
                 raise ValueError("scale: give a scale (top level or per SFT) for task_arithmetic")
             if self.sign_consensus and len(self.sft) < 2:
                 raise ValueError("sign_consensus: needs at least two SFT models")
         return self
+
+    # -- the interface merge.run uses (shared with MergekitRecipe) -------------------------------------------
+    @property
+    def primary(self) -> str:
+        """The input whose layout, config and tokenizer the output takes: the (first) SFT."""
+        return "sft0"
+
+    @property
+    def output_dtype(self) -> str | None:
+        """The dtype the output is written in (None: each tensor keeps the SFT's)."""
+        return self.dtype
+
+    def input_refs(self) -> dict[str, str]:
+        """Model key -> reference, base first (``base`` may be ``auto``)."""
+        return {"base": self.base, **{f"sft{i}": s.model for i, s in enumerate(self.sft)}}
+
+    def pinned(self, refs: dict[str, str]) -> "Recipe":
+        """The recipe with inputs named by ``refs`` (key -> pinned reference) and no ``out``."""
+        return self.model_copy(update={
+            "base": refs["base"],
+            "sft": [s.model_copy(update={"model": refs[f"sft{i}"]}) for i, s in enumerate(self.sft)],
+            "out": None,
+        })
 
     # -- YAML ------------------------------------------------------------------------------------------------
     def to_yaml(self) -> str:
@@ -133,12 +190,18 @@ class Recipe(BaseModel):
         return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str) -> "Recipe":
-        return cls.model_validate(yaml.safe_load(text))
+    def from_yaml(cls, text: str, source: str = "recipe") -> "Recipe":
+        """Parse and validate; errors name the key and its line (see :mod:`merge.recipes.loading`)."""
+        from .loading import parse_text
+
+        recipe = parse_text(text, source)
+        if not isinstance(recipe, cls):
+            raise ValueError(f"{source}: a mergekit recipe; load it with merge.recipes.load_recipe")
+        return recipe
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
-        return cls.from_yaml(Path(path).read_text())
+        return cls.from_yaml(Path(path).read_text(), str(path))
 
     def scale_of(self, index: int) -> Value:
         own = self.sft[index].scale

@@ -1,0 +1,187 @@
+"""From a recipe to one :class:`~merge.plan.Operation` per tensor, for our format and for mergekit's.
+
+``operations_for(recipe, n_layers)`` returns an :class:`OpBuilder`: call it with a tensor name to get the
+operation; ``describe(name)`` gives the short value the ``merge plan`` table shows; ``t_values`` collects
+the t (share of the base) handed out, for the summary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from ..errors import InputError
+from ..plan import Operation
+from ..tensor_names import group_of, layer_index
+from .mergekit import TASK_ARITHMETIC_FAMILY, MergekitRecipe, Resolver
+from .schema import BottomKSchedule, LinesSchedule, Recipe
+from .values import matches, value_for
+
+
+class OpBuilder:
+    """Per-tensor operations plus what the plan table shows for each tensor."""
+
+    def __init__(self, build: Callable[[str], tuple[Operation, str]], legend: str):
+        self._build = build
+        self.legend = legend
+        self.t_values: list[float] = []
+        self._described: dict[str, str] = {}
+
+    def __call__(self, name: str) -> Operation:
+        op, text = self._build(name)
+        self._described[name] = text
+        return op
+
+    def describe(self, name: str) -> str:
+        if name not in self._described:
+            self(name)
+        return self._described[name]
+
+    def __iter__(self):  # ``op_for, t_values = operations_for(...)`` keeps working
+        return iter((self, self.t_values))
+
+
+def operations_for(recipe, n_layers: int) -> OpBuilder:
+    """The per-tensor operations of ``recipe`` (ours or mergekit's) for a model with ``n_layers`` layers."""
+    if isinstance(recipe, MergekitRecipe):
+        return mergekit_operations(recipe, n_layers)
+    return our_operations(recipe, n_layers)
+
+
+# -- our format ----------------------------------------------------------------------------------------------
+def delta_scale(schedule, name: str, n_layers: int) -> float | None:
+    """The share of the delta a preset keeps for ``name``; None where the preset leaves it to ``t``/``scale``.
+
+    lines: layer l of L (1-based) keeps ``alpha + beta*(l-1)/(L-1)``; embeddings (below layer 1) get the
+    layer-1 value, tensors after the stack (final norm, lm_head) the layer-L value. bottom_k: layers
+    ``0..k-1`` keep nothing (they are the base's); every other tensor (embeddings included) follows t/scale.
+    """
+    layer = layer_index(name)
+    if isinstance(schedule, LinesSchedule):
+        if layer is None:
+            layer = 0 if group_of(name) == "embed" else n_layers - 1
+        frac = layer / (n_layers - 1) if n_layers > 1 else 0.0
+        return schedule.alpha + schedule.beta * frac
+    if isinstance(schedule, BottomKSchedule):
+        return 0.0 if layer is not None and layer < schedule.k else None
+    return None
+
+
+def _number(value, what: str, name: str, n_layers: int) -> float:
+    v = value_for(value, name, n_layers)
+    if v is None:
+        raise InputError(f"{what}: no rule matches tensor {name!r}; add a default rule without match")
+    if not math.isfinite(v):
+        raise InputError(f"{what}: value for {name!r} is {v}; give a finite number")
+    return v
+
+
+def _rule_value(rules, name: str, n_layers: int) -> float | None:
+    """The value of the first rule matching ``name`` (t overrides under a lines schedule), else None."""
+    for rule in rules or ():
+        if rule.match is None or matches(rule.match, name):
+            return value_for(rule.value, name, n_layers)
+    return None
+
+
+def our_operations(recipe: Recipe, n_layers: int) -> OpBuilder:
+    """Operations of our recipe format (t = share of the base), presets expanded per tensor."""
+    sft_keys = tuple(f"sft{i}" for i in range(len(recipe.sft)))
+    schedule = recipe.schedule
+    if isinstance(schedule, BottomKSchedule) and schedule.k > n_layers:
+        raise InputError(f"schedule.k: {schedule.k} is more than the model's {n_layers} layers")
+
+    def t_of(name: str) -> float:
+        lam = delta_scale(schedule, name, n_layers)
+        if isinstance(schedule, LinesSchedule):
+            override = _rule_value(recipe.t, name, n_layers) if recipe.t is not None else None
+            return override if override is not None else 1.0 - lam
+        if lam is not None:
+            return 1.0 - lam
+        return _number(recipe.t, "t", name, n_layers)
+
+    def build(name: str):
+        if recipe.method in ("linear", "slerp"):
+            t = t_of(name)
+            builder.t_values.append(t)
+            if t == 0:
+                return Operation("copy", ("sft0",)), f"{t:g}"
+            if recipe.method == "linear":
+                return Operation("linear", ("sft0", "base"), {"weights": (1.0 - t, t)}), f"{t:g}"
+            return Operation("slerp", ("sft0", "base"), {"t": t}), f"{t:g}"
+        lam = delta_scale(schedule, name, n_layers)
+        weights = []
+        for i in range(len(recipe.sft)):
+            own = recipe.scale_of(i)
+            scale = 1.0 if own is None else _number(own, f"sft[{i}].scale", name, n_layers)
+            weights.append(scale if lam is None else scale * lam)
+        params = {"weights": tuple(weights), "sign_consensus": _consensus(recipe.sign_consensus),
+                  "sparsify": recipe.sparsify.model_dump() if recipe.sparsify else None,
+                  "normalize": recipe.normalize}
+        return Operation("task_arithmetic", ("base",) + sft_keys, params), "/".join(f"{w:g}" for w in weights)
+
+    legend = ("t (share of the base: 0 = SFT, 1 = base)" if recipe.method != "task_arithmetic"
+              else "scale of each SFT's delta" + (" (sft0/sft1/...)" if len(sft_keys) > 1 else ""))
+    builder = OpBuilder(build, legend)
+    return builder
+
+
+def _consensus(value) -> str | None:
+    if value is True:
+        return "sum"
+    return value or None
+
+
+# -- mergekit's format ---------------------------------------------------------------------------------------
+def mergekit_operations(recipe: MergekitRecipe, n_layers: int) -> OpBuilder:
+    """Operations reproducing mergekit 0.1.5 for ``recipe`` (see docs/mergekit-semantics.md).
+
+    Every operation carries ``working_dtype`` (mergekit's ``dtype``, or the inputs' own dtype): inputs are
+    rounded to it, task-arithmetic math runs in it, and results are rounded to it before the output cast.
+    """
+    resolver = Resolver(recipe, n_layers)
+    keys = recipe.keys()
+    order = recipe.model_refs()
+    working = recipe.working_dtype or "inputs"
+    method = recipe.merge_method
+
+    def build(name: str):
+        if method == "linear":
+            weights = tuple(resolver.value("weight", name, ref) for ref in order)
+            normalize = resolver.value("normalize", name)
+            params = {"weights": weights, "normalize": normalize, "normalize_after": True,
+                      "working_dtype": working}
+            text = "/".join(f"{w:g}" for w in weights) + ("" if normalize else " (sum)")
+            return Operation("linear", tuple(keys[r] for r in order), params), text
+        if method == "slerp":
+            t = resolver.value("t", name)
+            other = next(r for r in order if r != recipe.base_model)
+            builder.t_values.append(1.0 - t)  # the summary speaks of the share of the base
+            params = {"t": t, "zero_norm": "unit", "working_dtype": working}
+            return Operation("slerp", ("base", keys[other]), params), f"{t:g}"
+        sparsify, consensus, _, _ = TASK_ARITHMETIC_FAMILY[method]
+        others = [r for r in order if r != recipe.base_model]
+        if not others:
+            return Operation("copy", ("base",)), "base"
+        weights = tuple(resolver.value("weight", name, r) for r in others)
+        densities = tuple(resolver.value("density", name, r) for r in others)
+        params = {"weights": weights, "sign_consensus": consensus, "normalize": resolver.value("normalize", name),
+                  "lam": resolver.value("lambda", name), "combine": "mergekit", "working_dtype": working}
+        text = "/".join(f"{w:g}" for w in weights)
+        if sparsify and any(d < 1 for d in densities):
+            gammas = tuple(resolver.value("gamma", name, r) for r in others) if sparsify == "breadcrumbs" \
+                else (0.0,) * len(others)
+            params["sparsify"] = {"method": sparsify, "density": densities, "gamma": gammas,
+                                  "seed": recipe.options.seed,
+                                  "rescale": "l1" if resolver.value("rescale", name) else False}
+            text += " d=" + "/".join(f"{d:g}" for d in densities)
+        return Operation("task_arithmetic", ("base",) + tuple(keys[r] for r in others), params), text
+
+    if method == "linear":
+        legend = "mergekit weight of each model (" + "/".join(order) + ")"
+    elif method == "slerp":
+        legend = "mergekit t (share of the non-base model: 0 = base_model)"
+    else:
+        legend = "mergekit weight of each model's delta (d = density)"
+    builder = OpBuilder(build, legend)
+    return builder

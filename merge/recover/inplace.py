@@ -1,0 +1,205 @@
+"""One model in memory whose parameters are re-set for each candidate merge, bit-identical to a written merge.
+
+The transformers model is built once from the SFT's config; base and SFT tensors are read once (through the
+TensorSource interface, so LoRA adapters work) and kept on the device in the dtype their reader gives. For a
+candidate recipe, the same planner as ``merge run`` (``make_plan``) gives each tensor's operation, and the
+same pure functions compute it: inputs converted to float32 (float64 if any is float64), ``methods.linear``
+with the plan's weights or with ``methods.slerp_coefficients`` (statistics summed over the executor's chunk
+geometry), then cast to the output dtype. So the in-place model equals the written one bit for bit.
+
+Evaluation dtype: on the CPU, half-precision parameters are held upcast to float32 (exactly the written
+bf16/fp16 values; CPU half-precision matmuls are slow); on a GPU they stay in their own dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .. import methods
+from ..errors import InputError
+from ..execute import CHUNK_ELEMENTS, chunk_ranges
+from ..plan import Plan, TensorJob, make_plan
+from ..recipes.operations import operations_for
+from ..tensor_names import num_layers
+
+NO_SHARDING = 1 << 62
+
+
+class InPlaceModel:
+    """``apply(recipe)`` sets every parameter to the merge the recipe describes; ``model`` is then evaluated."""
+
+    def __init__(self, models: dict, labels: dict, device: torch.device, template_recipe,
+                 eval_dtype: torch.dtype | None = None):
+        self.models, self.labels, self.device = models, labels, device
+        self.primary = "sft0"
+        self.n_layers = num_layers(models[self.primary].config, models[self.primary].names())
+        layout = self.plan(template_recipe)
+        check_memory(layout, models, device)
+        self.model = build_model(models[self.primary].config, layout, device, eval_dtype)
+        self.params = _parameters_by_name(self.model)
+        self._check_coverage(layout)
+        self.inputs: dict[tuple[str, str], torch.Tensor] = {}
+        for job in layout.jobs:
+            if job.name not in self.params:
+                continue
+            for key in ("sft0", "base"):
+                name = job.source_name(key)
+                if key in models and name in models[key] and (key, name) not in self.inputs:
+                    self.inputs[(key, name)] = models[key].view(name).to(device, copy=True)
+                    models[key].release(name)
+        self._slerp_stats: dict[str, tuple[float, float, float]] = {}
+        self.current = None
+
+    def plan(self, recipe) -> Plan:
+        """The engine's plan of ``recipe`` over these inputs (names, operations, dtypes; no bytes read)."""
+        op_for = operations_for(recipe, self.n_layers)
+        out_dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
+        return make_plan(self.models, self.labels, self.primary, op_for, out_dtype, NO_SHARDING)
+
+    @torch.no_grad()
+    def apply(self, recipe) -> None:
+        """Set every parameter to what ``merge run`` would write for ``recipe`` (linear, slerp or copy ops)."""
+        for job in self.plan(recipe).jobs:
+            param = self.params.get(job.name)
+            if param is not None:
+                self._set(job, param)
+        self.current = recipe
+
+    def _set(self, job: TensorJob, param: torch.Tensor) -> None:
+        flat = param.view(-1)
+        op = job.op
+        if op.kind == "copy":
+            flat.copy_(self.inputs[(op.inputs[0], job.source_name(op.inputs[0]))].view(-1).to(job.out_dtype))
+            return
+        if op.kind not in ("linear", "slerp") or op.params.get("working_dtype") or op.params.get("normalize_after"):
+            raise InputError(f"sweep: tensor {job.name!r} needs a {op.kind} merge; a sweep evaluates linear and "
+                             "slerp merges of one SFT with its base")
+        xs = [self.inputs[(k, job.source_name(k))].view(-1)[:job.merged_numel] for k in op.inputs]
+        compute = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+        xs = [x.to(compute, copy=True) for x in xs]
+        if op.kind == "linear":
+            result = methods.linear(xs, op.params["weights"], normalize=bool(op.params.get("normalize", False)),
+                                    out=xs[0])
+        else:
+            c = methods.slerp_coefficients(*self._stats(job, xs), float(op.params["t"]),
+                                           zero_norm=op.params.get("zero_norm", "linear"))
+            result = methods.linear(xs, [c.a, c.b], out=xs[0])
+        flat[:job.merged_numel].copy_(result.to(job.out_dtype))  # the written values, then the eval dtype
+        if job.merged_numel < job.numel:  # added vocabulary rows: the SFT's, as the executor copies them
+            rows = self.inputs[(job.primary, job.name)].view(-1)[job.merged_numel:]
+            flat[job.merged_numel:].copy_(rows.to(job.out_dtype))
+
+    def _stats(self, job: TensorJob, xs: list[torch.Tensor]) -> tuple[float, float, float]:
+        """SLERP's (dot, |from|^2, |to|^2), summed chunk by chunk exactly as the executor does."""
+        key = job.name + "|" + ",".join(job.op.inputs)
+        if key not in self._slerp_stats:
+            dot = sq_a = sq_b = 0.0
+            for _, start, stop in chunk_ranges(job.merged_numel, CHUNK_ELEMENTS):
+                d, x, y = methods.slerp_partial_sums(xs[0][start:stop], xs[1][start:stop])
+                dot, sq_a, sq_b = dot + d, sq_a + x, sq_b + y
+            self._slerp_stats[key] = (dot, sq_a, sq_b)
+        return self._slerp_stats[key]
+
+    def _check_coverage(self, layout: Plan) -> None:
+        planned = {j.name for j in layout.jobs}
+        missing = [n for n in self.params if n not in planned]
+        if missing:
+            raise InputError(f"sweep: the model built from the SFT's config has parameter(s) the checkpoint lacks: "
+                             f"{', '.join(missing[:3])}; is config.json the checkpoint's own?")
+
+
+def _parameters_by_name(model) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by checkpoint name; a tied lm_head is left to its embedding."""
+    out, seen = {}, set()
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        out[name] = p.data
+    persistent = set(model.state_dict().keys())
+    return {n: p for n, p in out.items() if n in persistent}
+
+
+def eval_dtype_for(dtype: torch.dtype, device: torch.device, requested: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a parameter is evaluated in: ``requested``, else float32 for half precision on the CPU."""
+    if requested is not None:
+        return requested
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def build_model(config: dict, layout: Plan, device: torch.device, eval_dtype: torch.dtype | None = None):
+    """A transformers causal LM from ``config`` (no random init), each parameter in its evaluation dtype."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise InputError("sweep: the SFT's config.json has no model_type; cannot build the model to evaluate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_config = AutoConfig.for_model(model_type, **cfg)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(hf_config)
+    dtypes = {j.name: j.out_dtype for j in layout.jobs}
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()):
+            p.data = torch.empty(p.shape, dtype=eval_dtype_for(dtypes.get(name, p.dtype), device, eval_dtype),
+                                 device=device)
+    return model.to(device).eval()
+
+
+def check_memory(layout: Plan, models: dict, device: torch.device) -> None:
+    """Refuse, with the number, when base + SFT + the model (+ float32 work space) do not fit ``device``."""
+    need = estimate_bytes(layout, models)
+    free = available_bytes(device)
+    if free is not None and need > free:
+        raise InputError(f"sweep: needs about {need / 1e9:.1f} GB of {device.type} memory to hold base, SFT and "
+                         f"the model being evaluated ({free / 1e9:.1f} GB available); use a machine with more "
+                         "memory (or a GPU with --device cuda), or write merges with `merge linear --t ...` and "
+                         "evaluate them one by one")
+
+
+def estimate_bytes(layout: Plan, models: dict) -> int:
+    """Input copies in their read dtype + the parameters (float32 on the CPU) + float32 work space."""
+    total, largest = 0, 0
+    for job in layout.jobs:
+        total += job.numel * max(job.out_dtype.itemsize, 4)
+        largest = max(largest, job.numel)
+        for key in ("sft0", "base"):
+            name = job.source_name(key)
+            if key in models and name in models[key]:
+                total += job.numel * _read_itemsize(models[key], name)
+    return total + 3 * largest * 4
+
+
+def _read_itemsize(model, name: str) -> int:
+    """Bytes per element that ``view`` returns (a LoRA adapter computes changed tensors in float32)."""
+    info = model.info(name)
+    changes = getattr(model, "changes", None)
+    if changes is not None and changes(name):
+        return max(4, info.dtype.itemsize)
+    return info.dtype.itemsize
+
+
+def available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
