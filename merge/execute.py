@@ -306,7 +306,7 @@ class _Linear:
         p = job.op.params
         if p.get("normalize_after"):
             return methods.linear_sum_then_divide(xs, p["weights"], normalize=bool(p.get("normalize")))
-        return methods.linear(xs, p["weights"], normalize=bool(p.get("normalize", False)), out=xs[0])
+        return methods.linear(xs, p["weights"], normalize=bool(p.get("normalize", False)), out=xs[0], scratch=True)
 
 
 class _Slerp:
@@ -321,7 +321,7 @@ class _Slerp:
 
     @staticmethod
     def apply(job, xs, state, start, stop, device):
-        return methods.linear(xs, [state.a, state.b], out=xs[0])
+        return methods.linear(xs, [state.a, state.b], out=xs[0], scratch=True)
 
 
 class _TaskArithmetic:
@@ -330,7 +330,7 @@ class _TaskArithmetic:
     ``sparsify``: {method magnitude|random|breadcrumbs, density and gamma (a number, or one per fine-tune),
     seed, rescale (True: DARE survivors / density; "l1": each delta's L1 norm restored, as mergekit)}.
     A density >= 1 leaves a delta unchanged, <= 0 zeroes it; magnitude keeps ``max(1, int(density*n))``
-    entries (ties at the threshold are all kept). ``combine: mergekit`` combines as mergekit does.
+    entries, exactly (ties at the threshold broken by position). ``combine: mergekit`` combines as mergekit does.
     """
 
     @staticmethod
@@ -347,12 +347,11 @@ class _TaskArithmetic:
             density, gamma = _per_input(sp["density"], i - 1), _per_input(sp.get("gamma", 0.0), i - 1)
             state = {"density": density, "all": density >= 1, "none": density <= 0, "band": None, "scale": None}
             if not (state["all"] or state["none"]) and sp["method"] == "magnitude":
-                state["band"] = (float("inf"), methods.kth_largest(deltas, max(1, int(density * n))))
+                state["band"] = (methods.RankCut(float("inf"), 0), methods.rank_cut(deltas, max(1, int(density * n))))
             elif not (state["all"] or state["none"]) and sp["method"] == "breadcrumbs":
                 keep = int(density * n)
                 top = min(int(gamma * n), n - keep)
-                upper = methods.kth_largest(deltas, top) if top > 0 else float("inf")
-                state["band"] = (upper, methods.kth_largest(deltas, top + keep) if keep > 0 else float("inf"))
+                state["band"] = (methods.rank_cut(deltas, top), methods.rank_cut(deltas, top + keep))
             states.append(state)
         if sp.get("rescale") == "l1":
             _TaskArithmetic._l1_scales(job, loader, sp, states)
@@ -414,7 +413,11 @@ def _keep_mask(job, sp, state, d, i, start, stop, device) -> torch.Tensor:
     """Which entries of fine-tune ``i``'s delta chunk [start, stop) survive sparsification."""
     if sp["method"] == "random":
         return dare_keep(int(sp.get("seed", 0)), job.name, i, start, stop, state["density"], device)
-    return methods.breadcrumbs_mask(d, *state["band"])
+    if start == 0:  # a new pass over the tensor: ties at the cut are counted again from the first element
+        state["ties"] = (0, 0)
+    keep, seen = methods.breadcrumbs_mask(d, *state["band"], ties_before=state["ties"])
+    state["ties"] = (state["ties"][0] + seen[0], state["ties"][1] + seen[1])
+    return keep
 
 
 def _working_dtype(job: TensorJob, models: Mapping[str, TensorSource]) -> torch.dtype | None:

@@ -168,3 +168,11 @@ def test_task_arithmetic_cli_two_sfts(pairs, tmp_path):
     elected = torch.where(w[0] + w[1] >= 0, 1.0, -1.0)
     expected = b[name].reshape(-1) + sum(x * (torch.sign(x) == elected) for x in w)
     torch.testing.assert_close(out[name].reshape(-1), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_output_parents_are_created(pairs, tmp_path):
+    base, sft = pairs("llama")
+    r = run_cli("linear", "--sft", sft, "--base", base, "--t", "0.5", "-o", tmp_path / "a" / "b" / "c", "-q")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "a" / "b" / "c" / "model.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["c"]

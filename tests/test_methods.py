@@ -74,17 +74,32 @@ def test_kth_largest_is_exact_over_chunks(k):
 
 def test_magnitude_mask_keeps_top_density():
     d = torch.randn(1000)
-    thr = methods.kth_largest(lambda: [d], 300)
-    mask = methods.magnitude_mask(d, thr)
+    mask, _ = methods.magnitude_mask(d, methods.rank_cut(lambda: [d], 300))
     assert mask.sum() == 300
     assert d.abs()[mask].min() >= d.abs()[~mask].max()
 
 
+@pytest.mark.parametrize("k", [1, 5, 37, 64, 99, 100])
+def test_magnitude_keeps_exactly_k_with_ties_broken_by_position_across_chunks(k):
+    d = torch.tensor([0.5, -0.25, 0.25, 1.0, -0.5] * 20)  # heavy ties, as bf16 deltas have
+    cut = methods.rank_cut(lambda: [d[:33], d[33:70], d[70:]], k)
+    masks, seen = [], 0
+    for chunk in (d[:33], d[33:70], d[70:]):
+        m, ties = methods.top_k_mask(chunk, cut, seen)
+        masks.append(m)
+        seen += ties
+    mask = torch.cat(masks)
+    order = sorted(range(100), key=lambda i: (-abs(d[i].item()), i))  # by magnitude, then position
+    expected = torch.zeros(100, dtype=torch.bool)
+    expected[order[:k]] = True
+    assert torch.equal(mask, expected)
+
+
 def test_breadcrumbs_drops_top_gamma_and_bottom():
     d = torch.randn(1000)
-    upper = methods.kth_largest(lambda: [d], 10)
-    lower = methods.kth_largest(lambda: [d], 10 + 500)
-    keep = methods.breadcrumbs_mask(d, upper, lower)
+    upper = methods.rank_cut(lambda: [d], 10)
+    lower = methods.rank_cut(lambda: [d], 10 + 500)
+    keep, _ = methods.breadcrumbs_mask(d, upper, lower)
     order = torch.argsort(d.abs(), descending=True)
     expected = torch.zeros(1000, dtype=torch.bool)
     expected[order[10:510]] = True

@@ -145,7 +145,7 @@ def test_memory_estimate_counts_inputs_parameters_and_work_space(pairs):
     plan = make_plan(models, labels, "sft0", operations_for(recipe, 3), None, NO_SHARDING)
     numel = sum(j.numel for j in plan.jobs)
     largest = max(j.numel for j in plan.jobs)
-    assert estimate_bytes(plan, models) == numel * (2 + 2 + 4) + 3 * largest * 4  # bf16 base + SFT, fp32 model
+    assert estimate_bytes(plan, models) == numel * (2 + 2 + 4) + 3 * largest * 8  # bf16 base + SFT, fp32 model
 
 
 def test_cli_bad_probe_file_is_one_line_naming_file_and_line(pairs, tmp_path):
@@ -171,3 +171,23 @@ def test_cli_refuses_an_existing_output_before_evaluating(pairs, tmp_path):
                                        "--domain", str(domain), "-o", str(out)])
     assert result.exit_code == 2 and "--force" in result.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_lora_adapter_sweeps_like_a_full_checkpoint(pairs, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from tests.checkpoints import make_model
+
+    base, _ = pairs("llama", torch.float32)
+    adapter = tmp_path / "adapter"
+    peft_model = get_peft_model(make_model("llama", 0, torch.float32),
+                                LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj"]))
+    peft_model.save_pretrained(adapter)
+    general, domain = _probes(tmp_path)
+    result = merge.sweep(str(adapter), str(base), domain, general, t_values=[0.5], out=tmp_path / "out")
+    api.merge("linear", sft=str(adapter), base=str(base), t=result.chosen.t, out=tmp_path / "direct")
+    assert load_tensors(tmp_path / "out").keys() == load_tensors(tmp_path / "direct").keys()
+    models = _open(adapter, base)[1]
+    tokenizer = load_tokenizer(models["sft0"], models["base"])
+    docs = encode(load_probes(general).documents, tokenizer, 20_000)
+    assert score(_loaded(tmp_path / "direct"), docs) == result.chosen.general

@@ -62,9 +62,10 @@ def windows(docs: Sequence[Encoded], window: int) -> list[tuple[list[int], list[
 
 
 @torch.no_grad()
-def score(model, docs: Sequence[Encoded], device: torch.device | str = "cpu", batch_tokens: int = 8192,
+def score(model, docs: Sequence[Encoded], device: torch.device | str = "cpu", batch_tokens: int = 2048,
           window: int | None = None) -> ProbeScore:
-    """Sum the NLL of every scored token of ``docs`` under ``model`` (in eval mode), in float64."""
+    """Sum the NLL of every scored token of ``docs`` under ``model`` (in eval mode), in float64. Batches hold
+    about ``batch_tokens`` tokens, which bounds the logits (batch_tokens x vocab floats)."""
     window = window or context_length(model.config)
     pieces = sorted(windows(docs, window), key=lambda p: -len(p[0]))
     total = 0.0

@@ -60,6 +60,7 @@ def output_lock(out: Path):
     The lock file is removed on exit while still locked; a run that opened the old file re-checks the inode.
     """
     path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)  # like mergekit and transformers, OUT's parents are created
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -8,10 +8,11 @@ import torch
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = False,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, scratch: bool = False) -> torch.Tensor:
     """``W = sum_i w_i * W_i``, divided by ``sum_i w_i`` when ``normalize``.
 
     ``out`` may be ``tensors[0]`` (it is scaled in place before the others are added), but no other input.
+    ``scratch=True`` lets the other inputs be scaled in place too, so nothing is allocated.
     """
     if len(tensors) != len(weights) or not tensors:
         raise ValueError("linear: need one weight per tensor")
@@ -26,7 +27,8 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
             raise ValueError("linear: out may alias only the first tensor")
         torch.mul(tensors[0], ws[0], out=out)
     for t, w in zip(tensors[1:], ws[1:]):
-        out.add_(t * w)  # product rounded before the sum (no fused multiply-add), as a direct computation does
+        # the product is rounded before the sum (no fused multiply-add), as a direct computation does
+        out.add_(t.mul_(w) if scratch else t * w)
     return out
 
 

@@ -6,6 +6,7 @@ without holding the whole tensor: ``kth_largest`` takes a callable that yields t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -18,16 +19,26 @@ def _abs_bits(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().to(torch.float32).view(torch.int32)
 
 
-def kth_largest(chunks: ChunkSource, k: int) -> float:
-    """The k-th largest ``|x|`` (1-based) over all chunks, exactly, in two histogram passes of 2**16 bins."""
+@dataclass(frozen=True)
+class RankCut:
+    """The top-k entries by ``|x|``, exactly k of them: every entry above ``threshold`` plus the first
+    ``ties_kept`` entries (in flat order) equal to it. Ranking is by magnitude, then by position."""
+
+    threshold: float
+    ties_kept: int
+
+
+def rank_cut(chunks: ChunkSource, k: int) -> RankCut:
+    """Where the k-th largest ``|x|`` (1-based) over all chunks lies, exactly, in two histogram passes of
+    2**16 bins over the float32 bit patterns; memory is one chunk plus the histograms."""
     if k < 1:
-        return float("inf")
+        return RankCut(float("inf"), 0)
     high = None
     for c in chunks():
         h = torch.bincount((_abs_bits(c) >> 16).reshape(-1).cpu(), minlength=1 << 16)
         high = h if high is None else high + h
     if high is None or k > int(high.sum()):
-        return 0.0
+        return RankCut(-1.0, 0)  # more asked than there are: everything is kept
     from_top = torch.flip(high, [0]).cumsum(0)
     pos = int(torch.searchsorted(from_top, torch.tensor(k)))
     bucket = (1 << 16) - 1 - pos
@@ -41,24 +52,40 @@ def kth_largest(chunks: ChunkSource, k: int) -> float:
     low_from_top = torch.flip(low, [0]).cumsum(0)
     lpos = int(torch.searchsorted(low_from_top, torch.tensor(k - above)))
     bits = (bucket << 16) | ((1 << 16) - 1 - lpos)
-    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+    greater = above + (int(low_from_top[lpos - 1]) if lpos > 0 else 0)
+    return RankCut(float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)), k - greater)
 
 
-def magnitude_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:
-    """TIES trimming: keep entries with ``|delta| >= threshold``, where threshold is the k-th largest
-    magnitude for ``k = int(density * numel)`` (see :func:`kth_largest`)."""
-    return delta.abs() >= threshold
+def kth_largest(chunks: ChunkSource, k: int) -> float:
+    """The k-th largest ``|x|`` (1-based) over all chunks (``inf`` for k < 1)."""
+    return rank_cut(chunks, k).threshold
 
 
-def breadcrumbs_mask(delta: torch.Tensor, upper: float, lower: float) -> torch.Tensor:
-    """Model Breadcrumbs: drop the largest ``gamma`` fraction (``|delta| >= upper``) and everything below
-    the kept band (``|delta| < lower``); ``upper``/``lower`` are k-th largest magnitudes for
-    ``k = int(gamma * n)`` and ``k = int((gamma + density) * n)``."""
-    a = delta.abs()
-    keep = a >= lower
-    if upper != float("inf"):
-        keep &= a < upper
-    return keep
+def top_k_mask(x: torch.Tensor, cut: RankCut, ties_before: int = 0) -> tuple[torch.Tensor, int]:
+    """Which entries of this chunk are among the top k of the whole tensor (see :class:`RankCut`);
+    ``ties_before`` counts threshold-equal entries in earlier chunks. Returns (mask, ties in this chunk)."""
+    a = x.abs().to(torch.float32)
+    keep = a > cut.threshold
+    tie = a == cut.threshold
+    n_ties = int(tie.sum())
+    if n_ties and cut.ties_kept > ties_before:
+        rank = torch.cumsum(tie.reshape(-1), 0).reshape(tie.shape) + ties_before
+        keep |= tie & (rank <= cut.ties_kept)
+    return keep, n_ties
+
+
+def magnitude_mask(delta: torch.Tensor, cut: RankCut, ties_before: int = 0) -> tuple[torch.Tensor, int]:
+    """TIES trimming: keep the ``k = max(1, int(density * n))`` largest-magnitude entries of a delta."""
+    return top_k_mask(delta, cut, ties_before)
+
+
+def breadcrumbs_mask(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tuple[int, int] = (0, 0)
+                     ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Model Breadcrumbs: keep the magnitude ranks in ``[top, top + keep)``: the top ``top = gamma * n``
+    entries are dropped (``upper``), and so is everything below rank ``top + keep`` (``lower``)."""
+    in_lower, t_low = top_k_mask(delta, lower, ties_before[1])
+    in_upper, t_up = top_k_mask(delta, upper, ties_before[0])
+    return in_lower & ~in_upper, (t_up, t_low)
 
 
 def dare_mask(numel: int, density: float, generator: torch.Generator, device: torch.device | str = "cpu"

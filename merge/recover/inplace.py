@@ -51,6 +51,7 @@ class InPlaceModel:
                     self.inputs[(key, name)] = models[key].view(name).to(device, copy=True)
                     models[key].release(name)
         self._slerp_stats: dict[str, tuple[float, float, float]] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
         self.current = None
 
     def plan(self, recipe) -> Plan:
@@ -69,36 +70,59 @@ class InPlaceModel:
         self.current = recipe
 
     def _set(self, job: TensorJob, param: torch.Tensor) -> None:
+        """Chunk by chunk through reused buffers (no fresh allocations per candidate); the math is elementwise,
+        so chunking changes no bit."""
         flat = param.view(-1)
         op = job.op
         if op.kind == "copy":
-            flat.copy_(self.inputs[(op.inputs[0], job.source_name(op.inputs[0]))].view(-1).to(job.out_dtype))
+            self._store(flat, self.inputs[(op.inputs[0], job.source_name(op.inputs[0]))].view(-1), job.out_dtype)
             return
         if op.kind not in ("linear", "slerp") or op.params.get("working_dtype") or op.params.get("normalize_after"):
             raise InputError(f"sweep: tensor {job.name!r} needs a {op.kind} merge; a sweep evaluates linear and "
                              "slerp merges of one SFT with its base")
-        xs = [self.inputs[(k, job.source_name(k))].view(-1)[:job.merged_numel] for k in op.inputs]
-        compute = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-        xs = [x.to(compute, copy=True) for x in xs]
+        sources = [self.inputs[(k, job.source_name(k))].view(-1)[:job.merged_numel] for k in op.inputs]
+        compute = torch.float64 if any(x.dtype == torch.float64 for x in sources) else torch.float32
         if op.kind == "linear":
-            result = methods.linear(xs, op.params["weights"], normalize=bool(op.params.get("normalize", False)),
-                                    out=xs[0])
+            weights = list(op.params["weights"])
+            normalize = bool(op.params.get("normalize", False))
         else:
-            c = methods.slerp_coefficients(*self._stats(job, xs), float(op.params["t"]),
+            c = methods.slerp_coefficients(*self._stats(job, sources, compute), float(op.params["t"]),
                                            zero_norm=op.params.get("zero_norm", "linear"))
-            result = methods.linear(xs, [c.a, c.b], out=xs[0])
-        flat[:job.merged_numel].copy_(result.to(job.out_dtype))  # the written values, then the eval dtype
+            weights, normalize = [c.a, c.b], False
+        for _, start, stop in chunk_ranges(job.merged_numel, CHUNK_ELEMENTS):
+            xs = self._load(sources, start, stop, compute)
+            result = methods.linear(xs, weights, normalize=normalize, out=xs[0])
+            self._store(flat[start:stop], result, job.out_dtype)  # the written values, then the eval dtype
         if job.merged_numel < job.numel:  # added vocabulary rows: the SFT's, as the executor copies them
             rows = self.inputs[(job.primary, job.name)].view(-1)[job.merged_numel:]
-            flat[job.merged_numel:].copy_(rows.to(job.out_dtype))
+            self._store(flat[job.merged_numel:], rows, job.out_dtype)
 
-    def _stats(self, job: TensorJob, xs: list[torch.Tensor]) -> tuple[float, float, float]:
-        """SLERP's (dot, |from|^2, |to|^2), summed chunk by chunk exactly as the executor does."""
+    def _buffer(self, slot: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (slot, dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[key] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n]
+
+    def _load(self, sources: list[torch.Tensor], start: int, stop: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        return [self._buffer(f"in{i}", stop - start, dtype).copy_(x[start:stop]) for i, x in enumerate(sources)]
+
+    def _store(self, target: torch.Tensor, values: torch.Tensor, out_dtype: torch.dtype) -> None:
+        """``target = values`` rounded to ``out_dtype`` (what a merge writes), held in ``target``'s dtype."""
+        if target.dtype == out_dtype or values.dtype == out_dtype:
+            target.copy_(values)
+            return
+        for _, start, stop in chunk_ranges(values.numel(), CHUNK_ELEMENTS):
+            target[start:stop].copy_(self._buffer("out", stop - start, out_dtype).copy_(values[start:stop]))
+
+    def _stats(self, job: TensorJob, sources: list[torch.Tensor], dtype: torch.dtype) -> tuple[float, float, float]:
+        """SLERP's (dot, |from|^2, |to|^2) of the compute-dtype inputs, summed over the executor's chunks."""
         key = job.name + "|" + ",".join(job.op.inputs)
         if key not in self._slerp_stats:
             dot = sq_a = sq_b = 0.0
             for _, start, stop in chunk_ranges(job.merged_numel, CHUNK_ELEMENTS):
-                d, x, y = methods.slerp_partial_sums(xs[0][start:stop], xs[1][start:stop])
+                a, b = self._load(sources, start, stop, dtype)
+                d, x, y = methods.slerp_partial_sums(a, b)
                 dot, sq_a, sq_b = dot + d, sq_a + x, sq_b + y
             self._slerp_stats[key] = (dot, sq_a, sq_b)
         return self._slerp_stats[key]
@@ -148,6 +172,7 @@ def build_model(config: dict, layout: Plan, device: torch.device, eval_dtype: to
         hf_config = AutoConfig.for_model(model_type, **cfg)
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(hf_config)
+        model.tie_weights()  # as from_pretrained does: a tied lm_head is the embedding's own Parameter
     dtypes = {j.name: j.out_dtype for j in layout.jobs}
     with torch.no_grad():
         for name, p in list(model.named_parameters()):
@@ -168,7 +193,7 @@ def check_memory(layout: Plan, models: dict, device: torch.device) -> None:
 
 
 def estimate_bytes(layout: Plan, models: dict) -> int:
-    """Input copies in their read dtype + the parameters (float32 on the CPU) + float32 work space."""
+    """Input copies in their read dtype + the parameters (float32 on the CPU) + the chunk buffers."""
     total, largest = 0, 0
     for job in layout.jobs:
         total += job.numel * max(job.out_dtype.itemsize, 4)
@@ -177,7 +202,7 @@ def estimate_bytes(layout: Plan, models: dict) -> int:
             name = job.source_name(key)
             if key in models and name in models[key]:
                 total += job.numel * _read_itemsize(models[key], name)
-    return total + 3 * largest * 4
+    return total + 3 * min(largest, CHUNK_ELEMENTS) * 8  # chunk buffers (float64 at most)
 
 
 def _read_itemsize(model, name: str) -> int:
