@@ -118,6 +118,14 @@ def _merge(quiet: bool, **kwargs) -> None:
     _report(summary, quiet)
 
 
+def interpolation_options(fn):
+    """--sft, --base and --t, then the shared merge options (linear and slerp)."""
+    fn = merge_options(fn)
+    fn = click.option("--t", "t", type=float, required=True, help="Share of the base, 0..1.")(fn)
+    fn = click.option("--base", required=True, help=BASE_REF_HELP)(fn)
+    return click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))(fn)
+
+
 @click.group(help=f"mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n{T_CONVENTION}")
 @click.version_option(__version__, prog_name="mergeback")
 def main() -> None:
@@ -125,10 +133,7 @@ def main() -> None:
 
 
 @main.command(help=f"Linear interpolation: W = (1-t)*W_sft + t*W_base.\n\n{T_CONVENTION}")
-@click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))
-@click.option("--base", required=True, help=BASE_REF_HELP)
-@click.option("--t", "t", type=float, required=True, help="Share of the base, 0..1.")
-@merge_options
+@interpolation_options
 @user_errors
 def linear(sft, base, t, quiet, **kwargs):
     _merge(quiet, method="linear", sft=sft, base=base, t=t, **kwargs)
@@ -138,10 +143,7 @@ def linear(sft, base, t, quiet, **kwargs):
                    "flattened tensors: W = sin((1-t)θ)/sin θ * W_sft + sin(tθ)/sin θ * W_base, θ the angle "
                    "between them; linear when |cos θ| > 0.9995 (typical for small SFT deltas).\n\n"
                    f"{T_CONVENTION}")
-@click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))
-@click.option("--base", required=True, help=BASE_REF_HELP)
-@click.option("--t", "t", type=float, required=True, help="Share of the base, 0..1.")
-@merge_options
+@interpolation_options
 @user_errors
 def slerp(sft, base, t, quiet, **kwargs):
     _merge(quiet, method="slerp", sft=sft, base=base, t=t, **kwargs)

@@ -6,6 +6,7 @@ Everything is decided from headers and configs before a single tensor byte is re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol
 
@@ -59,10 +60,7 @@ class TensorJob:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def source_name(self, key: str) -> str:
         return self.aliases.get(key, self.name)

@@ -7,6 +7,7 @@ of any element range of a tensor without ever materialising the whole file.
 
 from __future__ import annotations
 
+import math
 import json
 import mmap
 import os
@@ -53,10 +54,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
