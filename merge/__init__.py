@@ -16,34 +16,16 @@ __all__ = ["MergeError", "MergeSummary", "Recipe", "__version__", "fold", "inspe
            "run", "sweep", "verify"]
 
 
+# Public names served lazily from their modules, so `import merge` and `merge --help` do not import torch.
+_LAZY = {
+    "merge": ".api", "run": ".api", "fold": ".api", "verify": ".integrity", "push": ".hub",
+    "list_aliases": ".io.aliases", "sweep": ".recover", "inspect": ".diagnostics", "MergeSummary": ".summary",
+}
+
+
 def __getattr__(name):
-    # torch is imported only when a merge is asked for, so `merge --help` stays fast.
-    if name in ("merge", "run", "fold"):
-        from . import api
+    if name not in _LAZY:
+        raise AttributeError(f"module 'merge' has no attribute {name!r}")
+    import importlib
 
-        return getattr(api, name)
-    if name == "verify":
-        from .integrity import verify
-
-        return verify
-    if name == "push":
-        from .hub import push
-
-        return push
-    if name == "list_aliases":
-        from .io.aliases import list_aliases
-
-        return list_aliases
-    if name == "sweep":
-        from .recover import sweep
-
-        return sweep
-    if name == "inspect":
-        from .diagnostics import inspect
-
-        return inspect
-    if name == "MergeSummary":
-        from .summary import MergeSummary
-
-        return MergeSummary
-    raise AttributeError(f"module 'merge' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
