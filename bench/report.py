@@ -30,9 +30,10 @@ def summarize(runs: list[dict]) -> list[dict]:
 def _add_ratios(rows: list[dict]) -> None:
     index = {(r["size"], r["method"], r["tool"]): r for r in rows}
     for row in rows:
-        floor = index.get((row["size"], FLOOR_METHOD, "floor"), {})
-        if row["tool"] != "floor" and "median_s" in row and floor.get("median_s"):
-            row["time_vs_floor"] = round(row["median_s"] / floor["median_s"], 2)
+        for tool, key in (("floor", "time_vs_floor"), ("floor_direct", "time_vs_floor_direct")):
+            floor = index.get((row["size"], FLOOR_METHOD, tool), {})
+            if not row["tool"].startswith("floor") and "median_s" in row and floor.get("median_s"):
+                row[key] = round(row["median_s"] / floor["median_s"], 2)
         if row["tool"] != "ours":
             continue
         theirs = index.get((row["size"], row["method"], "mergekit"), {})
@@ -63,16 +64,17 @@ def markdown(result: dict) -> str:
         "Wall time includes process start-up; inputs are in the page cache before every run.",
         "",
         "| size | method | tool | ok/runs | median s | min s | max s | peak RSS MB "
-        "| x floor | ours/mergekit time | ours/mergekit RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| x floor | x direct floor | ours/mergekit time | ours/mergekit RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {"ours": 0, "mergekit": 1, "floor": 2}
+    order = {"ours": 0, "mergekit": 1, "floor": 2, "floor_direct": 3}
     for r in sorted(result["summary"], key=lambda r: (r["size"], r["method"], order.get(r["tool"], 9))):
         lines.append(
             f"| {r['size']} | {r['method']} | {r['tool']} | {r['ok']}/{r['runs']} "
             f"| {_cell(r.get('median_s'), '{:.2f}')} | {_cell(r.get('min_s'), '{:.2f}')} "
             f"| {_cell(r.get('max_s'), '{:.2f}')} | {_cell(r.get('peak_rss_mb'), '{:.0f}')} "
-            f"| {_cell(r.get('time_vs_floor'))} | {_cell(r.get('time_ours_over_mergekit'))} "
+            f"| {_cell(r.get('time_vs_floor'))} | {_cell(r.get('time_vs_floor_direct'))} "
+            f"| {_cell(r.get('time_ours_over_mergekit'))} "
             f"| {_cell(r.get('rss_ours_over_mergekit'))} |"
         )
     if result["checks"]:

@@ -26,7 +26,7 @@ import measure
 import report
 import tools
 
-FLOOR = ("any", "floor")
+FLOORS = ("floor", "floor_direct")
 TIES_NOTE = ("ties: bf16 deltas have many entries tied at the magnitude cut, and any choice among "
              "them is a valid top-k, so 'ours vs mergekit' may differ there; the reference checks "
              "accept either choice for tied entries only")
@@ -67,7 +67,7 @@ def _choices(text: str, allowed, what: str) -> list[str]:
 
 def jobs_for(methods, tools_wanted) -> list[tuple[str, str]]:
     jobs = [(m, t) for m in methods for t in ("ours", "mergekit") if t in tools_wanted]
-    return jobs + ([FLOOR] if "floor" in tools_wanted else [])
+    return jobs + [("any", f) for f in FLOORS if f in tools_wanted]
 
 
 def model_bytes(size: str) -> int:
@@ -110,11 +110,11 @@ class Bench:
             self.prefix["mergekit"], why = tools.find_mergekit()
             if why:
                 self.note(f"skipping mergekit: {why}")
-        self.prefix["floor"] = []
+        self.prefix["floor"] = self.prefix["floor_direct"] = []
 
     def command(self, size: str, method: str, tool: str, base: Path, sft: Path, out: Path):
-        if tool == "floor":
-            return tools.floor_args(base, sft, out)
+        if tool in FLOORS:
+            return tools.floor_args(base, sft, out, direct=tool == "floor_direct")
         if self.prefix.get(tool) is None:
             return None
         if tool == "ours":
@@ -170,7 +170,7 @@ class Bench:
                 self.runs.append(result)
                 print(f"[{size}] rep {rep} {method:6s} {tool:8s} rc={result['rc']} "
                       f"{result['wall_s']:8.2f} s {result['max_rss_mb']} MB", flush=True)
-                if rep == last and tool != "floor":
+                if rep == last and tool not in FLOORS:
                     self.check_if_ready(size, method, base, sft, out_root / method)
                 elif not self.args.keep_outputs:
                     shutil.rmtree(out, ignore_errors=True)

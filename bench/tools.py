@@ -24,7 +24,7 @@ import yaml
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 METHODS = ("linear", "slerp", "ta", "ties")
-TOOLS = ("ours", "mergekit", "floor")
+TOOLS = ("ours", "mergekit", "floor", "floor_direct")
 # The pairs ship no tokenizer, so mergekit's default tokenizer copy would only log a
 # traceback; everything else stays at mergekit's defaults (5B-parameter output shards,
 # no lazy unpickle, torch's default thread count) because that is what users run.
@@ -137,5 +137,6 @@ def write_mergekit_config(path: Path, config: dict) -> Path:
     return path
 
 
-def floor_args(base: Path, sft: Path, out: Path) -> list[str]:
-    return [sys.executable, str(BENCH_DIR / "floor.py"), str(base), str(sft), str(out)]
+def floor_args(base: Path, sft: Path, out: Path, direct: bool = False) -> list[str]:
+    return [sys.executable, str(BENCH_DIR / "floor.py")] + (["--direct"] if direct else []) + [
+        str(base), str(sft), str(out)]

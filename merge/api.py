@@ -15,7 +15,7 @@ import torch
 
 from .card import render_card
 from .errors import InputError, MergeError
-from .execute import CHUNK_ELEMENTS, ExecutionStats, Executor, resolve_device
+from .execute import CHUNK_ELEMENTS, DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, ExecutionStats, Executor, resolve_device
 from .io import output
 from .io.checkpoint import Checkpoint
 from .io.lora import LoraAdapter, adapter_notes, is_adapter
@@ -37,6 +37,7 @@ def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: s
           max_shard_size: str = "5GB", threads: int | None = None, force: bool = False,
           dry_run: bool = False, progress: bool = False, command: str | None = None,
           chunk_elements: int | None = None, resume: bool = False, check_finite: bool = False,
+          memory: str | int | None = None, gpu_memory: str | int | None = None,
           verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
           revision: str | None = None, commit_message: str | None = None, token: str | None = None) -> MergeSummary:
     """Merge an SFT checkpoint back with its base and write a Hugging Face model folder to ``out``.
@@ -66,6 +67,7 @@ def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: s
     recipe = build_recipe(fields)
     return run(recipe, out=out, force=force, threads=threads, dry_run=dry_run, progress=progress, command=command,
                chunk_elements=chunk_elements, resume=resume, check_finite=check_finite, verbose=verbose,
+               memory=memory, gpu_memory=gpu_memory,
                push_to_hub=push_to_hub, private=private, revision=revision, commit_message=commit_message,
                token=token)
 
@@ -96,12 +98,16 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         dry_run: bool = False, progress: bool = False, command: str | None = None,
         chunk_elements: int | None = None, resume: bool = False, check_finite: bool = False,
         verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
+        memory: str | int | None = None, gpu_memory: str | int | None = None,
         revision: str | None = None, commit_message: str | None = None, token: str | None = None,
         card_sections: Sequence[str] = ()) -> MergeSummary:
     """Run a recipe: resolve its models, plan, execute in bounded memory, and write ``out`` atomically.
 
+    ``memory`` (default 512MB) bounds the workers' buffers and pass caches in host memory, ``gpu_memory``
+    (default 4GB) their buffers on a CUDA device (sizes like ``"2GB"``); fewer workers and smaller chunks are
+    used when a budget is tight, and the process itself (Python, torch) comes on top.
     ``chunk_elements`` (advanced) is how many elements of a tensor are processed at once; results do not
-    depend on it or on ``threads``. An interrupted run (Ctrl-C, full disk, kill) keeps its finished shards in
+    depend on ``threads`` or the budgets, nor on chunks that are multiples of 2**17. An interrupted run (Ctrl-C, full disk, kill) keeps its finished shards in
     ``output.staging_dir(out)``; ``resume=True`` continues it, byte-identical to an uninterrupted run.
     ``check_finite`` fails on NaN/Inf in any output tensor; ``verbose`` prints one line per finished tensor
     to stderr.
@@ -156,12 +162,13 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
 
             summary.parameter_table = parameter_table(plan, op_for, n_layers)
             summary.peak_bytes = estimate_peak_bytes(plan, threads or default_threads(),
-                                                     chunk_elements or CHUNK_ELEMENTS)
+                                                     chunk_elements or CHUNK_ELEMENTS, _size(memory, DEFAULT_MEMORY))
             return summary
         with output.output_lock(out_path):
             output.check_output(out_path, force)  # again: a run that held the lock may have finished it
             execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, threads, progress,
-                               command, chunk_elements, resume, check_finite, verbose, card_sections)
+                               command, chunk_elements, resume, check_finite, verbose, card_sections,
+                               memory=memory, gpu_memory=gpu_memory)
     if push_to_hub is not None:
         from .hub import push
 
@@ -198,7 +205,8 @@ def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False) -> tup
 
 def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, resolved: dict, models: dict,
                        plan: Plan, started: float, threads, progress, command, chunk_elements, resume: bool,
-                       check_finite: bool, verbose: bool, card_sections: Sequence[str] = ()) -> None:
+                       check_finite: bool, verbose: bool, card_sections: Sequence[str] = (),
+                       memory: str | int | None = None, gpu_memory: str | int | None = None) -> None:
     """Stage (journaled, resumable), execute, finish, verify and atomically commit one planned merge.
 
     The staging folder survives interrupts, full disks and crashes for ``resume``; it is removed when a
@@ -218,7 +226,8 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
     try:
         journal, message = Journal.start(stage, plan.shards, identity, resume)
         stats = execute(plan, models, stage, recipe.device, threads, progress, chunk_elements,
-                        journal=journal, check_finite=check_finite, verbose=verbose)
+                        journal=journal, check_finite=check_finite, verbose=verbose, memory=memory,
+                        gpu_memory=gpu_memory)
         summary.spherical, summary.linear_fallback = stats.spherical, stats.linear_fallback
         summary.max_angle = stats.max_angle
         summary.seconds = time.perf_counter() - started
@@ -263,13 +272,15 @@ def open_model(resolved: ResolvedModel, label: str, all_resolved: dict):
 
 
 def execute(plan: Plan, models: dict, stage: Path, device: str, threads: int | None, progress: bool,
-            chunk_elements: int | None = None, journal=None, check_finite: bool = False, verbose: bool = False):
+            chunk_elements: int | None = None, journal=None, check_finite: bool = False, verbose: bool = False,
+            memory: str | int | None = None, gpu_memory: str | int | None = None):
     """Write every planned tensor into the shard files under ``stage`` (those ``journal`` has not already
     recorded as complete), recording each shard in the journal as it completes."""
     skip_files = journal.skip_files if journal else set()
     writer = ShardWriter(stage, plan.shards, skip=skip_files)
     executor = Executor(resolve_device(device), threads or default_threads(), chunk_elements or CHUNK_ELEMENTS,
-                        check_finite=check_finite)
+                        check_finite=check_finite, memory=_size(memory, DEFAULT_MEMORY),
+                        gpu_memory=_size(gpu_memory, DEFAULT_GPU_MEMORY))
     stats = ExecutionStats()
     if journal:
         journal.attach(writer, stats)
@@ -311,10 +322,17 @@ def _tensor_hook(journal, verbose: bool, total: int):
     return done
 
 
+def _size(value: str | int | None, default: int) -> int:
+    """A memory budget: bytes, or transformers-style text ("512MB", "2GiB")."""
+    return default if value is None else parse_size(value)
+
+
 def default_threads() -> int:
+    """One worker per usable core plus one (a worker waiting on a direct write leaves its core idle), at most 8."""
     import os
 
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores + 1))
 
 
 def finish_folder(stage: Path, summary: MergeSummary, recipe: Recipe, models: dict, plan: Plan,

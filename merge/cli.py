@@ -80,7 +80,12 @@ def merge_options(fn):
         click.option("--max-shard-size", default="5GB", show_default=True,
                      help="Largest output shard, transformers' syntax (5GB, 500MB, 2GiB)."),
         click.option("--force", is_flag=True, help="Replace an existing output folder."),
-        click.option("--threads", type=click.IntRange(1, 64), help="Worker threads (default: cores, at most 4)."),
+        click.option("--threads", type=click.IntRange(1, 64), help="Worker threads (default: cores + 1, at most 8)."),
+        click.option("--memory", metavar="SIZE",
+                     help="Host memory for the workers' buffers and caches (default 512MB; Python and torch "
+                          "come on top). Fewer workers and smaller chunks are used to stay within it."),
+        click.option("--gpu-memory", metavar="SIZE", help="With --device cuda: GPU memory for the workers "
+                                                          "(default 4GB; never the whole model)."),
         click.option("--dry-run", is_flag=True, help="Validate and plan without writing anything."),
         click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
         click.option("--resume", is_flag=True,

@@ -10,6 +10,7 @@ so reading, computing and writing of different tensors overlap across workers.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
@@ -20,11 +21,14 @@ import torch
 
 from . import methods
 from .errors import MergeError
-from .io.writer import ShardWriter
+from .io.writer import ALIGN, ShardWriter
 from .plan import Plan, TensorJob, TensorSource
 
-CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per input buffer
+CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per input buffer: big enough for cheap calls, small enough for caches
 RNG_BLOCK = 1 << 16  # random masks are drawn per fixed block, so they do not depend on the chunk size
+MIN_CHUNK = 1 << 16
+DEFAULT_MEMORY = 512 * 2**20  # host memory for the workers' buffers and pass caches (``--memory``)
+DEFAULT_GPU_MEMORY = 4 * 2**30  # device memory for the workers' buffers (``--gpu-memory``)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -103,11 +107,13 @@ class Executor:
     """Runs plans on one device with ``threads`` workers."""
 
     def __init__(self, device: torch.device, threads: int = 2, chunk_elements: int = CHUNK_ELEMENTS,
-                 check_finite: bool = False):
+                 check_finite: bool = False, memory: int = DEFAULT_MEMORY, gpu_memory: int = DEFAULT_GPU_MEMORY):
         self.device = device
         self.check_finite = check_finite  # fail on the first NaN/Inf written (one extra pass over each chunk)
         self.threads = max(1, threads)
         self.chunk = max(1, chunk_elements)
+        self.memory, self.gpu_memory = memory, gpu_memory
+        self.cache_bytes = 0  # per worker: a whole tensor's inputs kept between passes when they fit
         self._buffers = _Buffers()
 
     # -- public --------------------------------------------------------------------------------------------
@@ -117,6 +123,8 @@ class Executor:
         """Write every job not in ``skip``; ``on_done(job)`` runs once a tensor is fully written; ``stats``
         (default: a new one) is filled in place, so a resumed run can start from recorded results."""
         stats = stats if stats is not None else ExecutionStats()
+        fit = fit_memory(plan, self.threads, self.chunk, self.memory, self.device.type == "cuda", self.gpu_memory)
+        self.threads, self.chunk, self.cache_bytes = fit.threads, fit.chunk, fit.cache_bytes
         lock = threading.Lock()
 
         def one(job: TensorJob) -> None:
@@ -190,20 +198,40 @@ class Executor:
 
     def _copy(self, job: TensorJob, model: TensorSource, name: str, start: int, stop: int,
               writer: ShardWriter) -> None:
+        same = model.info(name).dtype == job.out_dtype and hasattr(model, "read_into")
         for _, s, e in chunk_ranges(stop - start, self.chunk):
-            view = model.view(name, start + s, start + e)
+            out = self._out_buffer(writer, job, start + s, e - s)
+            data = model.read_into(name, start + s, out) if same else self._raw(model, name, start + s, start + e, "copy")
             if self.check_finite:
-                _require_finite(job, start + s, view)
-            if view.dtype == job.out_dtype:
-                writer.write(job.name, start + s, view)
-            else:
-                out = self._buffers.get("out", e - s, job.out_dtype, torch.device("cpu"))
-                out.copy_(view)
-                writer.write(job.name, start + s, out)
+                _require_finite(job, start + s, data)
+            if data.data_ptr() != out.data_ptr():
+                data = out.copy_(data)
+            writer.write(job.name, start + s, data)
+
+    def _out_buffer(self, writer: ShardWriter, job: TensorJob, start: int, n: int,
+                    pinned: bool = False) -> torch.Tensor:
+        """This thread's output buffer for ``n`` elements of ``job`` from ``start``, placed in memory like the
+        bytes will be on disk (see ``ShardWriter.skew``), so that the writer can use direct I/O."""
+        size = job.out_dtype.itemsize
+        raw = self._buffers.get("out", n * size + 2 * ALIGN, torch.uint8, torch.device("cpu"), pinned=pinned)
+        first = (-raw.data_ptr()) % ALIGN + writer.skew(job.name, start)
+        if first % size:  # an odd-sized tensor before this one: no placement keeps the dtype aligned
+            first = 0
+        return raw[first:first + n * size].view(job.out_dtype)
+
+    def _raw(self, model: TensorSource, name: str, start: int, stop: int, slot: str,
+             pinned: bool = False) -> torch.Tensor:
+        """Elements [start, stop) of ``name`` as the source stores them, on the CPU: read into this thread's
+        ``slot`` buffer when the source reads files, else the source's own (view or computed) tensor."""
+        reader = getattr(model, "read_into", None)
+        if reader is None:
+            return model.view(name, start, stop)
+        buf = self._buffers.get(slot, stop - start, model.info(name).dtype, torch.device("cpu"), pinned=pinned)
+        return reader(name, start, buf)
 
     def _write(self, job: TensorJob, start: int, result: torch.Tensor, writer: ShardWriter) -> None:
         cuda = self.device.type == "cuda"
-        out = self._buffers.get("out", result.numel(), job.out_dtype, torch.device("cpu"), pinned=cuda)
+        out = self._out_buffer(writer, job, start, result.numel(), pinned=cuda)
         if cuda:
             out.copy_(result.to(job.out_dtype), non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
@@ -213,16 +241,26 @@ class Executor:
             _require_finite(job, start, out)  # after the cast: overflow to the output dtype counts too
         writer.write(job.name, start, out)
 
-    def load_into(self, slot: str, view: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Copy a CPU view into this thread's ``slot`` buffer on the device, converting to ``dtype``."""
-        n = view.numel()
-        buf = self._buffers.get(slot, n, dtype, self.device)
-        if self.device.type == "cuda":
-            staging = self._buffers.get(slot + "/pinned", n, view.dtype, torch.device("cpu"), pinned=True)
-            staging.copy_(view)
-            buf.copy_(staging, non_blocking=True)
-        else:
-            buf.copy_(view)
+    def load_into(self, slot: str, model: TensorSource, name: str, start: int, stop: int, dtype: torch.dtype,
+                  round_to: torch.dtype | None = None) -> torch.Tensor:
+        """Elements [start, stop) of ``name`` in this thread's ``slot`` buffer on the device, as ``dtype``
+        (rounded to ``round_to`` first when given)."""
+        n = stop - start
+        cuda = self.device.type == "cuda"
+        stored = model.info(name).dtype
+        direct = not cuda and stored == dtype and round_to in (None, dtype) and hasattr(model, "read_into")
+        if direct:  # read straight into the compute buffer
+            return model.read_into(name, start, self._buffers.get(slot, n, dtype, self.device))
+        return self.to_compute(slot, self._raw(model, name, start, stop, slot + "/raw", pinned=cuda), dtype, round_to)
+
+    def to_compute(self, slot: str, raw: torch.Tensor, dtype: torch.dtype, round_to: torch.dtype | None = None
+                   ) -> torch.Tensor:
+        """``raw`` (CPU) converted into this thread's ``slot`` buffer on the device."""
+        if round_to is not None and raw.dtype != round_to:
+            raw = raw.to(round_to)
+        buf = self._buffers.get(slot, raw.numel(), dtype, self.device)
+        # asynchronous from pinned memory: each chunk's result is synchronised before the next chunk is read
+        buf.copy_(raw, non_blocking=self.device.type == "cuda" and raw.is_pinned())
         return buf
 
     @contextmanager
@@ -260,8 +298,12 @@ def _single_threaded_torch():
 
 
 class _Loader:
-    """Reads one tensor's input chunks into reused compute-dtype buffers; keeps a single chunk loaded so
-    statistics passes over small tensors cost no second read."""
+    """Reads one tensor's input chunks into reused compute-dtype buffers.
+
+    Kernels that need statistics first (slerp's norms, magnitude ranks) walk the tensor several times. A
+    single-chunk tensor stays loaded between passes; a bigger one keeps its inputs' stored bytes in the
+    worker's pass cache when they fit the memory budget, so only the first pass reads the files.
+    """
 
     def __init__(self, executor: Executor, job: TensorJob, models: Mapping[str, TensorSource], dtype: torch.dtype,
                  round_to: torch.dtype | None = None):
@@ -269,26 +311,62 @@ class _Loader:
         self.round_to = round_to  # inputs are rounded to this dtype first (mergekit's ``dtype``)
         self.single = job.merged_numel <= executor.chunk
         self._cached: list[torch.Tensor] | None = None
+        self._store: list[torch.Tensor] | None = None  # the pass cache: one stored-dtype tensor per input
+        self._stored: set[int] = set()  # chunk indexes already in it
 
     def load(self, index: int, start: int, stop: int) -> list[torch.Tensor]:
         if self.single and self._cached is not None:
             cached, self._cached = self._cached, None
             return cached
-        xs = []
-        for slot, key in enumerate(self.job.op.inputs):
-            view = self.models[key].view(self.job.source_name(key), start, stop)
-            if self.round_to is not None and view.dtype != self.round_to:
-                view = view.to(self.round_to)
-            xs.append(self.executor.load_into(f"in{slot}", view, self.dtype))
-        return xs
+        if self._store is not None:
+            return self._load_stored(index, start, stop)
+        return [self.executor.load_into(f"in{slot}", self.models[key], self.job.source_name(key), start, stop,
+                                        self.dtype, self.round_to)
+                for slot, key in enumerate(self.job.op.inputs)]
 
-    def passes(self) -> Callable[[], Iterator[list[torch.Tensor]]]:
-        """A callable that walks all chunks again (a statistics pass)."""
+    def _load_stored(self, index: int, start: int, stop: int) -> list[torch.Tensor]:
+        return [self.executor.to_compute(f"in{slot}", part, self.dtype, self.round_to)
+                for slot, part in enumerate(self._stored_chunk(index, start, stop))]
+
+    def _stored_chunk(self, index: int, start: int, stop: int) -> list[torch.Tensor]:
+        parts = [store[start:stop] for store in self._store]
+        if index not in self._stored:
+            for key, part in zip(self.job.op.inputs, parts):
+                self.models[key].read_into(self.job.source_name(key), start, part)
+            self._stored.add(index)
+        return parts
+
+    def _readable(self) -> bool:
+        return all(hasattr(self.models[k], "read_into") for k in self.job.op.inputs)
+
+    def _open_store(self) -> None:
+        """Use the pass cache for this tensor if every input reads files and all of them fit."""
+        ex, job = self.executor, self.job
+        infos = [self.models[key].info(job.source_name(key)) for key in job.op.inputs]
+        if sum(job.merged_numel * info.dtype.itemsize for info in infos) > ex.cache_bytes or not self._readable():
+            return
+        pinned = ex.device.type == "cuda"
+        self._store = [ex._buffers.get(f"cache{slot}", job.merged_numel, info.dtype, torch.device("cpu"), pinned)
+                       for slot, info in enumerate(infos)]
+
+    def passes(self, stored: bool = False) -> Callable[[], Iterator[list[torch.Tensor]]]:
+        """A callable that walks all chunks again (a statistics pass). ``stored=True`` (CPU) may give the
+        inputs as stored (e.g. bfloat16) instead of converted, for kernels that convert on their own."""
+        if self._store is None:
+            self._open_store()
+        stored = stored and self.executor.device.type == "cpu" and self.round_to is None and self._readable()
+        # without the pass cache, a single chunk is better kept converted (read once) than read again
+        stored = stored and (self._store is not None or not self.single)
 
         def walk():
             for index, start, stop in chunk_ranges(self.job.merged_numel, self.executor.chunk):
+                if stored:
+                    yield self._stored_chunk(index, start, stop) if self._store is not None else [
+                        self.executor._raw(self.models[k], self.job.source_name(k), start, stop, f"in{slot}/raw")
+                        for slot, k in enumerate(self.job.op.inputs)]
+                    continue
                 xs = self.load(index, start, stop)
-                if self.single:
+                if self.single and self._store is None:
                     self._cached = xs
                 yield xs
 
@@ -312,10 +390,10 @@ class _Linear:
 class _Slerp:
     @staticmethod
     def prepare(job, loader):
-        dot = sq_a = sq_b = 0.0
-        for a, b in loader.passes()():
-            d, x, y = methods.slerp_partial_sums(a, b)
-            dot, sq_a, sq_b = dot + d, sq_a + x, sq_b + y
+        acc = None
+        for a, b in loader.passes(stored=True)():  # converted straight to float64 blocks: exact for any float
+            acc = methods.slerp_partial_sums(a, b, acc)
+        dot, sq_a, sq_b = acc.tolist()
         return methods.slerp_coefficients(dot, sq_a, sq_b, float(job.op.params["t"]),
                                           zero_norm=job.op.params.get("zero_norm", "linear"))
 
@@ -343,7 +421,8 @@ class _TaskArithmetic:
         for i in range(1, len(job.op.inputs)):
             def deltas(i=i):
                 for xs in loader.passes()():
-                    yield xs[i] - xs[0]
+                    out = loader.executor._buffers.get("delta", xs[0].numel(), xs[0].dtype, xs[0].device)
+                    yield torch.sub(xs[i], xs[0], out=out)
             density, gamma = _per_input(sp["density"], i - 1), _per_input(sp.get("gamma", 0.0), i - 1)
             state = {"density": density, "all": density >= 1, "none": density <= 0, "band": None, "scale": None}
             if not (state["all"] or state["none"]) and sp["method"] == "magnitude":
@@ -437,21 +516,79 @@ def _working_dtype(job: TensorJob, models: Mapping[str, TensorSource]) -> torch.
 _KERNELS = {"linear": _Linear, "slerp": _Slerp, "task_arithmetic": _TaskArithmetic}
 
 
-def estimate_peak_bytes(plan: Plan, threads: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """An estimate (not a measurement) of the executor's own memory for ``plan``: per worker thread, about
-    (inputs + 1) compute buffers of one chunk (float32, float64 for float64 tensors) plus one output-dtype
-    chunk, and two 2**16-bin int64 histograms when magnitude trimming runs; input bytes come from the page
-    cache (mmap) and are not counted."""
-    per_thread = 0
+@dataclass(frozen=True)
+class MemoryFit:
+    """How a plan runs within the memory budgets: workers, chunk size, per-worker pass cache, and an estimate
+    of the executor's host memory (not counting Python, torch and the page cache)."""
+
+    threads: int
+    chunk: int
+    cache_bytes: int
+    host_bytes: int
+    device_bytes: int = 0
+
+
+def per_worker_bytes(plan: Plan, chunk: int) -> tuple[int, int]:
+    """(host, compute-device) bytes one worker's reused buffers need at most over ``plan``: per input a compute
+    buffer (float32, or float64 for float64 tensors) and a stored-dtype read buffer, an output-dtype buffer,
+    and for magnitude trimming the 2**16-bin histograms and the masks."""
+    host = device = 0
     for job in plan.jobs:
+        elems = min(job.numel if job.op.kind == "copy" else job.merged_numel, chunk)
+        out = elems * job.out_dtype.itemsize + 2 * 4096
         if job.op.kind == "copy":
-            need = min(job.numel, chunk_elements) * job.out_dtype.itemsize
-        else:
-            elems = min(job.merged_numel, chunk_elements)
-            width = 8 if job.out_dtype == torch.float64 else 4
-            need = (len(job.op.inputs) + 1) * elems * width + elems * job.out_dtype.itemsize
-            sp = job.op.params.get("sparsify") or {}
-            if sp.get("method") in ("magnitude", "breadcrumbs"):
-                need += 2 * (1 << 16) * 8
-        per_thread = max(per_thread, need)
-    return per_thread * max(1, min(threads, len(plan.jobs) or 1))
+            host = max(host, out)
+            continue
+        width = 8 if job.out_dtype == torch.float64 else 4
+        compute = (len(job.op.inputs) + 1) * elems * width
+        sp = job.op.params.get("sparsify") or {}
+        if sp.get("method") in ("magnitude", "breadcrumbs"):
+            compute += 2 * (1 << 16) * 8 + 2 * elems * 4
+        staging = len(job.op.inputs) * elems * 4 + out
+        host, device = max(host, staging), max(device, compute)
+    return host, device
+
+
+def fit_memory(plan: Plan, threads: int, chunk: int, memory: int, cuda: bool = False,
+               gpu_memory: int = DEFAULT_GPU_MEMORY) -> MemoryFit:
+    """Fewer workers, then smaller chunks, until the buffers fit ``memory`` (host) and ``gpu_memory`` (CUDA);
+    what is left of ``memory`` becomes the workers' pass caches. Raises if even one worker with the smallest
+    chunk does not fit."""
+    threads = max(1, min(threads, len(plan.jobs) or 1))
+    while True:
+        host, device = per_worker_bytes(plan, chunk)
+        if not cuda:
+            host, device = host + device, 0
+        fits = lambda n: n * host <= memory and n * device <= gpu_memory  # noqa: E731
+        if fits(threads):
+            break
+        if fits(1):
+            threads = max(n for n in range(1, threads + 1) if fits(n))
+            break
+        if chunk <= MIN_CHUNK:
+            need, budget, where = (host, memory, "--memory") if host > memory else (device, gpu_memory, "--gpu-memory")
+            least = math.ceil(need / 2**20 * 10) / 10
+            raise MergeError(f"{where} {budget / 2**20:.1f}MiB is too small: one worker needs {least}MiB for this "
+                             f"plan; give {where} {least}MiB or more")
+        chunk = max(MIN_CHUNK, chunk // 2)
+    cache = (memory - threads * host) // threads
+    used = max((need for need in _pass_cache_needs(plan, chunk) if need <= cache), default=0)
+    return MemoryFit(threads, chunk, cache, threads * (host + used), threads * device)
+
+
+def _pass_cache_needs(plan: Plan, chunk: int) -> Iterator[int]:
+    """Bytes of the inputs of each multi-chunk tensor whose kernel walks it more than once (output dtype as
+    a stand-in for the inputs' stored dtype)."""
+    for job in plan.jobs:
+        sp = job.op.params.get("sparsify") or {}
+        multi_pass = job.op.kind == "slerp" or sp.get("method") in ("magnitude", "breadcrumbs") \
+            or sp.get("rescale") == "l1"
+        if multi_pass and job.merged_numel > chunk:
+            yield len(job.op.inputs) * job.merged_numel * job.out_dtype.itemsize
+
+
+def estimate_peak_bytes(plan: Plan, threads: int, chunk_elements: int = CHUNK_ELEMENTS,
+                        memory: int = DEFAULT_MEMORY) -> int:
+    """An estimate (not a measurement) of the executor's own host memory for ``plan``: the workers' buffers
+    plus their pass caches at most; input bytes come from the page cache and are not counted."""
+    return fit_memory(plan, threads, chunk_elements, memory).host_bytes

@@ -92,15 +92,19 @@ def test_scale_one_minus_t_equals_linear(pairs, tmp_path):
     ("slerp", {"t": 0.3}),
     ("task_arithmetic", {"scale": 0.8, "sparsify": "random", "density": 0.5, "seed": 7}),
     ("task_arithmetic", {"scale": 0.8, "sparsify": "breadcrumbs", "density": 0.5, "gamma": 0.05}),
+    ("task_arithmetic", {"scale": 0.8, "sparsify": "magnitude", "density": 0.3}),
 ])
-def test_deterministic_across_threads_and_chunk_sizes(pairs, tmp_path, method, kw):
+def test_deterministic_across_threads_chunks_and_memory_budgets(pairs, tmp_path, method, kw):
+    """Whole tensors, many chunks with every multi-pass tensor in the pass cache, and a budget that leaves
+    some tensors out of that cache (their inputs read again on every pass) all give the same bytes."""
     base, sft = pairs("llama")
     outs = []
-    for i, (threads, chunk) in enumerate([(1, 1 << 22), (3, 1000), (2, 777)]):
+    runs = [(1, 1 << 22, None), (3, 1000, "256MB"), (2, 777, None), (2, 512, "1080KB")]
+    for i, (threads, chunk, memory) in enumerate(runs):
         merge.merge(method, sft=sft if method == "slerp" else [sft], base=base, out=tmp_path / f"o{i}",
-                    threads=threads, chunk_elements=chunk, **kw)
+                    threads=threads, chunk_elements=chunk, memory=memory, **kw)
         outs.append(file_bytes(tmp_path / f"o{i}"))
-    assert outs[0] == outs[1] == outs[2]
+    assert outs[0] == outs[1] == outs[2] == outs[3]
 
 
 def test_dare_drops_and_rescales(pairs, tmp_path):
@@ -197,3 +201,33 @@ def test_bin_checkpoints_load_with_weights_only(pairs, tmp_path):
     (tmp_path / "binbase" / "config.json").write_text((base / "config.json").read_text())
     merge.merge("linear", sft=sft, base=tmp_path / "binbase", t=1.0, out=tmp_path / "o")
     assert all(torch.equal(x, b[n]) for n, x in load_tensors(tmp_path / "o").items())
+
+
+def test_a_memory_budget_too_small_is_a_one_line_error(pairs, tmp_path):
+    from click.testing import CliRunner
+
+    from merge.cli import main
+
+    base, sft = pairs("llama")
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["task-arithmetic", "--base", str(base), "--sft", str(sft), "--scale", "0.7",
+                                       "--sparsify", "magnitude", "--density", "0.5", "-o", str(out),
+                                       "--memory", "100KB"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "--memory 0.1MiB is too small" in result.stderr and "give --memory 1.1MiB or more" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_tight_memory_budget_uses_fewer_workers_and_smaller_chunks():
+    from merge.execute import fit_memory
+    from merge.plan import Operation, Plan, TensorJob
+
+    op = Operation("slerp", ("sft0", "base"), {"t": 0.3})
+    jobs = [TensorJob(f"w{i}", (4096, 1024), torch.bfloat16, op, 4096 * 1024, "sft0") for i in range(4)]
+    plan = Plan(jobs=jobs, shards=[], notes=[])
+    roomy = fit_memory(plan, 4, 1 << 20, 512 << 20)
+    assert (roomy.threads, roomy.chunk) == (4, 1 << 20) and roomy.cache_bytes >= 2 * 4096 * 1024 * 2
+    fewer = fit_memory(plan, 4, 1 << 20, 40 << 20)
+    assert fewer.threads < 4 and fewer.chunk == 1 << 20 and fewer.host_bytes <= 40 << 20
+    smaller = fit_memory(plan, 4, 1 << 20, 8 << 20)
+    assert smaller.threads == 1 and smaller.chunk < 1 << 20 and smaller.host_bytes <= 8 << 20

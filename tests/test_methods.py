@@ -58,10 +58,18 @@ def test_slerp_endpoints_exact_and_fallbacks():
 
 
 def test_slerp_chunked_statistics_equal_whole():
-    a, b = torch.randn(10_000), torch.randn(10_000)
-    whole = methods.slerp_partial_sums(a, b)
-    parts = [methods.slerp_partial_sums(a[i:i + 999], b[i:i + 999]) for i in range(0, 10_000, 999)]
-    assert all(math.isclose(w, sum(p[k] for p in parts), rel_tol=1e-12) for k, w in enumerate(whole))
+    a, b = torch.randn(10_000, dtype=torch.float64), torch.randn(10_000, dtype=torch.float64)
+    direct = [float(a @ b), float(a @ a), float(b @ b)]
+    whole = methods.slerp_partial_sums(a, b, block=1000)
+    assert all(math.isclose(w, d, rel_tol=1e-12) for w, d in zip(whole.tolist(), direct))
+    acc = None
+    for i in range(0, 10_000, 3000):  # chunks that are multiples of the block: the same bits
+        acc = methods.slerp_partial_sums(a[i:i + 3000], b[i:i + 3000], acc, block=1000)
+    assert torch.equal(acc, whole)
+    acc = None
+    for i in range(0, 10_000, 999):  # other chunks: the same up to rounding
+        acc = methods.slerp_partial_sums(a[i:i + 999], b[i:i + 999], acc, block=1000)
+    assert all(math.isclose(p, w, rel_tol=1e-12) for p, w in zip(acc.tolist(), whole.tolist()))
 
 
 @pytest.mark.parametrize("k", [1, 2, 17, 500, 9999, 10_000])

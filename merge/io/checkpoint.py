@@ -86,6 +86,9 @@ class BinFile:
     def view(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self._state[name].reshape(-1)[start:stop]
 
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.view(name, start, start + out.numel()))
+
     def release(self, name: str) -> None:
         pass
 
@@ -178,6 +181,10 @@ class Checkpoint:
     def view(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Flat elements [start, stop) of ``name`` in its stored dtype, zero-copy where possible."""
         return self._where[name].view(name, start, stop)
+
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Copy flat elements [start, start + out.numel()) of ``name`` (stored dtype) into ``out``."""
+        return self._where[name].read_into(name, start, out)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The whole tensor, shaped, as a zero-copy view (for small tensors and tests)."""

@@ -2,10 +2,11 @@
 
 Before any tensor is written, the staging folder gets ``.mergeback-manifest.json``: the run's identity (engine
 version, recipe, cheap input fingerprints, the planned shard headers) and one entry per planned shard. When
-every tensor of a shard is written, the shard is fdatasync'ed, hashed, and marked complete by an atomic
-rewrite of the manifest (temp file + rename). A resumed run with the same identity re-hashes the shards
-marked complete, keeps those that still match, and writes only the rest, so its result is byte-identical
-to an uninterrupted run.
+every tensor of a shard is written, the shard is fdatasync'ed and marked complete, with a CRC-32 of each
+tensor's bytes (kept by the writer as it writes, so nothing is read back), by an atomic rewrite of the
+manifest (temp file + rename). A resumed run with the same identity re-checks the shards marked complete
+against those checksums, keeps those that still match, and writes only the rest, so its result is
+byte-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import json
 import os
 import shutil
 import threading
+import zlib
 from pathlib import Path
 from typing import Mapping
 
 from ..errors import InputError
 
 MANIFEST_NAME = ".mergeback-manifest.json"
-FORMAT = 1
+FORMAT = 2
 HEAD_BYTES = 1 << 20  # fingerprints hash this much of each input file: safetensors headers live there
 
 
@@ -41,12 +43,35 @@ def folder_fingerprint(folder: Path) -> dict[str, list]:
             if not p.name.startswith(".") and p.is_file()}
 
 
-def sha256_file(path: Path, block: int = 1 << 24) -> str:
-    h = hashlib.sha256()
+def file_crc32(path: Path, start: int, length: int, block: int = 1 << 24) -> int:
+    """CRC-32 of ``length`` bytes of ``path`` from ``start`` (a short file gives a CRC that will not match)."""
+    crc = 0
+    buf = bytearray(min(block, max(length, 1)))
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        while length > 0:
+            n = f.readinto(memoryview(buf)[:min(length, len(buf))])
+            if not n:
+                break
+            crc = zlib.crc32(memoryview(buf)[:n], crc)
+            length -= n
+    return crc
+
+
+def shard_checksums(path: Path, shard) -> dict:
+    """What the journal records for a shard file: the sha256 of its header and a CRC-32 per tensor."""
     with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+        head = f.read(len(shard.header))
+    return {"header": hashlib.sha256(head).hexdigest(),
+            "crc32": [file_crc32(path, shard.offsets[t.name], t.nbytes) for t in shard.tensors]}
+
+
+def shard_intact(path: Path, shard, recorded: dict) -> bool:
+    """Whether a shard on disk still holds exactly what the journal recorded (same size, header, tensors)."""
+    if not path.is_file() or path.stat().st_size != shard.size:
+        return False
+    wanted = {"header": recorded.get("header"), "crc32": recorded.get("crc32")}
+    return shard_checksums(path, shard) == wanted
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -112,6 +137,7 @@ class Journal:
         a different identity is refused. Without it, an earlier partial folder is replaced.
         """
         stage = Path(stage)
+        journal_shards = {s.filename: s for s in shards}
         old = _load(stage / MANIFEST_NAME) if stage.is_dir() else None
         message = None
         complete: dict[str, dict] = {}
@@ -122,7 +148,7 @@ class Journal:
                     "run again without --resume to start over")
             recorded = {k: v for k, v in (old.get("complete") or {}).items() if k in identity["plan"]}
             complete = {name: entry for name, entry in recorded.items()
-                        if (stage / name).is_file() and sha256_file(stage / name) == entry.get("sha256")}
+                        if shard_intact(stage / name, journal_shards[name], entry)}
             bad = len(recorded) - len(complete)
             message = (f"resuming the interrupted run: reusing {len(complete)} of {len(shards)} shard(s)"
                        + (f", rewriting {bad} that no longer match their checksum" if bad else ""))
@@ -176,12 +202,16 @@ class Journal:
             self._finish(filename)
 
     def _finish(self, filename: str) -> None:
+        shard = self.shards[filename]
         self._writer.sync(filename)
-        digest = sha256_file(self.stage / filename)
-        slerp = {t.name: dataclasses.asdict(self._stats.slerp[t.name]) for t in self.shards[filename].tensors
+        crcs = [self._writer.tensor_crc(t.name) for t in shard.tensors]
+        if None in crcs:  # some tensor was not written in one ordered pass: read it back
+            crcs = shard_checksums(self.stage / filename, shard)["crc32"]
+        slerp = {t.name: dataclasses.asdict(self._stats.slerp[t.name]) for t in shard.tensors
                  if t.name in self._stats.slerp}
         with self._lock:
-            self.complete[filename] = {"sha256": digest, "slerp": slerp}
+            self.complete[filename] = {"header": hashlib.sha256(shard.header).hexdigest(), "crc32": crcs,
+                                       "slerp": slerp}
             self.save()
 
     def save(self) -> None:

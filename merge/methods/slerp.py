@@ -23,11 +23,24 @@ class SlerpCoefficients:
     angle: float
 
 
-def slerp_partial_sums(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-    """``(x.y, x.x, y.y)`` accumulated in float64; sum them over chunks to get whole-tensor statistics."""
-    x64 = x.double()
-    y64 = y.double()
-    return float(torch.dot(x64, y64)), float(torch.dot(x64, x64)), float(torch.dot(y64, y64))
+def slerp_partial_sums(x: torch.Tensor, y: torch.Tensor, acc: torch.Tensor | None = None,
+                       block: int = 1 << 17) -> torch.Tensor:
+    """Add ``(x.y, x.x, y.y)`` of flat ``x``, ``y`` to ``acc`` (float64, shape [3]; a new one when None).
+
+    Computed in float64 block by block (two float64 buffers of ``block`` elements, small enough to stay in
+    cache), and summed block after block: a tensor walked in chunks that are multiples of ``block`` gives the
+    same bits as the whole tensor at once.
+    """
+    x, y = x.reshape(-1), y.reshape(-1)
+    n = x.numel()
+    acc = torch.zeros(3, dtype=torch.float64, device=x.device) if acc is None else acc
+    bx = torch.empty(min(n, block), dtype=torch.float64, device=x.device)
+    by = torch.empty_like(bx)
+    for i in range(0, n, block):
+        j = min(n, i + block)
+        a, b = bx[:j - i].copy_(x[i:j]), by[:j - i].copy_(y[i:j])
+        acc.add_(torch.stack([torch.dot(a, b), torch.dot(a, a), torch.dot(b, b)]))
+    return acc
 
 
 def slerp_coefficients(dot: float, sq_from: float, sq_to: float, t: float,
@@ -62,5 +75,5 @@ def slerp(w_from: torch.Tensor, w_to: torch.Tensor, t: float, out: torch.Tensor 
 
     For recovery, ``W_from`` is the SFT tensor and ``W_to`` the base, so ``t`` is the share of the base.
     """
-    c = slerp_coefficients(*slerp_partial_sums(w_from.reshape(-1), w_to.reshape(-1)), t)
+    c = slerp_coefficients(*slerp_partial_sums(w_from, w_to).tolist(), t)
     return linear([w_from, w_to], [c.a, c.b], out=out), c

@@ -119,12 +119,11 @@ class InPlaceModel:
         """SLERP's (dot, |from|^2, |to|^2) of the compute-dtype inputs, summed over the executor's chunks."""
         key = job.name + "|" + ",".join(job.op.inputs)
         if key not in self._slerp_stats:
-            dot = sq_a = sq_b = 0.0
+            acc = None
             for _, start, stop in chunk_ranges(job.merged_numel, CHUNK_ELEMENTS):
                 a, b = self._load(sources, start, stop, dtype)
-                d, x, y = methods.slerp_partial_sums(a, b)
-                dot, sq_a, sq_b = dot + d, sq_a + x, sq_b + y
-            self._slerp_stats[key] = (dot, sq_a, sq_b)
+                acc = methods.slerp_partial_sums(a, b, acc)
+            self._slerp_stats[key] = tuple(acc.tolist())
         return self._slerp_stats[key]
 
     def _check_coverage(self, layout: Plan) -> None:
