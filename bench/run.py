@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="0.1b", help=f"comma list of {','.join(make_pair.SIZES)}")
     parser.add_argument("--methods", default=",".join(tools.METHODS))
     parser.add_argument("--tools", default=",".join(tools.TOOLS))
+    parser.add_argument("--mergekit-sizes", help="sizes at which mergekit runs (default: all of --sizes)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--t", type=float, default=0.3, help="share of BASE (ta scale = 1 - t)")
     parser.add_argument("--density", type=float, default=0.5, help="TIES density")
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.sizes = _choices(args.sizes, make_pair.SIZES, "size")
     args.methods = _choices(args.methods, tools.METHODS, "method")
     args.tools = _choices(args.tools, tools.TOOLS, "tool")
+    args.mergekit_sizes = args.sizes if args.mergekit_sizes is None else _choices(
+        args.mergekit_sizes, make_pair.SIZES, "size")
     args.work = args.work.resolve()
     return args
 
@@ -147,7 +150,8 @@ class Bench:
         base, sft = pair_dir / "base", pair_dir / "sft"
         out_root = self.args.work / "out" / size
         jobs = [j for j in jobs_for(self.args.methods, self.args.tools)
-                if self.command(size, *j, base, sft, out_root / "x") is not None]
+                if self.command(size, *j, base, sft, out_root / "x") is not None
+                and (j[1] != "mergekit" or size in self.args.mergekit_sizes)]
         if not jobs:
             self.note(f"skipping {size}: none of the requested tools is available")
             return
@@ -178,7 +182,8 @@ class Bench:
 
     def check_if_ready(self, size: str, method: str, base: Path, sft: Path, method_dir: Path) -> None:
         """Once every tool's final output for a method exists, compare them, then delete them."""
-        wanted = [t for t in ("ours", "mergekit") if t in self.args.tools and self.prefix.get(t)]
+        wanted = [t for t in ("ours", "mergekit") if t in self.args.tools and self.prefix.get(t)
+                  and (t != "mergekit" or size in self.args.mergekit_sizes)]
         final = [r for r in self.runs if r["size"] == size and r["method"] == method
                  and r["rep"] == self.args.repeats - 1]
         if {r["tool"] for r in final} != set(wanted):
@@ -245,6 +250,8 @@ def dry_run(bench: Bench) -> None:
               f"needs ~{disk_needed(size, False) / 1e9:.1f} GB free (have "
               f"{shutil.disk_usage(bench.args.work).free / 1e9:.1f} GB)")
         for method, tool in jobs_for(bench.args.methods, bench.args.tools):
+            if tool == "mergekit" and size not in bench.args.mergekit_sizes:
+                continue
             cmd = bench.command(size, method, tool, pair / "base", pair / "sft",
                                 bench.args.work / "out" / size / method / tool)
             print(f"  {method:6s} {tool:8s} {' '.join(cmd) if cmd else '(unavailable)'}")
