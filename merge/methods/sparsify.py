@@ -39,7 +39,7 @@ def rank_cut(chunks: ChunkSource, k: int) -> RankCut:
     bins = 1 << 16
     high = None
     for c in chunks():
-        h = torch.bincount((_abs_bits(c) >> 16).reshape(-1).cpu(), minlength=bins)
+        h = torch.bincount((_abs_bits(c) >> 16).reshape(-1), minlength=bins).cpu()  # counted where c lives
         high = h if high is None else high + h
     if high is None or k > int(high.sum()):
         return RankCut(-1.0, 0)  # more asked than there are: everything is kept
@@ -51,7 +51,7 @@ def rank_cut(chunks: ChunkSource, k: int) -> RankCut:
     for c in chunks():
         # the low 16 bits of the entries in the bucket, shifted by one; all others land in the two end bins
         index = (_abs_bits(c).reshape(-1) - (bucket << 16)).clamp_(-1, bins).add_(1)
-        low += torch.bincount(index.cpu(), minlength=bins + 2)
+        low += torch.bincount(index, minlength=bins + 2).cpu()
     low = low[1:-1]
     low_from_top = torch.flip(low, [0]).cumsum(0)
     lpos = int(torch.searchsorted(low_from_top, torch.tensor(k - above)))
