@@ -198,7 +198,7 @@ class Executor:
 
     def _copy(self, job: TensorJob, model: TensorSource, name: str, start: int, stop: int,
               writer: ShardWriter) -> None:
-        same = model.info(name).dtype == job.out_dtype and hasattr(model, "read_into")
+        same = model.info(name).dtype == job.out_dtype and _reads_files(model)
         for _, s, e in chunk_ranges(stop - start, self.chunk):
             out = self._out_buffer(writer, job, start + s, e - s)
             data = model.read_into(name, start + s, out) if same else self._raw(model, name, start + s, start + e, "copy")
@@ -223,11 +223,10 @@ class Executor:
              pinned: bool = False) -> torch.Tensor:
         """Elements [start, stop) of ``name`` as the source stores them, on the CPU: read into this thread's
         ``slot`` buffer when the source reads files, else the source's own (view or computed) tensor."""
-        reader = getattr(model, "read_into", None)
-        if reader is None:
+        if not _reads_files(model):
             return model.view(name, start, stop)
         buf = self._buffers.get(slot, stop - start, model.info(name).dtype, torch.device("cpu"), pinned=pinned)
-        return reader(name, start, buf)
+        return model.read_into(name, start, buf)
 
     def _write(self, job: TensorJob, start: int, result: torch.Tensor, writer: ShardWriter) -> None:
         cuda = self.device.type == "cuda"
@@ -248,7 +247,7 @@ class Executor:
         n = stop - start
         cuda = self.device.type == "cuda"
         stored = model.info(name).dtype
-        direct = not cuda and stored == dtype and round_to in (None, dtype) and hasattr(model, "read_into")
+        direct = not cuda and stored == dtype and round_to in (None, dtype) and _reads_files(model)
         if direct:  # read straight into the compute buffer
             return model.read_into(name, start, self._buffers.get(slot, n, dtype, self.device))
         return self.to_compute(slot, self._raw(model, name, start, stop, slot + "/raw", pinned=cuda), dtype, round_to)
@@ -272,6 +271,11 @@ class Executor:
             self._buffers.stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(self._buffers.stream):
             yield
+
+
+def _reads_files(model: TensorSource) -> bool:
+    """Whether ``model`` can read stored bytes into our buffers (checkpoints); LoRA adapters compute views."""
+    return hasattr(model, "read_into")
 
 
 def _require_finite(job: TensorJob, start: int, values: torch.Tensor) -> None:
@@ -337,7 +341,7 @@ class _Loader:
         return parts
 
     def _readable(self) -> bool:
-        return all(hasattr(self.models[k], "read_into") for k in self.job.op.inputs)
+        return all(_reads_files(self.models[k]) for k in self.job.op.inputs)
 
     def _open_store(self) -> None:
         """Use the pass cache for this tensor if every input reads files and all of them fit."""
