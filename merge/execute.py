@@ -2,9 +2,10 @@
 
 Each worker thread takes whole tensors; inside a tensor it walks fixed-size flat chunks (the chunk geometry
 depends only on the tensor, so results are byte-identical on any thread count), reads each input chunk from
-the page cache into a reused float32 (float64 for float64 inputs) buffer, applies the method and writes the
-cast result straight to its planned place in the output shard. Torch kernels and ``pwrite`` release the GIL,
-so reading, computing and writing of different tensors overlap across workers.
+the page cache (positional reads) into a reused float32 (float64 for float64 inputs) buffer, applies the method
+and writes the cast result straight to its planned place in the output shard, from a buffer placed for direct
+I/O. Torch kernels, ``pread`` and ``pwrite`` release the GIL, so reading, computing and writing of different
+tensors overlap across workers. ``fit_memory`` sizes workers, chunks and the pass caches to the budgets.
 """
 
 from __future__ import annotations

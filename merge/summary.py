@@ -62,8 +62,8 @@ class MergeSummary:
             lines.append(f"pushed to {self.pushed_to}")
         if self.peak_bytes is not None:
             lines.append(f"estimated peak memory of the merge buffers: {self.peak_bytes / 1e6:.1f} MB (an estimate: "
-                         "per worker thread (inputs+1) float32 chunk buffers and trimming histograms; inputs are "
-                         "memory-mapped and not counted)")
+                         "each worker's chunk buffers, plus the pass cache of slerp/trimming within --memory; "
+                         "Python and torch add ~250 MB; inputs are read from the page cache and not counted)")
         if self.parameter_table:
             lines += ["", self.parameter_table]
         return "\n".join(lines)
