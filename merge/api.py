@@ -103,7 +103,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         card_sections: Sequence[str] = ()) -> MergeSummary:
     """Run a recipe: resolve its models, plan, execute in bounded memory, and write ``out`` atomically.
 
-    ``memory`` (default 512MB) bounds the workers' buffers and pass caches in host memory, ``gpu_memory``
+    ``memory`` (default 512MB) bounds the workers' buffers in host memory, ``gpu_memory``
     (default 4GB) their buffers on a CUDA device (sizes like ``"2GB"``); fewer workers and smaller chunks are
     used when a budget is tight, and the process itself (Python, torch) comes on top.
     ``chunk_elements`` (advanced) is how many elements of a tensor are processed at once; results do not

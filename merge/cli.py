@@ -82,7 +82,7 @@ def merge_options(fn):
         click.option("--force", is_flag=True, help="Replace an existing output folder."),
         click.option("--threads", type=click.IntRange(1, 64), help="Worker threads (default: cores + 1, at most 8)."),
         click.option("--memory", metavar="SIZE",
-                     help="Host memory for the workers' buffers and caches (default 512MB; Python and torch "
+                     help="Host memory for the workers' buffers (default 512MB; Python and torch "
                           "come on top). Fewer workers and smaller chunks are used to stay within it."),
         click.option("--gpu-memory", metavar="SIZE", help="With --device cuda: GPU memory for the workers "
                                                           "(default 4GB; never the whole model)."),

@@ -5,7 +5,7 @@ depends only on the tensor, so results are byte-identical on any thread count), 
 the page cache (positional reads) into a reused float32 (float64 for float64 inputs) buffer, applies the method
 and writes the cast result straight to its planned place in the output shard, from a buffer placed for direct
 I/O. Torch kernels, ``pread`` and ``pwrite`` release the GIL, so reading, computing and writing of different
-tensors overlap across workers. ``fit_memory`` sizes workers, chunks and the pass caches to the budgets.
+tensors overlap across workers. ``fit_memory`` sizes workers and chunks to the budgets.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .plan import Plan, TensorJob, TensorSource
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per input buffer: big enough for cheap calls, small enough for caches
 RNG_BLOCK = 1 << 16  # random masks are drawn per fixed block, so they do not depend on the chunk size
 MIN_CHUNK = 1 << 16
-DEFAULT_MEMORY = 512 * 2**20  # host memory for the workers' buffers and pass caches (``--memory``)
+DEFAULT_MEMORY = 512 * 2**20  # host memory for the workers' buffers (``--memory``)
 DEFAULT_GPU_MEMORY = 4 * 2**30  # device memory for the workers' buffers (``--gpu-memory``)
 
 
@@ -114,7 +114,6 @@ class Executor:
         self.threads = max(1, threads)
         self.chunk = max(1, chunk_elements)
         self.memory, self.gpu_memory = memory, gpu_memory
-        self.cache_bytes = 0  # per worker: a whole tensor's inputs kept between passes when they fit
         self._buffers = _Buffers()
 
     # -- public --------------------------------------------------------------------------------------------
@@ -125,7 +124,7 @@ class Executor:
         (default: a new one) is filled in place, so a resumed run can start from recorded results."""
         stats = stats if stats is not None else ExecutionStats()
         fit = fit_memory(plan, self.threads, self.chunk, self.memory, self.device.type == "cuda", self.gpu_memory)
-        self.threads, self.chunk, self.cache_bytes = fit.threads, fit.chunk, fit.cache_bytes
+        self.threads, self.chunk = fit.threads, fit.chunk
         lock = threading.Lock()
 
         def one(job: TensorJob) -> None:
@@ -142,6 +141,8 @@ class Executor:
                 progress(job.numel * job.out_dtype.itemsize)
 
         jobs = [j for j in plan.jobs if j.name not in skip]
+        if self.threads > 1:  # largest first, so no big tensor is left to one worker at the end; else file order
+            jobs.sort(key=lambda j: -j.numel)
         with _single_threaded_torch():
             if self.threads == 1:
                 for job in jobs:
@@ -187,7 +188,7 @@ class Executor:
             state = kernel.prepare(job, loader)
             for index, start, stop in chunk_ranges(job.merged_numel, self.chunk):
                 xs = loader.load(index, start, stop)
-                result = kernel.apply(job, xs, state, start, stop, self.device)
+                result = kernel.apply(job, xs, state, start, stop, self)
                 if working is not None and result.dtype != working:
                     result = result.to(working)
                 self._write(job, start, result, writer)
@@ -305,9 +306,10 @@ def _single_threaded_torch():
 class _Loader:
     """Reads one tensor's input chunks into reused compute-dtype buffers.
 
-    Kernels that need statistics first (slerp's norms, magnitude ranks) walk the tensor several times. A
-    single-chunk tensor stays loaded between passes; a bigger one keeps its inputs' stored bytes in the
-    worker's pass cache when they fit the memory budget, so only the first pass reads the files.
+    Kernels that need statistics first (slerp's norms, magnitude ranks) walk the tensor several times; each
+    pass reads the files again, from the page cache. A single-chunk tensor stays loaded between passes.
+    Keeping bigger tensors in memory between passes was measured no faster and made memory grow with tensor
+    size, so it is not done.
     """
 
     def __init__(self, executor: Executor, job: TensorJob, models: Mapping[str, TensorSource], dtype: torch.dtype,
@@ -316,62 +318,31 @@ class _Loader:
         self.round_to = round_to  # inputs are rounded to this dtype first (mergekit's ``dtype``)
         self.single = job.merged_numel <= executor.chunk
         self._cached: list[torch.Tensor] | None = None
-        self._store: list[torch.Tensor] | None = None  # the pass cache: one stored-dtype tensor per input
-        self._stored: set[int] = set()  # chunk indexes already in it
 
     def load(self, index: int, start: int, stop: int) -> list[torch.Tensor]:
         if self.single and self._cached is not None:
             cached, self._cached = self._cached, None
             return cached
-        if self._store is not None:
-            return self._load_stored(index, start, stop)
         return [self.executor.load_into(f"in{slot}", self.models[key], self.job.source_name(key), start, stop,
                                         self.dtype, self.round_to)
                 for slot, key in enumerate(self.job.op.inputs)]
 
-    def _load_stored(self, index: int, start: int, stop: int) -> list[torch.Tensor]:
-        return [self.executor.to_compute(f"in{slot}", part, self.dtype, self.round_to)
-                for slot, part in enumerate(self._stored_chunk(index, start, stop))]
-
-    def _stored_chunk(self, index: int, start: int, stop: int) -> list[torch.Tensor]:
-        parts = [store[start:stop] for store in self._store]
-        if index not in self._stored:
-            for key, part in zip(self.job.op.inputs, parts):
-                self.models[key].read_into(self.job.source_name(key), start, part)
-            self._stored.add(index)
-        return parts
-
-    def _readable(self) -> bool:
-        return all(_reads_files(self.models[k]) for k in self.job.op.inputs)
-
-    def _open_store(self) -> None:
-        """Use the pass cache for this tensor if every input reads files and all of them fit."""
-        ex, job = self.executor, self.job
-        infos = [self.models[key].info(job.source_name(key)) for key in job.op.inputs]
-        if sum(job.merged_numel * info.dtype.itemsize for info in infos) > ex.cache_bytes or not self._readable():
-            return
-        pinned = ex.device.type == "cuda"
-        self._store = [ex._buffers.get(f"cache{slot}", job.merged_numel, info.dtype, torch.device("cpu"), pinned)
-                       for slot, info in enumerate(infos)]
-
     def passes(self, stored: bool = False) -> Callable[[], Iterator[list[torch.Tensor]]]:
         """A callable that walks all chunks again (a statistics pass). ``stored=True`` (CPU) may give the
         inputs as stored (e.g. bfloat16) instead of converted, for kernels that convert on their own."""
-        if self._store is None:
-            self._open_store()
-        stored = stored and self.executor.device.type == "cpu" and self.round_to is None and self._readable()
-        # without the pass cache, a single chunk is better kept converted (read once) than read again
-        stored = stored and (self._store is not None or not self.single)
+        ex, job = self.executor, self.job
+        # a single chunk is better kept converted (read once) than read again
+        stored = stored and ex.device.type == "cpu" and self.round_to is None and not self.single \
+            and all(_reads_files(self.models[k]) for k in job.op.inputs)
 
         def walk():
-            for index, start, stop in chunk_ranges(self.job.merged_numel, self.executor.chunk):
+            for index, start, stop in chunk_ranges(job.merged_numel, ex.chunk):
                 if stored:
-                    yield self._stored_chunk(index, start, stop) if self._store is not None else [
-                        self.executor._raw(self.models[k], self.job.source_name(k), start, stop, f"in{slot}/raw")
-                        for slot, k in enumerate(self.job.op.inputs)]
+                    yield [ex._raw(self.models[k], job.source_name(k), start, stop, f"in{slot}/raw")
+                           for slot, k in enumerate(job.op.inputs)]
                     continue
                 xs = self.load(index, start, stop)
-                if self.single and self._store is None:
+                if self.single:
                     self._cached = xs
                 yield xs
 
@@ -385,7 +356,7 @@ class _Linear:
         return None
 
     @staticmethod
-    def apply(job, xs, state, start, stop, device):
+    def apply(job, xs, state, start, stop, executor):
         p = job.op.params
         if p.get("normalize_after"):
             return methods.linear_sum_then_divide(xs, p["weights"], normalize=bool(p.get("normalize")))
@@ -403,7 +374,7 @@ class _Slerp:
                                           zero_norm=job.op.params.get("zero_norm", "linear"))
 
     @staticmethod
-    def apply(job, xs, state, start, stop, device):
+    def apply(job, xs, state, start, stop, executor):
         return methods.linear(xs, [state.a, state.b], out=xs[0], scratch=True)
 
 
@@ -435,7 +406,7 @@ class _TaskArithmetic:
             elif not (state["all"] or state["none"]) and sp["method"] == "breadcrumbs":
                 keep = int(density * n)
                 top = min(int(gamma * n), n - keep)
-                state["band"] = (methods.rank_cut(deltas, top), methods.rank_cut(deltas, top + keep))
+                state["band"] = tuple(methods.rank_cuts(deltas, [top, top + keep]))
             states.append(state)
         if sp.get("rescale") == "l1":
             _TaskArithmetic._l1_scales(job, loader, sp, states)
@@ -453,15 +424,15 @@ class _TaskArithmetic:
                     continue
                 d = (xs[i + 1] - xs[0])
                 before[i] += float(d.abs().double().sum())
-                keep = _keep_mask(job, sp, state, d, i, start, stop, loader.executor.device)
-                after[i] += float((d * keep).abs().double().sum())
+                _sparsify_(job, sp, state, d, i, start, stop, loader.executor)
+                after[i] += float(d.abs().double().sum())
         for i, state in enumerate(states):
             if not (state["all"] or state["none"]) and before[i] >= 1e-7 and after[i] >= 1e-7:
                 dtype = loader.dtype
                 state["scale"] = float(torch.tensor(before[i], dtype=dtype) / torch.tensor(after[i], dtype=dtype))
 
     @staticmethod
-    def apply(job, xs, state, start, stop, device):
+    def apply(job, xs, state, start, stop, executor):
         p = job.op.params
         sp = p.get("sparsify")
         base, fine = xs[0], xs[1:]
@@ -474,7 +445,7 @@ class _TaskArithmetic:
                 if st["none"]:
                     d.zero_()
                     continue
-                d.mul_(_keep_mask(job, sp, st, d, i, start, stop, device))
+                _sparsify_(job, sp, st, d, i, start, stop, executor)
                 if st["scale"] is not None:
                     d.mul_(st["scale"])
                 elif sp["method"] == "random" and sp.get("rescale", True) is True:
@@ -493,15 +464,16 @@ def _per_input(value, index: int) -> float:
     return float(value[index]) if isinstance(value, (list, tuple)) else float(value)
 
 
-def _keep_mask(job, sp, state, d, i, start, stop, device) -> torch.Tensor:
-    """Which entries of fine-tune ``i``'s delta chunk [start, stop) survive sparsification."""
+def _sparsify_(job, sp, state, d, i, start, stop, executor) -> None:
+    """Zeroes in place the entries of fine-tune ``i``'s delta chunk [start, stop) that sparsification drops."""
     if sp["method"] == "random":
-        return dare_keep(int(sp.get("seed", 0)), job.name, i, start, stop, state["density"], device)
+        d.mul_(dare_keep(int(sp.get("seed", 0)), job.name, i, start, stop, state["density"], executor.device))
+        return
     if start == 0:  # a new pass over the tensor: ties at the cut are counted again from the first element
         state["ties"] = (0, 0)
-    keep, seen = methods.breadcrumbs_mask(d, *state["band"], ties_before=state["ties"])
+    scratch = executor._buffers.get("trim", d.numel(), torch.int32, d.device)
+    seen = methods.trim_(d, *state["band"], ties_before=state["ties"], scratch=scratch)
     state["ties"] = (state["ties"][0] + seen[0], state["ties"][1] + seen[1])
-    return keep
 
 
 def _working_dtype(job: TensorJob, models: Mapping[str, TensorSource]) -> torch.dtype | None:
@@ -523,12 +495,11 @@ _KERNELS = {"linear": _Linear, "slerp": _Slerp, "task_arithmetic": _TaskArithmet
 
 @dataclass(frozen=True)
 class MemoryFit:
-    """How a plan runs within the memory budgets: workers, chunk size, per-worker pass cache, and an estimate
-    of the executor's host memory (not counting Python, torch and the page cache)."""
+    """How a plan runs within the memory budgets: workers, chunk size, and an estimate of the executor's
+    host and GPU memory (not counting Python, torch and the page cache)."""
 
     threads: int
     chunk: int
-    cache_bytes: int
     host_bytes: int
     device_bytes: int = 0
 
@@ -547,8 +518,8 @@ def per_worker_bytes(plan: Plan, chunk: int) -> tuple[int, int]:
         width = 8 if job.out_dtype == torch.float64 else 4
         compute = (len(job.op.inputs) + 1) * elems * width
         sp = job.op.params.get("sparsify") or {}
-        if sp.get("method") in ("magnitude", "breadcrumbs"):
-            compute += 2 * (1 << 16) * 8 + 2 * elems * 4
+        if sp.get("method") in ("magnitude", "breadcrumbs"):  # histograms, their keys, the trimming masks
+            compute += 2 * (1 << 16) * 8 + 4 * elems * 4
         staging = len(job.op.inputs) * elems * 4 + out
         host, device = max(host, staging), max(device, compute)
     return host, device
@@ -556,9 +527,8 @@ def per_worker_bytes(plan: Plan, chunk: int) -> tuple[int, int]:
 
 def fit_memory(plan: Plan, threads: int, chunk: int, memory: int, cuda: bool = False,
                gpu_memory: int = DEFAULT_GPU_MEMORY) -> MemoryFit:
-    """Fewer workers, then smaller chunks, until the buffers fit ``memory`` (host) and ``gpu_memory`` (CUDA);
-    what is left of ``memory`` becomes the workers' pass caches. Raises if even one worker with the smallest
-    chunk does not fit."""
+    """Fewer workers, then smaller chunks, until the buffers fit ``memory`` (host) and ``gpu_memory`` (CUDA).
+    Raises if even one worker with the smallest chunk does not fit."""
     threads = max(1, min(threads, len(plan.jobs) or 1))
     while True:
         host, device = per_worker_bytes(plan, chunk)
@@ -576,24 +546,11 @@ def fit_memory(plan: Plan, threads: int, chunk: int, memory: int, cuda: bool = F
             raise MergeError(f"{where} {budget / 2**20:.1f}MiB is too small: one worker needs {least}MiB for this "
                              f"plan; give {where} {least}MiB or more")
         chunk = max(MIN_CHUNK, chunk // 2)
-    cache = (memory - threads * host) // threads
-    used = max((need for need in _pass_cache_needs(plan, chunk) if need <= cache), default=0)
-    return MemoryFit(threads, chunk, cache, threads * (host + used), threads * device)
-
-
-def _pass_cache_needs(plan: Plan, chunk: int) -> Iterator[int]:
-    """Bytes of the inputs of each multi-chunk tensor whose kernel walks it more than once (output dtype as
-    a stand-in for the inputs' stored dtype)."""
-    for job in plan.jobs:
-        sp = job.op.params.get("sparsify") or {}
-        multi_pass = job.op.kind == "slerp" or sp.get("method") in ("magnitude", "breadcrumbs") \
-            or sp.get("rescale") == "l1"
-        if multi_pass and job.merged_numel > chunk:
-            yield len(job.op.inputs) * job.merged_numel * job.out_dtype.itemsize
+    return MemoryFit(threads, chunk, threads * host, threads * device)
 
 
 def estimate_peak_bytes(plan: Plan, threads: int, chunk_elements: int = CHUNK_ELEMENTS,
                         memory: int = DEFAULT_MEMORY) -> int:
-    """An estimate (not a measurement) of the executor's own host memory for ``plan``: the workers' buffers
-    plus their pass caches at most; input bytes come from the page cache and are not counted."""
+    """An estimate (not a measurement) of the executor's own host memory for ``plan``: the workers' buffers;
+    input bytes come from the page cache and are not counted."""
     return fit_memory(plan, threads, chunk_elements, memory).host_bytes

@@ -62,7 +62,7 @@ class MergeSummary:
             lines.append(f"pushed to {self.pushed_to}")
         if self.peak_bytes is not None:
             lines.append(f"estimated peak memory of the merge buffers: {self.peak_bytes / 1e6:.1f} MB (an estimate: "
-                         "each worker's chunk buffers, plus the pass cache of slerp/trimming within --memory; "
+                         "each worker's chunk buffers, within --memory; "
                          "Python and torch add ~250 MB; inputs are read from the page cache and not counted)")
         if self.parameter_table:
             lines += ["", self.parameter_table]

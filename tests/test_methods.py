@@ -72,12 +72,35 @@ def test_slerp_chunked_statistics_equal_whole():
     assert all(math.isclose(p, w, rel_tol=1e-12) for p, w in zip(acc.tolist(), whole.tolist()))
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("k", [1, 2, 17, 500, 9999, 10_000])
-def test_kth_largest_is_exact_over_chunks(k):
+def test_kth_largest_is_exact_over_chunks(k, one_pass):
     x = torch.randn(10_000)
     chunks = lambda: (x[i:i + 3000] for i in range(0, 10_000, 3000))  # noqa: E731
     expected = torch.topk(x.abs(), k).values[-1].item()
-    assert methods.kth_largest(chunks, k) == expected
+    assert methods.rank_cut(chunks, k, one_pass).threshold == expected
+
+
+@pytest.mark.parametrize("k", [1, 3, 1000, 12_345, 20_000, 39_999, 40_000])
+def test_one_pass_cut_of_bfloat16_deltas_equals_the_two_pass_cut(k):
+    """Deltas of bf16 weights: mostly short multiples of an ulp (zero low bits, heavy ties), some not
+    (where the base is small); the cut found from the first pass's list equals the refined one."""
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(40_000, generator=g) * 0.02).bfloat16()
+    base[::97] *= 1e-3
+    sft = (base.float() + torch.randn(40_000, generator=g) * 2e-4).bfloat16()
+    d = sft.float() - base.float()
+    assert 0 < int(((d.abs().view(torch.int32) & 0xFFFF) != 0).sum()) < 1000  # both kinds present
+    passes = []
+
+    def chunks():
+        passes.append(1)
+        return (d[i:i + 7000] for i in range(0, 40_000, 7000))
+
+    one = methods.rank_cuts(chunks, [k, 40_000 - k])
+    assert len(passes) == 1  # settled by the first pass
+    assert one == methods.rank_cuts(chunks, [k, 40_000 - k], one_pass=False)
+    assert one[0].threshold == torch.topk(d.abs(), k).values[-1].item()
 
 
 def test_magnitude_mask_keeps_top_density():
@@ -87,10 +110,12 @@ def test_magnitude_mask_keeps_top_density():
     assert d.abs()[mask].min() >= d.abs()[~mask].max()
 
 
-@pytest.mark.parametrize("k", [1, 5, 37, 64, 99, 100])
-def test_magnitude_keeps_exactly_k_with_ties_broken_by_position_across_chunks(k):
+@pytest.mark.parametrize("one_pass", [False, True])
+@pytest.mark.parametrize("k", [1, 5, 37, 61, 64, 99, 100])  # 61: the cut is the one inexact 0.25
+def test_magnitude_keeps_exactly_k_with_ties_broken_by_position_across_chunks(k, one_pass):
     d = torch.tensor([0.5, -0.25, 0.25, 1.0, -0.5] * 20)  # heavy ties, as bf16 deltas have
-    cut = methods.rank_cut(lambda: [d[:33], d[33:70], d[70:]], k)
+    d[7] = 0.2500305  # one entry with low bits set, in the bucket of 0.25
+    cut = methods.rank_cut(lambda: [d[:33], d[33:70], d[70:]], k, one_pass)
     masks, seen = [], 0
     for chunk in (d[:33], d[33:70], d[70:]):
         m, ties = methods.top_k_mask(chunk, cut, seen)
@@ -103,10 +128,26 @@ def test_magnitude_keeps_exactly_k_with_ties_broken_by_position_across_chunks(k)
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("band", [(0, 300), (10, 500), (0, 1000), (0, 0)])
+def test_trim_in_place_equals_the_breadcrumbs_mask(dtype, band):
+    d = (torch.randint(-6, 7, (1000,)) * 0.125).to(dtype)  # heavy ties, zeros included
+    upper, lower = methods.rank_cuts(lambda: [d], [band[0], band[0] + band[1]])
+    trimmed, expected, kept, seen_in, seen_out = d.clone(), [], 0, (0, 0), (0, 0)
+    for i in range(0, 1000, 300):
+        chunk = trimmed[i:i + 300]
+        seen_in = tuple(a + b for a, b in zip(seen_in, methods.trim_(chunk, upper, lower, seen_in)))
+        mask, seen = methods.breadcrumbs_mask(d[i:i + 300], upper, lower, seen_out)
+        seen_out = tuple(a + b for a, b in zip(seen_out, seen))
+        expected.append(d[i:i + 300] * mask)
+        kept += int(mask.sum())
+    assert torch.equal(trimmed, torch.cat(expected))
+    assert kept == min(band[1], 1000 - band[0])  # exactly the band, ties broken by position
+
+
 def test_breadcrumbs_drops_top_gamma_and_bottom():
     d = torch.randn(1000)
-    upper = methods.rank_cut(lambda: [d], 10)
-    lower = methods.rank_cut(lambda: [d], 10 + 500)
+    upper, lower = methods.rank_cuts(lambda: [d], [10, 10 + 500])
     keep, _ = methods.breadcrumbs_mask(d, upper, lower)
     order = torch.argsort(d.abs(), descending=True)
     expected = torch.zeros(1000, dtype=torch.bool)

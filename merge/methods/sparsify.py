@@ -14,51 +14,128 @@ import torch
 ChunkSource = Callable[[], Iterable[torch.Tensor]]
 
 
-def _abs_bits(x: torch.Tensor) -> torch.Tensor:
-    # For non-negative float32 values the int32 bit pattern orders exactly like the value.
-    return x.detach().abs().to(torch.float32).view(torch.int32)
+def _abs_bits(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``|x|`` as float32 bit patterns (int32; into ``out`` when given): for non-negative floats they order
+    exactly like the values."""
+    x = x.detach().reshape(-1)
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    return torch.abs(x, out=None if out is None else out.view(torch.float32)).view(torch.int32)
+
+
+def _bits_of(value: float) -> int:
+    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32))
+
+
+def _as_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
 @dataclass(frozen=True)
 class RankCut:
     """The top-k entries by ``|x|``, exactly k of them: every entry above ``threshold`` plus the first
     ``ties_kept`` entries (in flat order) equal to it, of ``ties_total`` such entries (None: not counted).
-    Ranking is by magnitude, then by position."""
+    Ranking is by magnitude (as float32), then by position."""
 
     threshold: float
     ties_kept: int
     ties_total: int | None = None
 
 
-def rank_cut(chunks: ChunkSource, k: int) -> RankCut:
-    """Where the k-th largest ``|x|`` (1-based) over all chunks lies, exactly, in two histogram passes of
-    2**16 bins over the float32 bit patterns (high half, then the low half inside the bucket the k-th entry
-    falls in); memory is one chunk plus the histograms."""
-    if k < 1:
-        return RankCut(float("inf"), 0, 0)
-    bins = 1 << 16
-    high = None
+_BINS = 1 << 16  # buckets of the high (and low) 16 bits of a pattern
+_HIGH = 1 << 15  # high halves of |x| patterns: the sign bit is clear
+_BLOCK = 1 << 18
+
+
+class _HighHistogram:
+    """First pass: how many ``|x|`` bit patterns fall in each bucket of their high 16 bits, counted apart for
+    entries whose low 16 bits are zero (``exact``: their bucket says their value) and the others
+    (``inexact``, which rank above the exact ones of their bucket). Deltas of bfloat16/float16 checkpoints are
+    short multiples of the base's ulp, nearly all exact, so the cut usually falls on an exact value and needs
+    no second pass."""
+
+    def __init__(self):
+        self.counts: torch.Tensor | None = None  # [exact per bucket | inexact per bucket]
+        self._bits = self._keys = None
+
+    def add(self, chunk: torch.Tensor) -> None:
+        flat = chunk.detach().reshape(-1)
+        block = min(flat.numel(), _BLOCK)
+        if self._bits is None or self._bits.numel() < block or self._bits.device != flat.device:
+            self._bits = torch.empty(block, dtype=torch.int32, device=flat.device)
+            self._keys = torch.empty_like(self._bits)
+        for i in range(0, flat.numel(), _BLOCK):  # blocks that stay in the CPU's cache between the steps
+            part = flat[i:i + _BLOCK]
+            bits, keys = _abs_bits(part, self._bits[:part.numel()]), self._keys[:part.numel()]
+            torch.bitwise_right_shift(bits, 16, out=keys)
+            keys.add_(bits.bitwise_and_(0xFFFF).clamp_(max=1), alpha=_HIGH)
+            h = torch.bincount(keys, minlength=2 * _HIGH).cpu()  # counted where the chunk lives
+            self.counts = h if self.counts is None else self.counts.add_(h)
+
+    def locate(self, k: int) -> tuple[int, int]:
+        """(the bucket holding the k-th largest entry, entries in higher buckets)."""
+        from_top = torch.flip(self.counts[:_HIGH] + self.counts[_HIGH:], [0]).cumsum(0)
+        pos = int(torch.searchsorted(from_top, torch.tensor(k)))
+        return _HIGH - 1 - pos, int(from_top[pos - 1]) if pos > 0 else 0
+
+    def cut(self, k: int) -> RankCut | None:
+        """The exact cut when the k-th entry is one of its bucket's exact entries, else None."""
+        bucket, above = self.locate(k)
+        inexact = int(self.counts[_HIGH + bucket])
+        if k - above <= inexact:
+            return None
+        return RankCut(_as_float(bucket << 16), k - above - inexact, int(self.counts[bucket]))
+
+
+def rank_cuts(chunks: ChunkSource, ks: list[int], one_pass: bool = True) -> list[RankCut]:
+    """Where the k-th largest ``|x|`` (1-based) over all chunks lies, exactly, for each k in ``ks``.
+
+    A first pass counts the float32 bit patterns' high halves (2**16 buckets), apart for entries whose low
+    half is zero. That settles a cut falling on such an entry; otherwise (or with ``one_pass=False``) a second
+    pass counts the low halves inside the cut's bucket. Memory is one chunk and the histograms."""
+    first = _HighHistogram()
     for c in chunks():
-        h = torch.bincount((_abs_bits(c) >> 16).reshape(-1), minlength=bins).cpu()  # counted where c lives
-        high = h if high is None else high + h
-    if high is None or k > int(high.sum()):
-        return RankCut(-1.0, 0)  # more asked than there are: everything is kept
-    from_top = torch.flip(high, [0]).cumsum(0)
-    pos = int(torch.searchsorted(from_top, torch.tensor(k)))
-    bucket = bins - 1 - pos
-    above = int(from_top[pos - 1]) if pos > 0 else 0
-    low = torch.zeros(bins + 2, dtype=torch.int64)
+        first.add(c)
+    total = 0 if first.counts is None else int(first.counts.sum())
+    cuts: list[RankCut | None] = [None] * len(ks)
+    for i, k in enumerate(ks):
+        if k < 1:
+            cuts[i] = RankCut(float("inf"), 0, 0)
+        elif k > total:
+            cuts[i] = RankCut(-1.0, 0)  # more asked than there are: everything is kept
+        elif one_pass:
+            cuts[i] = first.cut(k)
+    pending = [i for i, cut in enumerate(cuts) if cut is None]
+    if pending:
+        for i, cut in zip(pending, _refine(chunks, first, [ks[i] for i in pending])):
+            cuts[i] = cut
+    return cuts
+
+
+def _refine(chunks: ChunkSource, first: _HighHistogram, ks: list[int]) -> list[RankCut]:
+    """Second pass: the low 16 bits of the entries inside each cut's bucket."""
+    located = [first.locate(k) for k in ks]
+    buckets = sorted({b for b, _ in located})
+    low = {b: torch.zeros(_BINS + 2, dtype=torch.int64) for b in buckets}
     for c in chunks():
-        # the low 16 bits of the entries in the bucket, shifted by one; all others land in the two end bins
-        index = (_abs_bits(c).reshape(-1) - (bucket << 16)).clamp_(-1, bins).add_(1)
-        low += torch.bincount(index, minlength=bins + 2).cpu()
-    low = low[1:-1]
-    low_from_top = torch.flip(low, [0]).cumsum(0)
-    lpos = int(torch.searchsorted(low_from_top, torch.tensor(k - above)))
-    bits = (bucket << 16) | (bins - 1 - lpos)
-    greater = above + (int(low_from_top[lpos - 1]) if lpos > 0 else 0)
-    return RankCut(float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)), k - greater,
-                   int(low[bins - 1 - lpos]))
+        bits = _abs_bits(c)
+        for b in buckets:
+            # the low 16 bits of the entries in the bucket, shifted by one; all others land in the two end bins
+            index = (bits - (b << 16)).clamp_(-1, _BINS).add_(1)
+            low[b] += torch.bincount(index, minlength=_BINS + 2).cpu()
+    cuts = []
+    for k, (bucket, above) in zip(ks, located):
+        counts = low[bucket][1:-1]
+        from_top = torch.flip(counts, [0]).cumsum(0)
+        pos = int(torch.searchsorted(from_top, torch.tensor(k - above)))
+        greater = above + (int(from_top[pos - 1]) if pos > 0 else 0)
+        cuts.append(RankCut(_as_float((bucket << 16) | (_BINS - 1 - pos)), k - greater, int(counts[_BINS - 1 - pos])))
+    return cuts
+
+
+def rank_cut(chunks: ChunkSource, k: int, one_pass: bool = True) -> RankCut:
+    """The exact cut for one k (see :func:`rank_cuts`)."""
+    return rank_cuts(chunks, [k], one_pass)[0]
 
 
 def kth_largest(chunks: ChunkSource, k: int) -> float:
@@ -66,21 +143,40 @@ def kth_largest(chunks: ChunkSource, k: int) -> float:
     return rank_cut(chunks, k).threshold
 
 
+def _top_k_words(bits: torch.Tensor, cut: RankCut, ties_before: int) -> int:
+    """Turns ``bits`` (``|x|`` patterns of a chunk) in place into -1 for the entries among the top k of the
+    whole tensor, 0 for the others; returns the threshold-equal entries seen in this chunk. Ties are counted
+    only while they matter: once the quota is spent, or when every tie is kept, 0 is returned."""
+    if cut.threshold == float("inf"):
+        bits.zero_()
+        return 0
+    if cut.threshold < 0:  # more asked than there are
+        bits.fill_(-1)
+        return 0
+    t = _bits_of(cut.threshold)
+    ties, least, split = 0, t, None
+    if cut.ties_kept <= ties_before:
+        least = t + 1
+    elif cut.ties_total is None or cut.ties_kept < cut.ties_total:
+        tie = bits == t
+        ties = int(torch.count_nonzero(tie))
+        if ties_before + ties > cut.ties_kept:  # the quota runs out in this chunk, after its last kept tie
+            split = int(tie.nonzero()[cut.ties_kept - ties_before - 1]) + 1
+    # -1 where bits >= least: the sign of (bits - least), flipped; no overflow as both are non-negative
+    if split is None:
+        bits.sub_(least).bitwise_right_shift_(31).bitwise_not_()
+    else:
+        bits[:split].sub_(t).bitwise_right_shift_(31).bitwise_not_()
+        bits[split:].sub_(t + 1).bitwise_right_shift_(31).bitwise_not_()
+    return ties
+
+
 def top_k_mask(x: torch.Tensor, cut: RankCut, ties_before: int = 0) -> tuple[torch.Tensor, int]:
     """Which entries of this chunk are among the top k of the whole tensor (see :class:`RankCut`);
-    ``ties_before`` counts threshold-equal entries in earlier chunks. Returns (mask, ties in this chunk).
-    Ties are counted only while they matter: once the quota is spent, or when every tie is kept, 0."""
-    a = x.abs().to(torch.float32)
-    if cut.ties_kept <= ties_before:
-        return a > cut.threshold, 0
-    if cut.ties_total is not None and cut.ties_kept >= cut.ties_total:
-        return a >= cut.threshold, 0
-    tie = a == cut.threshold
-    n_ties = int(tie.sum())
-    if ties_before + n_ties <= cut.ties_kept:
-        return a >= cut.threshold, n_ties
-    rank = torch.cumsum(tie.reshape(-1), 0).reshape(tie.shape) + ties_before
-    return (a > cut.threshold) | (tie & (rank <= cut.ties_kept)), n_ties
+    ``ties_before`` counts threshold-equal entries in earlier chunks. Returns (mask, ties in this chunk)."""
+    words = _abs_bits(x)
+    ties = _top_k_words(words, cut, ties_before)
+    return words.reshape(x.shape) != 0, ties
 
 
 def magnitude_mask(delta: torch.Tensor, cut: RankCut, ties_before: int = 0) -> tuple[torch.Tensor, int]:
@@ -97,6 +193,24 @@ def breadcrumbs_mask(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_b
         return in_lower, (0, t_low)
     in_upper, t_up = top_k_mask(delta, upper, ties_before[0])
     return in_lower & ~in_upper, (t_up, t_low)
+
+
+def trim_(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tuple[int, int] = (0, 0),
+          scratch: torch.Tensor | None = None) -> tuple[int, int]:
+    """:func:`breadcrumbs_mask` applied in place: ``delta`` keeps its magnitude ranks in the band and is zero
+    elsewhere (``scratch``: an int32 buffer of delta's size). Returns the ties seen, as ``breadcrumbs_mask``."""
+    words = _abs_bits(delta, scratch)
+    t_low = _top_k_words(words, lower, ties_before[1])
+    t_up = 0
+    if upper.threshold != float("inf"):
+        above = _abs_bits(delta)
+        t_up = _top_k_words(above, upper, ties_before[0])
+        words.bitwise_and_(above.bitwise_not_())
+    if delta.dtype == torch.float32:  # zeroing by the bit mask: the kept entries' bits pass unchanged
+        delta.view(-1).view(torch.int32).bitwise_and_(words)
+    else:
+        delta.mul_(words.reshape(delta.shape) != 0)
+    return t_up, t_low
 
 
 def dare_mask(numel: int, density: float, generator: torch.Generator, device: torch.device | str = "cpu"
