@@ -470,10 +470,12 @@ def _sparsify_(job, sp, state, d, i, start, stop, executor) -> None:
         d.mul_(dare_keep(int(sp.get("seed", 0)), job.name, i, start, stop, state["density"], executor.device))
         return
     if start == 0:  # a new pass over the tensor: ties at the cut are counted again from the first element
-        state["ties"] = (0, 0)
+        state["ties"], state["chunk"] = (0, 0), 0
     scratch = executor._buffers.get("trim", d.numel(), torch.int32, d.device)
-    seen = methods.trim_(d, *state["band"], ties_before=state["ties"], scratch=scratch)
+    # chunks are those of the pass that found the cuts (the same chunk_ranges), so their tie counts apply
+    seen = methods.trim_(d, *state["band"], ties_before=state["ties"], scratch=scratch, chunk=state["chunk"])
     state["ties"] = (state["ties"][0] + seen[0], state["ties"][1] + seen[1])
+    state["chunk"] += 1
 
 
 def _working_dtype(job: TensorJob, models: Mapping[str, TensorSource]) -> torch.dtype | None:

@@ -128,15 +128,41 @@ def test_magnitude_keeps_exactly_k_with_ties_broken_by_position_across_chunks(k,
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.parametrize("k", [1, 9_000, 20_001, 33_333, 49_999])
+def test_ties_split_inside_long_chunks(k):
+    """The quota of kept ties runs out deep inside a chunk of many blocks: the position is still exact."""
+    g = torch.Generator().manual_seed(1)
+    d = torch.randint(-3, 4, (50_000,), generator=g) * 0.25
+    spans = [(0, 20_000), (20_000, 40_000), (40_000, 50_000)]
+    chunks = lambda: (d[a:b] for a, b in spans)  # noqa: E731
+    cut = methods.rank_cut(chunks, k)
+    expected = torch.zeros(50_000)
+    order = torch.sort(-d.abs(), stable=True).indices[:k]  # by magnitude, then position
+    expected[order] = d[order]
+    for known in (False, True):
+        trimmed, seen = d.clone(), (0, 0)
+        for i, (a, b) in enumerate(spans):
+            got = methods.trim_(trimmed[a:b], methods.RankCut(float("inf"), 0), cut, seen, chunk=i if known else None)
+            seen = (0, seen[1] + got[1])
+        assert torch.equal(trimmed, expected)
+
+
+@pytest.mark.parametrize("known_ties", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("band", [(0, 300), (10, 500), (0, 1000), (0, 0)])
-def test_trim_in_place_equals_the_breadcrumbs_mask(dtype, band):
+@pytest.mark.parametrize("band", [(0, 300), (10, 500), (0, 1000), (0, 0), (0, 433)])
+def test_trim_in_place_equals_the_breadcrumbs_mask(dtype, band, known_ties):
+    """Trimming chunk by chunk keeps exactly the band, ties broken by position, whether the ties in each chunk
+    are counted again or taken from the pass that found the cuts (``ties_by_chunk``)."""
     d = (torch.randint(-6, 7, (1000,)) * 0.125).to(dtype)  # heavy ties, zeros included
-    upper, lower = methods.rank_cuts(lambda: [d], [band[0], band[0] + band[1]])
+    upper, lower = methods.rank_cuts(lambda: (d[i:i + 300] for i in range(0, 1000, 300)),
+                                     [band[0], band[0] + band[1]])
+    if 0 < band[0] + band[1] <= 1000:  # a cut on an exact value: settled in one pass, ties known per chunk
+        assert len(lower.ties_by_chunk) == 4 and sum(lower.ties_by_chunk) == lower.ties_total
     trimmed, expected, kept, seen_in, seen_out = d.clone(), [], 0, (0, 0), (0, 0)
     for i in range(0, 1000, 300):
         chunk = trimmed[i:i + 300]
-        seen_in = tuple(a + b for a, b in zip(seen_in, methods.trim_(chunk, upper, lower, seen_in)))
+        seen = methods.trim_(chunk, upper, lower, seen_in, chunk=i // 300 if known_ties else None)
+        seen_in = tuple(a + b for a, b in zip(seen_in, seen))
         mask, seen = methods.breadcrumbs_mask(d[i:i + 300], upper, lower, seen_out)
         seen_out = tuple(a + b for a, b in zip(seen_out, seen))
         expected.append(d[i:i + 300] * mask)

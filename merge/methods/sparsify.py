@@ -6,7 +6,7 @@ without holding the whole tensor: ``kth_largest`` takes a callable that yields t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -35,11 +35,13 @@ def _as_float(bits: int) -> float:
 class RankCut:
     """The top-k entries by ``|x|``, exactly k of them: every entry above ``threshold`` plus the first
     ``ties_kept`` entries (in flat order) equal to it, of ``ties_total`` such entries (None: not counted).
-    Ranking is by magnitude (as float32), then by position."""
+    Ranking is by magnitude (as float32), then by position. ``ties_by_chunk``, when known, counts the entries
+    equal to ``threshold`` in each chunk of the pass that found the cut, so applying it need not count them."""
 
     threshold: float
     ties_kept: int
     ties_total: int | None = None
+    ties_by_chunk: tuple[int, ...] | None = field(default=None, compare=False)
 
 
 _BINS = 1 << 16  # buckets of the high (and low) 16 bits of a pattern
@@ -56,7 +58,8 @@ class _HighHistogram:
 
     def __init__(self):
         self.counts: torch.Tensor | None = None  # [exact per bucket | inexact per bucket]
-        self._bits = self._keys = None
+        self._bits = self._keys = self._chunk_counts = None
+        self._exact_by_chunk: list[tuple[torch.Tensor, torch.Tensor]] = []  # (non-empty buckets, exact counts)
 
     def add(self, chunk: torch.Tensor) -> None:
         flat = chunk.detach().reshape(-1)
@@ -64,13 +67,24 @@ class _HighHistogram:
         if self._bits is None or self._bits.numel() < block or self._bits.device != flat.device:
             self._bits = torch.empty(block, dtype=torch.int32, device=flat.device)
             self._keys = torch.empty_like(self._bits)
+        if self._chunk_counts is None or self._chunk_counts.device != flat.device:
+            self._chunk_counts = torch.zeros(2 * _HIGH, dtype=torch.int64, device=flat.device)
+        counts = self._chunk_counts.zero_()
         for i in range(0, flat.numel(), _BLOCK):  # blocks that stay in the CPU's cache between the steps
             part = flat[i:i + _BLOCK]
             bits, keys = _abs_bits(part, self._bits[:part.numel()]), self._keys[:part.numel()]
             torch.bitwise_right_shift(bits, 16, out=keys)
             keys.add_(bits.bitwise_and_(0xFFFF).clamp_(max=1), alpha=_HIGH)
-            h = torch.bincount(keys, minlength=2 * _HIGH).cpu()  # counted where the chunk lives
-            self.counts = h if self.counts is None else self.counts.add_(h)
+            counts += torch.bincount(keys, minlength=2 * _HIGH)  # counted where the chunk lives
+        counts = counts.cpu()
+        exact = counts[:_HIGH]
+        buckets = exact.nonzero().squeeze(1)
+        self._exact_by_chunk.append((buckets.int(), exact[buckets].int()))  # sparse: a chunk fills few buckets
+        self.counts = counts.clone() if self.counts is None else self.counts.add_(counts)
+
+    def exact_by_chunk(self, bucket: int) -> tuple[int, ...]:
+        """How many entries of each chunk added so far equal the bucket's exact value."""
+        return tuple(int(n[b == bucket].sum()) for b, n in self._exact_by_chunk)
 
     def locate(self, k: int) -> tuple[int, int]:
         """(the bucket holding the k-th largest entry, entries in higher buckets)."""
@@ -84,7 +98,8 @@ class _HighHistogram:
         inexact = int(self.counts[_HIGH + bucket])
         if k - above <= inexact:
             return None
-        return RankCut(_as_float(bucket << 16), k - above - inexact, int(self.counts[bucket]))
+        return RankCut(_as_float(bucket << 16), k - above - inexact, int(self.counts[bucket]),
+                       self.exact_by_chunk(bucket))
 
 
 def rank_cuts(chunks: ChunkSource, ks: list[int], one_pass: bool = True) -> list[RankCut]:
@@ -161,7 +176,7 @@ def _top_k_words(bits: torch.Tensor, cut: RankCut, ties_before: int) -> int:
         tie = bits == t
         ties = int(torch.count_nonzero(tie))
         if ties_before + ties > cut.ties_kept:  # the quota runs out in this chunk, after its last kept tie
-            split = int(tie.nonzero()[cut.ties_kept - ties_before - 1]) + 1
+            split = _index_of_nth(tie, cut.ties_kept - ties_before - 1) + 1
     # -1 where bits >= least: the sign of (bits - least), flipped; no overflow as both are non-negative
     if split is None:
         bits.sub_(least).bitwise_right_shift_(31).bitwise_not_()
@@ -169,6 +184,22 @@ def _top_k_words(bits: torch.Tensor, cut: RankCut, ties_before: int) -> int:
         bits[:split].sub_(t).bitwise_right_shift_(31).bitwise_not_()
         bits[split:].sub_(t + 1).bitwise_right_shift_(31).bitwise_not_()
     return ties
+
+
+def _index_of_nth(mask: torch.Tensor, n: int) -> int:
+    """Where the ``n``-th (from 0) True of a flat bool mask is: counted per block first, so only one block's
+    positions are listed (``nonzero`` of a whole chunk heavy with ties costs milliseconds)."""
+    block = 1 << 12
+    full = mask.numel() // block * block
+    before = 0
+    if full:
+        ends = mask[:full].view(-1, block).sum(1).cumsum(0)
+        at = int(torch.searchsorted(ends, n, right=True))
+        if at < ends.numel():
+            before = int(ends[at - 1]) if at else 0
+            return at * block + int(mask[at * block:(at + 1) * block].nonzero()[n - before])
+        before = int(ends[-1])
+    return full + int(mask[full:].nonzero()[n - before])
 
 
 def top_k_mask(x: torch.Tensor, cut: RankCut, ties_before: int = 0) -> tuple[torch.Tensor, int]:
@@ -196,9 +227,15 @@ def breadcrumbs_mask(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_b
 
 
 def trim_(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tuple[int, int] = (0, 0),
-          scratch: torch.Tensor | None = None) -> tuple[int, int]:
+          scratch: torch.Tensor | None = None, chunk: int | None = None) -> tuple[int, int]:
     """:func:`breadcrumbs_mask` applied in place: ``delta`` keeps its magnitude ranks in the band and is zero
-    elsewhere (``scratch``: an int32 buffer of delta's size). Returns the ties seen, as ``breadcrumbs_mask``."""
+    elsewhere (``scratch``: an int32 buffer of delta's size; ``chunk``: this chunk's index in the pass that
+    found the cuts, to use their ``ties_by_chunk``). Returns the ties seen, as ``breadcrumbs_mask``."""
+    if delta.dtype == torch.float32 and upper.threshold == float("inf"):  # plain magnitude trimming
+        mags = torch.abs(delta.reshape(-1), out=None if scratch is None else scratch.view(torch.float32))
+        ties = _keep_top_(mags, lower, ties_before[1], _ties_in(lower, chunk))
+        delta.mul_(mags.view(delta.shape))
+        return 0, ties
     words = _abs_bits(delta, scratch)
     t_low = _top_k_words(words, lower, ties_before[1])
     t_up = 0
@@ -211,6 +248,37 @@ def trim_(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tupl
     else:
         delta.mul_(words.reshape(delta.shape) != 0)
     return t_up, t_low
+
+
+def _ties_in(cut: RankCut, chunk: int | None) -> int | None:
+    return None if chunk is None or cut.ties_by_chunk is None else cut.ties_by_chunk[chunk]
+
+
+def _keep_top_(mags: torch.Tensor, cut: RankCut, ties_before: int, ties_here: int | None = None) -> int:
+    """:func:`_top_k_words` on float32 magnitudes: ``mags`` becomes 1.0 for the entries among the top k of the
+    whole tensor and 0.0 for the others (a multiplier). ``ties_here``: this chunk's threshold-equal entries,
+    when known (else counted, while they matter)."""
+    if cut.threshold == float("inf"):
+        mags.zero_()
+        return 0
+    if cut.threshold < 0:
+        mags.fill_(1.0)
+        return 0
+    threshold = cut.threshold
+    if cut.ties_kept <= ties_before:
+        mags.gt_(threshold)
+        return 0
+    if cut.ties_total is not None and cut.ties_kept >= cut.ties_total:
+        mags.ge_(threshold)
+        return 0
+    ties = int(torch.count_nonzero(mags == threshold)) if ties_here is None else ties_here
+    if ties_before + ties > cut.ties_kept:  # the quota runs out in this chunk, after its last kept tie
+        split = _index_of_nth(mags == threshold, cut.ties_kept - ties_before - 1) + 1
+        mags[:split].ge_(threshold)
+        mags[split:].gt_(threshold)
+    else:
+        mags.ge_(threshold)
+    return ties
 
 
 def dare_mask(numel: int, density: float, generator: torch.Generator, device: torch.device | str = "cpu"
