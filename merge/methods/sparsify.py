@@ -193,7 +193,7 @@ def _index_of_nth(mask: torch.Tensor, n: int) -> int:
     full = mask.numel() // block * block
     before = 0
     if full:
-        ends = mask[:full].view(-1, block).sum(1).cumsum(0)
+        ends = mask[:full].view(torch.uint8).view(-1, block).sum(1, dtype=torch.int32).cumsum(0)  # bool sums are slow
         at = int(torch.searchsorted(ends, n, right=True))
         if at < ends.numel():
             before = int(ends[at - 1]) if at else 0
