@@ -23,10 +23,6 @@ def _abs_bits(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.abs(x, out=None if out is None else out.view(torch.float32)).view(torch.int32)
 
 
-def _bits_of(value: float) -> int:
-    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32))
-
-
 def _as_float(bits: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
@@ -158,32 +154,42 @@ def kth_largest(chunks: ChunkSource, k: int) -> float:
     return rank_cut(chunks, k).threshold
 
 
-def _top_k_words(bits: torch.Tensor, cut: RankCut, ties_before: int) -> int:
-    """Turns ``bits`` (``|x|`` patterns of a chunk) in place into -1 for the entries among the top k of the
-    whole tensor, 0 for the others; returns the threshold-equal entries seen in this chunk. Ties are counted
-    only while they matter: once the quota is spent, or when every tie is kept, 0 is returned."""
+def _magnitudes(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``|x|`` as flat float32 (into ``out`` when given): the values magnitude ranks compare."""
+    x = x.detach().reshape(-1)
+    return torch.abs(x if x.dtype == torch.float32 else x.to(torch.float32), out=out)
+
+
+def _keep_top_(mags: torch.Tensor, cut: RankCut, ties_before: int, ties_here: int | None = None) -> int:
+    """Turns ``mags`` (float32 ``|x|`` of a chunk) in place into 1.0 for the entries among the top k of the whole
+    tensor and 0.0 for the others (a multiplier); returns the threshold-equal entries in this chunk.
+    ``ties_here`` gives that count when known (``RankCut.ties_by_chunk``); else ties are counted, only while they
+    matter: once the quota is spent, or when every tie is kept, 0 is returned."""
     if cut.threshold == float("inf"):
-        bits.zero_()
+        mags.zero_()
         return 0
     if cut.threshold < 0:  # more asked than there are
-        bits.fill_(-1)
+        mags.fill_(1.0)
         return 0
-    t = _bits_of(cut.threshold)
-    ties, least, split = 0, t, None
+    threshold = cut.threshold  # a float32 value, so the comparisons below are exact
     if cut.ties_kept <= ties_before:
-        least = t + 1
-    elif cut.ties_total is None or cut.ties_kept < cut.ties_total:
-        tie = bits == t
-        ties = int(torch.count_nonzero(tie))
-        if ties_before + ties > cut.ties_kept:  # the quota runs out in this chunk, after its last kept tie
-            split = _index_of_nth(tie, cut.ties_kept - ties_before - 1) + 1
-    # -1 where bits >= least: the sign of (bits - least), flipped; no overflow as both are non-negative
-    if split is None:
-        bits.sub_(least).bitwise_right_shift_(31).bitwise_not_()
+        mags.gt_(threshold)
+        return 0
+    if cut.ties_total is not None and cut.ties_kept >= cut.ties_total:
+        mags.ge_(threshold)
+        return 0
+    tie = None
+    if ties_here is None:
+        tie = mags == threshold
+        ties_here = int(torch.count_nonzero(tie))
+    if ties_before + ties_here > cut.ties_kept:  # the quota runs out in this chunk, after its last kept tie
+        tie = mags == threshold if tie is None else tie
+        split = _index_of_nth(tie, cut.ties_kept - ties_before - 1) + 1
+        mags[:split].ge_(threshold)
+        mags[split:].gt_(threshold)
     else:
-        bits[:split].sub_(t).bitwise_right_shift_(31).bitwise_not_()
-        bits[split:].sub_(t + 1).bitwise_right_shift_(31).bitwise_not_()
-    return ties
+        mags.ge_(threshold)
+    return ties_here
 
 
 def _index_of_nth(mask: torch.Tensor, n: int) -> int:
@@ -205,9 +211,9 @@ def _index_of_nth(mask: torch.Tensor, n: int) -> int:
 def top_k_mask(x: torch.Tensor, cut: RankCut, ties_before: int = 0) -> tuple[torch.Tensor, int]:
     """Which entries of this chunk are among the top k of the whole tensor (see :class:`RankCut`);
     ``ties_before`` counts threshold-equal entries in earlier chunks. Returns (mask, ties in this chunk)."""
-    words = _abs_bits(x)
-    ties = _top_k_words(words, cut, ties_before)
-    return words.reshape(x.shape) != 0, ties
+    mags = _magnitudes(x)
+    ties = _keep_top_(mags, cut, ties_before)
+    return mags.reshape(x.shape) != 0, ties
 
 
 def magnitude_mask(delta: torch.Tensor, cut: RankCut, ties_before: int = 0) -> tuple[torch.Tensor, int]:
@@ -229,56 +235,21 @@ def breadcrumbs_mask(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_b
 def trim_(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tuple[int, int] = (0, 0),
           scratch: torch.Tensor | None = None, chunk: int | None = None) -> tuple[int, int]:
     """:func:`breadcrumbs_mask` applied in place: ``delta`` keeps its magnitude ranks in the band and is zero
-    elsewhere (``scratch``: an int32 buffer of delta's size; ``chunk``: this chunk's index in the pass that
+    elsewhere (``scratch``: a 4-byte buffer of delta's size; ``chunk``: this chunk's index in the pass that
     found the cuts, to use their ``ties_by_chunk``). Returns the ties seen, as ``breadcrumbs_mask``."""
-    if delta.dtype == torch.float32 and upper.threshold == float("inf"):  # plain magnitude trimming
-        mags = torch.abs(delta.reshape(-1), out=None if scratch is None else scratch.view(torch.float32))
-        ties = _keep_top_(mags, lower, ties_before[1], _ties_in(lower, chunk))
-        delta.mul_(mags.view(delta.shape))
-        return 0, ties
-    words = _abs_bits(delta, scratch)
-    t_low = _top_k_words(words, lower, ties_before[1])
+    keep = _magnitudes(delta, None if scratch is None else scratch.view(torch.float32))
+    t_low = _keep_top_(keep, lower, ties_before[1], _ties_in(lower, chunk))
     t_up = 0
     if upper.threshold != float("inf"):
-        above = _abs_bits(delta)
-        t_up = _top_k_words(above, upper, ties_before[0])
-        words.bitwise_and_(above.bitwise_not_())
-    if delta.dtype == torch.float32:  # zeroing by the bit mask: the kept entries' bits pass unchanged
-        delta.view(-1).view(torch.int32).bitwise_and_(words)
-    else:
-        delta.mul_(words.reshape(delta.shape) != 0)
+        above = _magnitudes(delta)
+        t_up = _keep_top_(above, upper, ties_before[0], _ties_in(upper, chunk))
+        keep.sub_(above).clamp_(min=0)  # kept by the lower cut and not among the top ones
+    delta.mul_(keep.view(delta.shape))
     return t_up, t_low
 
 
 def _ties_in(cut: RankCut, chunk: int | None) -> int | None:
     return None if chunk is None or cut.ties_by_chunk is None else cut.ties_by_chunk[chunk]
-
-
-def _keep_top_(mags: torch.Tensor, cut: RankCut, ties_before: int, ties_here: int | None = None) -> int:
-    """:func:`_top_k_words` on float32 magnitudes: ``mags`` becomes 1.0 for the entries among the top k of the
-    whole tensor and 0.0 for the others (a multiplier). ``ties_here``: this chunk's threshold-equal entries,
-    when known (else counted, while they matter)."""
-    if cut.threshold == float("inf"):
-        mags.zero_()
-        return 0
-    if cut.threshold < 0:
-        mags.fill_(1.0)
-        return 0
-    threshold = cut.threshold
-    if cut.ties_kept <= ties_before:
-        mags.gt_(threshold)
-        return 0
-    if cut.ties_total is not None and cut.ties_kept >= cut.ties_total:
-        mags.ge_(threshold)
-        return 0
-    ties = int(torch.count_nonzero(mags == threshold)) if ties_here is None else ties_here
-    if ties_before + ties > cut.ties_kept:  # the quota runs out in this chunk, after its last kept tie
-        split = _index_of_nth(mags == threshold, cut.ties_kept - ties_before - 1) + 1
-        mags[:split].ge_(threshold)
-        mags[split:].gt_(threshold)
-    else:
-        mags.ge_(threshold)
-    return ties
 
 
 def dare_mask(numel: int, density: float, generator: torch.Generator, device: torch.device | str = "cpu"
