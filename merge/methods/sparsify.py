@@ -17,10 +17,7 @@ ChunkSource = Callable[[], Iterable[torch.Tensor]]
 def _abs_bits(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``|x|`` as float32 bit patterns (int32; into ``out`` when given): for non-negative floats they order
     exactly like the values."""
-    x = x.detach().reshape(-1)
-    if x.dtype != torch.float32:
-        x = x.to(torch.float32)
-    return torch.abs(x, out=None if out is None else out.view(torch.float32)).view(torch.int32)
+    return _magnitudes(x, None if out is None else out.view(torch.float32)).view(torch.int32)
 
 
 def _as_float(bits: int) -> float:
