@@ -2,8 +2,8 @@
 
 Before any tensor is written, the staging folder gets ``.mergeback-manifest.json``: the run's identity (engine
 version, recipe, cheap input fingerprints, the planned shard headers) and one entry per planned shard. When
-every tensor of a shard is written, the shard is fdatasync'ed and marked complete, with a CRC-32 of each
-tensor's bytes (kept by the writer as it writes, so nothing is read back), by an atomic rewrite of the
+every tensor of a shard is written, the shard is fdatasync'ed and marked complete, with a checksum of each
+tensor's bytes (an XXH3-64 kept by the writer as it writes, so nothing is read back), by an atomic rewrite of the
 manifest (temp file + rename). A resumed run with the same identity re-checks the shards marked complete
 against those checksums, keeps those that still match, and writes only the rest, so its result is
 byte-identical to an uninterrupted run.
@@ -17,14 +17,15 @@ import json
 import os
 import shutil
 import threading
-import zlib
 from pathlib import Path
 from typing import Mapping
+
+import xxhash
 
 from ..errors import InputError
 
 MANIFEST_NAME = ".mergeback-manifest.json"
-FORMAT = 2
+FORMAT = 3  # 3: XXH3-64 tensor checksums (2 had CRC-32)
 HEAD_BYTES = 1 << 20  # fingerprints hash this much of each input file: safetensors headers live there
 
 
@@ -43,9 +44,9 @@ def folder_fingerprint(folder: Path) -> dict[str, list]:
             if not p.name.startswith(".") and p.is_file()}
 
 
-def file_crc32(path: Path, start: int, length: int, block: int = 1 << 24) -> int:
-    """CRC-32 of ``length`` bytes of ``path`` from ``start`` (a short file gives a CRC that will not match)."""
-    crc = 0
+def file_checksum(path: Path, start: int, length: int, block: int = 1 << 24) -> str:
+    """XXH3-64 (hex) of ``length`` bytes of ``path`` from ``start`` (a short file gives one that will not match)."""
+    digest = xxhash.xxh3_64()
     buf = bytearray(min(block, max(length, 1)))
     with open(path, "rb", buffering=0) as f:
         f.seek(start)
@@ -53,24 +54,24 @@ def file_crc32(path: Path, start: int, length: int, block: int = 1 << 24) -> int
             n = f.readinto(memoryview(buf)[:min(length, len(buf))])
             if not n:
                 break
-            crc = zlib.crc32(memoryview(buf)[:n], crc)
+            digest.update(memoryview(buf)[:n])
             length -= n
-    return crc
+    return digest.hexdigest()
 
 
 def shard_checksums(path: Path, shard) -> dict:
-    """What the journal records for a shard file: the sha256 of its header and a CRC-32 per tensor."""
+    """What the journal records for a shard file: the sha256 of its header and an XXH3-64 per tensor."""
     with open(path, "rb") as f:
         head = f.read(len(shard.header))
     return {"header": hashlib.sha256(head).hexdigest(),
-            "crc32": [file_crc32(path, shard.offsets[t.name], t.nbytes) for t in shard.tensors]}
+            "xxh3": [file_checksum(path, shard.offsets[t.name], t.nbytes) for t in shard.tensors]}
 
 
 def shard_intact(path: Path, shard, recorded: dict) -> bool:
     """Whether a shard on disk still holds exactly what the journal recorded (same size, header, tensors)."""
     if not path.is_file() or path.stat().st_size != shard.size:
         return False
-    wanted = {"header": recorded.get("header"), "crc32": recorded.get("crc32")}
+    wanted = {"header": recorded.get("header"), "xxh3": recorded.get("xxh3")}
     return shard_checksums(path, shard) == wanted
 
 
@@ -204,13 +205,13 @@ class Journal:
     def _finish(self, filename: str) -> None:
         shard = self.shards[filename]
         self._writer.sync(filename)
-        crcs = [self._writer.tensor_crc(t.name) for t in shard.tensors]
-        if None in crcs:  # some tensor was not written in one ordered pass: read it back
-            crcs = shard_checksums(self.stage / filename, shard)["crc32"]
+        sums = [self._writer.tensor_checksum(t.name) for t in shard.tensors]
+        if None in sums:  # some tensor was not written in one ordered pass: read it back
+            sums = shard_checksums(self.stage / filename, shard)["xxh3"]
         slerp = {t.name: dataclasses.asdict(self._stats.slerp[t.name]) for t in shard.tensors
                  if t.name in self._stats.slerp}
         with self._lock:
-            self.complete[filename] = {"header": hashlib.sha256(shard.header).hexdigest(), "crc32": crcs,
+            self.complete[filename] = {"header": hashlib.sha256(shard.header).hexdigest(), "xxh3": sums,
                                        "slerp": slerp}
             self.save()
 
