@@ -171,6 +171,21 @@ def test_trim_in_place_equals_the_breadcrumbs_mask(dtype, band, known_ties):
     assert kept == min(band[1], 1000 - band[0])  # exactly the band, ties broken by position
 
 
+@pytest.mark.parametrize("band", [(0, 1), (0, 300), (7, 500), (0, 999), (999, 1)])
+def test_trim_of_distinct_float32_values_keeps_exactly_the_band(band):
+    """No ties: the cuts sit on single values, so keeping ``>=`` against ``>`` differs by one entry per cut."""
+    d = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    upper, lower = methods.rank_cuts(lambda: (d[i:i + 300] for i in range(0, 1000, 300)), [band[0], sum(band)])
+    trimmed, seen = d.clone(), (0, 0)
+    for i in range(0, 1000, 300):
+        got = methods.trim_(trimmed[i:i + 300], upper, lower, seen, chunk=i // 300)
+        seen = (seen[0] + got[0], seen[1] + got[1])
+    order = torch.sort(-d.abs(), stable=True).indices[band[0]:sum(band)]
+    expected = torch.zeros(1000)
+    expected[order] = d[order]
+    assert torch.equal(trimmed, expected)
+
+
 def test_breadcrumbs_drops_top_gamma_and_bottom():
     d = torch.randn(1000)
     upper, lower = methods.rank_cuts(lambda: [d], [10, 10 + 500])

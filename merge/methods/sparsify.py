@@ -6,6 +6,7 @@ without holding the whole tensor: ``kth_largest`` takes a callable that yields t
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -233,7 +234,22 @@ def trim_(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tupl
           scratch: torch.Tensor | None = None, chunk: int | None = None) -> tuple[int, int]:
     """:func:`breadcrumbs_mask` applied in place: ``delta`` keeps its magnitude ranks in the band and is zero
     elsewhere (``scratch``: a 4-byte buffer of delta's size; ``chunk``: this chunk's index in the pass that
-    found the cuts, to use their ``ties_by_chunk``). Returns the ties seen, as ``breadcrumbs_mask``."""
+    found the cuts, to use their ``ties_by_chunk``). Returns the ties seen, as ``breadcrumbs_mask``.
+
+    float32 deltas are trimmed by ``hardshrink`` (one pass): the band is ``top_lower(d) - top_upper(d)``."""
+    if delta.dtype != torch.float32:  # ranks compare |x| as float32: other dtypes go through the mask
+        return _trim_by_mask_(delta, upper, lower, ties_before, scratch, chunk)
+    flat = delta.view(-1)
+    if upper.threshold == float("inf"):  # nothing dropped from the top (plain magnitude trimming)
+        return 0, _zero_below_cut_(flat, lower, ties_before[1], _ties_in(lower, chunk))
+    top = flat.clone() if scratch is None else scratch.view(torch.float32)[:flat.numel()].copy_(flat)
+    t_up = _zero_below_cut_(top, upper, ties_before[0], _ties_in(upper, chunk))
+    t_low = _zero_below_cut_(flat, lower, ties_before[1], _ties_in(lower, chunk))
+    flat.sub_(top)  # kept by the lower cut and not among the top ones (the upper's top set is inside the lower's)
+    return t_up, t_low
+
+
+def _trim_by_mask_(delta, upper, lower, ties_before, scratch, chunk) -> tuple[int, int]:
     keep = _magnitudes(delta, None if scratch is None else scratch.view(torch.float32))
     t_low = _keep_top_(keep, lower, ties_before[1], _ties_in(lower, chunk))
     t_up = 0
@@ -243,6 +259,49 @@ def trim_(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tupl
         keep.sub_(above).clamp_(min=0)  # kept by the lower cut and not among the top ones
     delta.mul_(keep.view(delta.shape))
     return t_up, t_low
+
+
+def _zero_below_cut_(x: torch.Tensor, cut: RankCut, ties_before: int, ties_here: int | None = None) -> int:
+    """Zeroes in place the entries of ``x`` (flat float32) outside the top k of the whole tensor; returns the
+    threshold-equal entries in this chunk, as :func:`_keep_top_` does."""
+    if cut.threshold == float("inf"):
+        x.zero_()
+        return 0
+    if cut.threshold < 0:  # more asked than there are
+        return 0
+    threshold = cut.threshold
+    if cut.ties_kept <= ties_before:
+        _hardshrink_(x, threshold, keep_equal=False)
+        return 0
+    if cut.ties_total is not None and cut.ties_kept >= cut.ties_total:
+        _hardshrink_(x, threshold, keep_equal=True)
+        return 0
+    tie = None
+    if ties_here is None:
+        tie = x.abs() == threshold
+        ties_here = int(torch.count_nonzero(tie))
+    if ties_before + ties_here > cut.ties_kept:  # the quota runs out in this chunk, after its last kept tie
+        tie = x.abs() == threshold if tie is None else tie
+        split = _index_of_nth(tie, cut.ties_kept - ties_before - 1) + 1
+        _hardshrink_(x[:split], threshold, keep_equal=True)
+        _hardshrink_(x[split:], threshold, keep_equal=False)
+    else:
+        _hardshrink_(x, threshold, keep_equal=True)
+    return ties_here
+
+
+def _hardshrink_(x: torch.Tensor, threshold: float, keep_equal: bool) -> None:
+    """``x := x if |x| > threshold (>= with keep_equal) else 0``, in place, for float32 ``x`` and a float32
+    ``threshold`` (exact comparisons); ``>=`` is ``>`` against the next float32 below the threshold."""
+    if threshold == 0:  # entries of magnitude 0 are zeros whether kept or not
+        return
+    torch.hardshrink(x, _next_below(threshold) if keep_equal else threshold, out=x)
+
+
+def _next_below(value: float) -> float:
+    """The largest float32 below a positive float32 ``value``."""
+    (bits,) = struct.unpack("<i", struct.pack("<f", value))
+    return struct.unpack("<f", struct.pack("<i", bits - 1))[0]
 
 
 def _ties_in(cut: RankCut, chunk: int | None) -> int | None:
