@@ -28,6 +28,7 @@ from .plan import Plan, TensorJob, TensorSource
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per input buffer: big enough for cheap calls, small enough for caches
 RNG_BLOCK = 1 << 16  # random masks are drawn per fixed block, so they do not depend on the chunk size
 MIN_CHUNK = 1 << 16
+SAMPLE_BLOCKS = 16
 DEFAULT_MEMORY = 512 * 2**20  # host memory for the workers' buffers (``--memory``)
 DEFAULT_GPU_MEMORY = 4 * 2**30  # device memory for the workers' buffers (``--gpu-memory``)
 
@@ -46,6 +47,14 @@ def resolve_device(device: str) -> torch.device:
 def chunk_ranges(numel: int, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int, int]]:
     """``(index, start, stop)`` flat ranges covering ``numel`` elements."""
     return [(i, s, min(s + chunk, numel)) for i, s in enumerate(range(0, numel, chunk))]
+
+
+def sample_ranges(numel: int, chunk: int = CHUNK_ELEMENTS, blocks: int = SAMPLE_BLOCKS) -> list[tuple[int, int, int]]:
+    """``blocks`` evenly spread ``(index, start, stop)`` ranges holding about 1/32 of ``numel`` elements (64Ki
+    to 1Mi in all, at most a chunk, so it fits the chunk's buffers): the sample that proposes magnitude cuts."""
+    size = max(1, min(max(numel // 32, 1 << 16), 1 << 20, chunk, numel) // blocks)
+    starts = [j * numel // blocks for j in range(blocks)]
+    return [(j, start, min(start + size, numel)) for j, start in enumerate(starts)]
 
 
 def block_generator(seed: int, name: str, stream: int, block: int, device: torch.device) -> torch.Generator:
@@ -327,16 +336,18 @@ class _Loader:
                                         self.dtype, self.round_to)
                 for slot, key in enumerate(self.job.op.inputs)]
 
-    def passes(self, stored: bool = False) -> Callable[[], Iterator[list[torch.Tensor]]]:
-        """A callable that walks all chunks again (a statistics pass). ``stored=True`` (CPU) may give the
-        inputs as stored (e.g. bfloat16) instead of converted, for kernels that convert on their own."""
+    def passes(self, stored: bool = False, ranges: list[tuple[int, int, int]] | None = None
+               ) -> Callable[[], Iterator[list[torch.Tensor]]]:
+        """A callable that walks all chunks again (a statistics pass), or only ``ranges`` (index, start, stop).
+        ``stored=True`` (CPU) may give the inputs as stored (e.g. bfloat16) instead of converted, for kernels
+        that convert on their own."""
         ex, job = self.executor, self.job
         # a single chunk is better kept converted (read once) than read again
         stored = stored and ex.device.type == "cpu" and self.round_to is None and not self.single \
             and all(_reads_files(self.models[k]) for k in job.op.inputs)
 
         def walk():
-            for index, start, stop in chunk_ranges(job.merged_numel, ex.chunk):
+            for index, start, stop in ranges or chunk_ranges(job.merged_numel, ex.chunk):
                 if stored:
                     yield [ex._raw(self.models[k], job.source_name(k), start, stop, f"in{slot}/raw")
                            for slot, k in enumerate(job.op.inputs)]
@@ -395,18 +406,21 @@ class _TaskArithmetic:
         n = job.merged_numel
         states = []
         for i in range(1, len(job.op.inputs)):
-            def deltas(i=i):
-                for xs in loader.passes()():
+            def deltas(i=i, ranges=None):
+                for xs in loader.passes(ranges=ranges)():
                     out = loader.executor._buffers.get("delta", xs[0].numel(), xs[0].dtype, xs[0].device)
                     yield torch.sub(xs[i], xs[0], out=out)
+            # spread blocks propose the cuts, so that one pass only counts (a single chunk is simply histogrammed)
+            sample = None if loader.single else (lambda i=i: deltas(i, sample_ranges(n, loader.executor.chunk)))
             density, gamma = _per_input(sp["density"], i - 1), _per_input(sp.get("gamma", 0.0), i - 1)
             state = {"density": density, "all": density >= 1, "none": density <= 0, "band": None, "scale": None}
             if not (state["all"] or state["none"]) and sp["method"] == "magnitude":
-                state["band"] = (methods.RankCut(float("inf"), 0), methods.rank_cut(deltas, max(1, int(density * n))))
+                state["band"] = (methods.RankCut(float("inf"), 0),
+                                 methods.rank_cut(deltas, max(1, int(density * n)), sample=sample, total=n))
             elif not (state["all"] or state["none"]) and sp["method"] == "breadcrumbs":
                 keep = int(density * n)
                 top = min(int(gamma * n), n - keep)
-                state["band"] = tuple(methods.rank_cuts(deltas, [top, top + keep]))
+                state["band"] = tuple(methods.rank_cuts(deltas, [top, top + keep], sample=sample, total=n))
             states.append(state)
         if sp.get("rescale") == "l1":
             _TaskArithmetic._l1_scales(job, loader, sp, states)
@@ -509,7 +523,7 @@ class MemoryFit:
 def per_worker_bytes(plan: Plan, chunk: int) -> tuple[int, int]:
     """(host, compute-device) bytes one worker's reused buffers need at most over ``plan``: per input a compute
     buffer (float32, or float64 for float64 tensors) and a stored-dtype read buffer, an output-dtype buffer,
-    and for magnitude trimming the 2**16-bin histograms and the masks."""
+    and for magnitude trimming the 2**16-bin histograms, the masks and the sample proposing the cuts."""
     host = device = 0
     for job in plan.jobs:
         elems = min(job.numel if job.op.kind == "copy" else job.merged_numel, chunk)
@@ -520,7 +534,7 @@ def per_worker_bytes(plan: Plan, chunk: int) -> tuple[int, int]:
         width = 8 if job.out_dtype == torch.float64 else 4
         compute = (len(job.op.inputs) + 1) * elems * width
         sp = job.op.params.get("sparsify") or {}
-        if sp.get("method") in ("magnitude", "breadcrumbs"):  # histograms, their keys, the trimming masks
+        if sp.get("method") in ("magnitude", "breadcrumbs"):  # histograms, keys, trimming masks, sample
             compute += 2 * (1 << 16) * 8 + 4 * elems * 4
         staging = len(job.op.inputs) * elems * 4 + out
         host, device = max(host, staging), max(device, compute)

@@ -103,6 +103,47 @@ def test_one_pass_cut_of_bfloat16_deltas_equals_the_two_pass_cut(k):
     assert one[0].threshold == torch.topk(d.abs(), k).values[-1].item()
 
 
+def _bf16_deltas(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    return (base.float() + torch.randn(n, generator=g) * 2e-4).bfloat16().float() - base.float()
+
+
+def _counted(d: torch.Tensor, size: int, passes: list):
+    def chunks():
+        passes.append(1)
+        return (d[i:i + size] for i in range(0, d.numel(), size))
+    return chunks
+
+
+@pytest.mark.parametrize("kind", ["bf16 deltas", "distinct values"])
+@pytest.mark.parametrize("k", [0, 1, 7, 12_000, 20_000, 39_999, 40_000, 40_001])
+def test_cuts_proposed_by_a_sample_equal_the_histogram_cuts(kind, k):
+    """A spread sample proposes the cut value and one pass proves it by counting (heavy ties), or the
+    histogram finds it (no proposal); either way the cut, and its ties per chunk, are the same."""
+    d = _bf16_deltas(40_000) if kind == "bf16 deltas" else torch.randn(40_000)
+    plain, sampled = [], []
+    expected = methods.rank_cut(_counted(d, 7000, plain), k)
+    sample = lambda: (d[i:i + 500] for i in range(0, 40_000, 2500))  # noqa: E731
+    got = methods.rank_cut(_counted(d, 7000, sampled), k, sample=sample, total=40_000)
+    assert got == expected and got.ties_by_chunk == expected.ties_by_chunk
+    if kind == "bf16 deltas" and 1000 <= k <= 39_000:  # a heavily tied cut: proved by the counting pass alone
+        assert len(sampled) == 1 and len(got.ties_by_chunk) == 6 and sum(got.ties_by_chunk) == got.ties_total
+
+
+@pytest.mark.parametrize("k", [5_000, 20_000, 35_000])
+def test_a_misleading_sample_still_gives_the_exact_cut(k):
+    """The sample comes from the start of the tensor, where every magnitude is 0.5: it proposes 0.5 with
+    confidence, the count disproves it (only 2000 entries are that large), and the histogram finds the cut."""
+    d = _bf16_deltas(40_000)
+    d[:2000] = 0.5
+    expected = methods.rank_cut(_counted(d, 7000, []), k)
+    sampled = []
+    got = methods.rank_cut(_counted(d, 7000, sampled), k, sample=lambda: [d[:2000]], total=40_000)
+    assert got == expected and got.ties_by_chunk == expected.ties_by_chunk
+    assert len(sampled) == 2  # the count that disproved the proposal, then the histogram
+
+
 def test_magnitude_mask_keeps_top_density():
     d = torch.randn(1000)
     mask, _ = methods.magnitude_mask(d, methods.rank_cut(lambda: [d], 300))

@@ -6,6 +6,7 @@ without holding the whole tensor: ``kth_largest`` takes a callable that yields t
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -96,21 +97,39 @@ class _HighHistogram:
                        self.exact_by_chunk(bucket))
 
 
-def rank_cuts(chunks: ChunkSource, ks: list[int], one_pass: bool = True) -> list[RankCut]:
+def rank_cuts(chunks: ChunkSource, ks: list[int], one_pass: bool = True, sample: ChunkSource | None = None,
+              total: int | None = None) -> list[RankCut]:
     """Where the k-th largest ``|x|`` (1-based) over all chunks lies, exactly, for each k in ``ks``.
 
     A first pass counts the float32 bit patterns' high halves (2**16 buckets), apart for entries whose low
     half is zero. That settles a cut falling on such an entry; otherwise (or with ``one_pass=False``) a second
-    pass counts the low halves inside the cut's bucket. Memory is one chunk and the histograms."""
+    pass counts the low halves inside the cut's bucket. Memory is one chunk and the histograms.
+
+    ``sample`` (chunks of a sample of the ``total`` entries) can make this cheaper: where the sample says with
+    confidence that the k-th entry is one of many equal ones (as with deltas of bfloat16 checkpoints), the pass
+    only counts the entries above and at that value, which proves the cut or not; the cuts it does not prove
+    are found as above. The result never depends on the sample, only the cost does."""
+    cuts: list[RankCut | None] = [RankCut(float("inf"), 0, 0) if k < 1 else None for k in ks]
+    if sample is not None and total is not None:
+        if total == 0:
+            return [cut or RankCut(-1.0, 0) for cut in cuts]
+        for i, cut in _proved_cuts(chunks, ks, _proposals(sample, ks, total)).items():
+            cuts[i] = cut
+    pending = [i for i, cut in enumerate(cuts) if cut is None]
+    if pending:
+        for i, cut in zip(pending, _histogram_cuts(chunks, [ks[i] for i in pending], one_pass)):
+            cuts[i] = cut
+    return cuts
+
+
+def _histogram_cuts(chunks: ChunkSource, ks: list[int], one_pass: bool) -> list[RankCut]:
     first = _HighHistogram()
     for c in chunks():
         first.add(c)
     total = 0 if first.counts is None else int(first.counts.sum())
     cuts: list[RankCut | None] = [None] * len(ks)
     for i, k in enumerate(ks):
-        if k < 1:
-            cuts[i] = RankCut(float("inf"), 0, 0)
-        elif k > total:
+        if k > total:
             cuts[i] = RankCut(-1.0, 0)  # more asked than there are: everything is kept
         elif one_pass:
             cuts[i] = first.cut(k)
@@ -119,6 +138,76 @@ def rank_cuts(chunks: ChunkSource, ks: list[int], one_pass: bool = True) -> list
         for i, cut in zip(pending, _refine(chunks, first, [ks[i] for i in pending])):
             cuts[i] = cut
     return cuts
+
+
+_CONFIDENCE = 2.0  # a sample's margin, times 1/sqrt(sample size): 4 standard deviations of a quantile at 1/2
+
+
+def _proposals(sample: ChunkSource, ks: list[int], total: int) -> list[float | None]:
+    """For each k, a float32 value that the sample says holds the k-th largest ``|x|`` of ``total`` among many
+    equal entries, with a margin on both sides; None where it does not."""
+    hist = _HighHistogram()
+    parts = [_magnitudes(c) for c in sample()]  # new tensors: a chunk source may reuse its buffer
+    if parts:
+        hist.add(torch.cat(parts))  # one histogram call: a small block costs as much as a chunk
+    size = 0 if hist.counts is None else int(hist.counts.sum())
+    proposals: list[float | None] = []
+    for k in ks:
+        if not size or not 1 <= k <= total:
+            proposals.append(None)
+            continue
+        k_here = min(size, max(1, math.ceil(k / total * size)))  # the same rank, scaled to the sample
+        cut = hist.cut(k_here)
+        if cut is None:  # an inexact entry: no value is likely to hold many
+            proposals.append(None)
+            continue
+        above, margin = k_here - cut.ties_kept, _CONFIDENCE / math.sqrt(size)
+        confident = above / size + margin < k / total <= (above + cut.ties_total) / size - margin
+        proposals.append(cut.threshold if confident else None)
+    return proposals
+
+
+def _proved_cuts(chunks: ChunkSource, ks: list[int], proposals: list[float | None]) -> dict[int, RankCut]:
+    """One pass counting, for each proposed value, the entries above it and, per chunk, equal to it: the cuts
+    for the ks whose k-th entry is proved to be that value, by index in ``ks``."""
+    values = sorted({v for v in proposals if v is not None})
+    if not values:
+        return {}
+    greater, equal = _counts_at(chunks, values)
+    cuts = {}
+    for i, (k, value) in enumerate(zip(ks, proposals)):
+        if value is None:
+            continue
+        above, ties = greater[values.index(value)], equal[values.index(value)]
+        if above < k <= above + sum(ties):
+            cuts[i] = RankCut(value, k - above, sum(ties), tuple(ties))
+    return cuts
+
+
+def _counts_at(chunks: ChunkSource, values: list[float]) -> tuple[list[int], list[list[int]]]:
+    """For each value: how many ``|x|`` are above it, and how many equal it in each chunk. Counted per block of
+    ``_BLOCK`` entries in float32 (exact: a block holds fewer than 2**24 entries), summed per chunk in float64."""
+    greater = [0] * len(values)
+    equal: list[list[int]] = [[] for _ in values]
+    mags = flags = None
+    for c in chunks():
+        flat = c.detach().reshape(-1)
+        if mags is None or mags.numel() < min(flat.numel(), _BLOCK) or mags.device != flat.device:
+            mags = torch.empty(min(flat.numel(), _BLOCK), dtype=torch.float32, device=flat.device)
+            flags = torch.empty_like(mags)
+        sums = []
+        for i in range(0, flat.numel(), _BLOCK):
+            part = flat[i:i + _BLOCK]
+            m, f = _magnitudes(part, mags[:part.numel()]), flags[:part.numel()]
+            for v in values:
+                sums.append(torch.gt(m, v, out=f).sum())
+                sums.append(torch.eq(m, v, out=f).sum())
+        per_chunk = torch.stack(sums).view(-1, len(values), 2).double().sum(0).tolist() if sums else \
+            [[0.0, 0.0]] * len(values)
+        for j, (above, ties) in enumerate(per_chunk):
+            greater[j] += int(above)
+            equal[j].append(int(ties))
+    return greater, equal
 
 
 def _refine(chunks: ChunkSource, first: _HighHistogram, ks: list[int]) -> list[RankCut]:
@@ -142,9 +231,10 @@ def _refine(chunks: ChunkSource, first: _HighHistogram, ks: list[int]) -> list[R
     return cuts
 
 
-def rank_cut(chunks: ChunkSource, k: int, one_pass: bool = True) -> RankCut:
+def rank_cut(chunks: ChunkSource, k: int, one_pass: bool = True, sample: ChunkSource | None = None,
+             total: int | None = None) -> RankCut:
     """The exact cut for one k (see :func:`rank_cuts`)."""
-    return rank_cuts(chunks, [k], one_pass)[0]
+    return rank_cuts(chunks, [k], one_pass, sample, total)[0]
 
 
 def kth_largest(chunks: ChunkSource, k: int) -> float:
