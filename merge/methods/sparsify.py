@@ -248,36 +248,48 @@ def _magnitudes(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     return torch.abs(x if x.dtype == torch.float32 else x.to(torch.float32), out=out)
 
 
-def _keep_top_(mags: torch.Tensor, cut: RankCut, ties_before: int, ties_here: int | None = None) -> int:
-    """Turns ``mags`` (float32 ``|x|`` of a chunk) in place into 1.0 for the entries among the top k of the whole
-    tensor and 0.0 for the others (a multiplier); returns the threshold-equal entries in this chunk.
-    ``ties_here`` gives that count when known (``RankCut.ties_by_chunk``); else ties are counted, only while they
-    matter: once the quota is spent, or when every tie is kept, 0 is returned."""
+def _cut_rules(cut: RankCut, ties_before: int, ties_here: int | None, tie_mask: Callable[[], torch.Tensor]
+               ) -> tuple[list[tuple[slice, str]], int]:
+    """Which entries of a chunk are among the top k of the whole tensor, as ``(part of the chunk, rule)`` with
+    rule ``none``, ``all``, ``>`` or ``>=`` (against ``cut.threshold``), and the threshold-equal entries in the
+    chunk. ``ties_here`` gives that count when known (``RankCut.ties_by_chunk``); else ``tie_mask()`` (the
+    chunk's threshold-equal entries) is counted, only while ties matter: once the quota is spent, or when every
+    tie is kept, 0 is returned."""
+    whole = slice(None)
     if cut.threshold == float("inf"):
-        mags.zero_()
-        return 0
+        return [(whole, "none")], 0
     if cut.threshold < 0:  # more asked than there are
-        mags.fill_(1.0)
-        return 0
-    threshold = cut.threshold  # a float32 value, so the comparisons below are exact
+        return [(whole, "all")], 0
     if cut.ties_kept <= ties_before:
-        mags.gt_(threshold)
-        return 0
+        return [(whole, ">")], 0
     if cut.ties_total is not None and cut.ties_kept >= cut.ties_total:
-        mags.ge_(threshold)
-        return 0
+        return [(whole, ">=")], 0
     tie = None
     if ties_here is None:
-        tie = mags == threshold
+        tie = tie_mask()
         ties_here = int(torch.count_nonzero(tie))
     if ties_before + ties_here > cut.ties_kept:  # the quota runs out in this chunk, after its last kept tie
-        tie = mags == threshold if tie is None else tie
-        split = _index_of_nth(tie, cut.ties_kept - ties_before - 1) + 1
-        mags[:split].ge_(threshold)
-        mags[split:].gt_(threshold)
-    else:
-        mags.ge_(threshold)
-    return ties_here
+        split = _index_of_nth(tie_mask() if tie is None else tie, cut.ties_kept - ties_before - 1) + 1
+        return [(slice(None, split), ">="), (slice(split, None), ">")], ties_here
+    return [(whole, ">=")], ties_here
+
+
+def _keep_top_(mags: torch.Tensor, cut: RankCut, ties_before: int, ties_here: int | None = None) -> int:
+    """Turns ``mags`` (float32 ``|x|`` of a chunk) in place into 1.0 for the entries among the top k of the whole
+    tensor and 0.0 for the others (a multiplier); returns the threshold-equal entries in this chunk (see
+    :func:`_cut_rules`). The threshold is a float32 value, so the comparisons are exact."""
+    rules, ties = _cut_rules(cut, ties_before, ties_here, lambda: mags == cut.threshold)
+    for part, rule in rules:
+        m = mags[part]
+        if rule == "none":
+            m.zero_()
+        elif rule == "all":
+            m.fill_(1.0)
+        elif rule == ">":
+            m.gt_(cut.threshold)
+        else:
+            m.ge_(cut.threshold)
+    return ties
 
 
 def _index_of_nth(mask: torch.Tensor, n: int) -> int:
@@ -352,40 +364,16 @@ def _trim_by_mask_(delta, upper, lower, ties_before, scratch, chunk) -> tuple[in
 
 
 def _zero_below_cut_(x: torch.Tensor, cut: RankCut, ties_before: int, ties_here: int | None = None) -> int:
-    """Zeroes in place the entries of ``x`` (flat float32) outside the top k of the whole tensor; returns the
-    threshold-equal entries in this chunk, as :func:`_keep_top_` does."""
-    if cut.threshold == float("inf"):
-        x.zero_()
-        return 0
-    if cut.threshold < 0:  # more asked than there are
-        return 0
-    threshold = cut.threshold
-    if cut.ties_kept <= ties_before:
-        _hardshrink_(x, threshold, keep_equal=False)
-        return 0
-    if cut.ties_total is not None and cut.ties_kept >= cut.ties_total:
-        _hardshrink_(x, threshold, keep_equal=True)
-        return 0
-    tie = None
-    if ties_here is None:
-        tie = x.abs() == threshold
-        ties_here = int(torch.count_nonzero(tie))
-    if ties_before + ties_here > cut.ties_kept:  # the quota runs out in this chunk, after its last kept tie
-        tie = x.abs() == threshold if tie is None else tie
-        split = _index_of_nth(tie, cut.ties_kept - ties_before - 1) + 1
-        _hardshrink_(x[:split], threshold, keep_equal=True)
-        _hardshrink_(x[split:], threshold, keep_equal=False)
-    else:
-        _hardshrink_(x, threshold, keep_equal=True)
-    return ties_here
-
-
-def _hardshrink_(x: torch.Tensor, threshold: float, keep_equal: bool) -> None:
-    """``x := x if |x| > threshold (>= with keep_equal) else 0``, in place, for float32 ``x`` and a float32
-    ``threshold`` (exact comparisons); ``>=`` is ``>`` against the next float32 below the threshold."""
-    if threshold == 0:  # entries of magnitude 0 are zeros whether kept or not
-        return
-    torch.hardshrink(x, _next_below(threshold) if keep_equal else threshold, out=x)
+    """Zeroes in place the entries of ``x`` (flat float32) outside the top k of the whole tensor, by
+    ``hardshrink``: ``x if |x| > t else 0``, with ``>=`` as ``>`` against the next float32 below ``t`` (exact
+    comparisons). Returns the threshold-equal entries in this chunk (see :func:`_cut_rules`)."""
+    rules, ties = _cut_rules(cut, ties_before, ties_here, lambda: x.abs() == cut.threshold)
+    for part, rule in rules:
+        if rule == "none":
+            x[part].zero_()
+        elif rule != "all" and cut.threshold != 0:  # entries of magnitude 0 are zeros, kept or not
+            torch.hardshrink(x[part], cut.threshold if rule == ">" else _next_below(cut.threshold), out=x[part])
+    return ties
 
 
 def _next_below(value: float) -> float:
