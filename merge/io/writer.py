@@ -142,7 +142,8 @@ class _Target:
     offset: int  # of the tensor's first byte in the file
     dtype: torch.dtype
     nbytes: int
-    digest: tuple[int, xxhash.xxh3_64] | None = None  # (bytes so far, running XXH3-64); None once out of order
+    # (bytes so far, running XXH3-64); None once written out of order
+    digest: tuple[int, xxhash.xxh3_64] | None = field(default_factory=lambda: (0, xxhash.xxh3_64()))
     unflushed: int | None = None  # buffered writes: file position since which no writeback was started
 
 
@@ -176,7 +177,7 @@ class ShardWriter:
             dfd = _open_direct(path) if direct else None
             self._fds[shard.filename] = (fd, dfd)
             for t in shard.tensors:
-                self._targets[t.name] = _Target(fd, dfd, shard.offsets[t.name], t.dtype, t.nbytes, (0, xxhash.xxh3_64()))
+                self._targets[t.name] = _Target(fd, dfd, shard.offsets[t.name], t.dtype, t.nbytes)
 
     def skew(self, name: str, start_element: int) -> int:
         """Where element ``start_element`` of ``name`` falls within an aligned block of its file: a buffer whose
