@@ -25,7 +25,7 @@ from .plan import Plan, make_plan
 from .recipes.operations import operations_for
 from .recipes.schema import Recipe
 from .summary import MergeSummary
-from .tensor_names import num_layers
+from .tensor_names import Structure
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PRIMARY = "sft0"
@@ -140,7 +140,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
     with ExitStack() as stack:
         models = {k: stack.enter_context(open_model(m, labels[k], resolved)) for k, m in resolved.items()}
-        n_layers = num_layers(models[primary].config, models[primary].names())
+        n_layers = Structure.of(models[primary].config, models[primary].names())
         op_for = operations_for(recipe, n_layers)
         t_values = op_for.t_values
         out_dtype = DTYPES[recipe.output_dtype] if recipe.output_dtype else None

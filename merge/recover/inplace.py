@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..execute import CHUNK_ELEMENTS, chunk_ranges
 from ..plan import Plan, TensorJob, make_plan
 from ..recipes.operations import operations_for
-from ..tensor_names import num_layers
+from ..tensor_names import Structure
 
 NO_SHARDING = 1 << 62
 
@@ -35,7 +35,7 @@ class InPlaceModel:
                  eval_dtype: torch.dtype | None = None):
         self.models, self.labels, self.device = models, labels, device
         self.primary = "sft0"
-        self.n_layers = num_layers(models[self.primary].config, models[self.primary].names())
+        self.n_layers = Structure.of(models[self.primary].config, models[self.primary].names())
         layout = self.plan(template_recipe)
         check_memory(layout, models, device)
         self.model = build_model(models[self.primary].config, layout, device, eval_dtype)

@@ -184,7 +184,7 @@ class _Runner:
                 label = "blocks(t=" + "/".join(f"{x:g}" for x in point) + ")"
             return with_recovery(self.candidate(label, recipe), base_row, sft_row)
 
-        start = (lam, lam) if kind == "lines" else (chosen.t,) * max(1, min(blocks, n_layers))
+        start = (lam, lam) if kind == "lines" else (chosen.t,) * max(1, min(blocks, n_layers.max_layers))
         self.say(f"searching {kind} schedules from the chosen t = {chosen.t:g} (at most {budget} evaluations)")
         _, best, used = coordinate_search(start, evaluate, lambda c: objective(c.recovery, rule, keep_domain),
                                           budget)
