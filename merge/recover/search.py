@@ -57,7 +57,7 @@ def blocks_recipe(template: Recipe, ts: Sequence[float], n_layers: "int | Struct
     if structure.multi:
         rules.append({"match": "projector", "value": round(ts[0], 6)})
     if structure.counts.get("vision"):
-        vision = f"{VISION.pattern}.*"
+        vision = f"^(?=.*{VISION.pattern}).*"  # a vision name, then the layer part searched as for text
         rules.append({"match": f"re:{vision}(?:^|\\.)pre_", "value": round(ts[0], 6)})
         rules += _block_rules(vision, ts, structure.counts["vision"])
         rules.append({"match": "vision", "value": round(ts[-1], 6)})
