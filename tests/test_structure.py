@@ -73,8 +73,7 @@ def test_lines_schedule_is_counted_per_stack(pairs, tmp_path, arch):
 def test_bottom_k_and_blocks_take_layers_of_each_stack(pairs):
     base, sft = pairs("llava")
     names = list(load_tensors(sft))
-    structure = Structure(
-        {"vision": VISION_LAYERS["llava"], "projector": 0, "text": TEXT_LAYERS})
+    structure = Structure({"vision": VISION_LAYERS["llava"], "projector": 0, "text": TEXT_LAYERS})
     bottom = operations_for(parse_text(f"base: {base}\nsft: [{sft}]\nt: 0.5\nmethod: linear\n"
                                        "schedule: {preset: bottom_k, k: 1}\n"), structure)
     for name in names:
@@ -203,9 +202,11 @@ def test_verify_load_passes_on_vision_language_outputs(pairs, tmp_path, arch):
     assert result.exit_code == 0, result.output
     from merge.integrity import model_class
 
-    cls = model_class({"architectures": [type_name := {"llava": "LlavaForConditionalGeneration",
-                                                       "qwen2_vl": "Qwen2VLForConditionalGeneration"}[arch]]})
-    assert cls.__name__ == type_name
+    class_name = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}[arch]
+    cls = model_class({"architectures": [class_name]})
+    assert cls.__name__ == class_name
+    assert model_class({"architectures": ["NoSuchForConditionalGeneration"]}).__name__ == "AutoModelForImageTextToText"
+    assert model_class({}).__name__ == "AutoModelForCausalLM"
     model = cls.from_pretrained(tmp_path / "o")
     with torch.no_grad():
         logits = model(input_ids=torch.arange(8).unsqueeze(0)).logits
