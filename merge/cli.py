@@ -26,7 +26,10 @@ def _command_line() -> str:
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         source = ctx.get_parameter_source(param.name)
-        if value in (None, False, ()) or source != click.core.ParameterSource.COMMANDLINE:
+        if value is None or value is False or value == () or source != click.core.ParameterSource.COMMANDLINE:
+            continue  # (not `value in (...)`: 0 == False would drop `--t 0`)
+        if isinstance(param, click.Argument):
+            parts += [shlex.quote(str(v)) for v in (value if isinstance(value, (list, tuple)) else [value])]
             continue
         flag = max(param.opts, key=len)
         if getattr(param, "is_flag", False):
@@ -37,12 +40,12 @@ def _command_line() -> str:
     return " ".join(parts)
 
 
-def _resume_command() -> str:
-    """The command that was run, with --resume."""
-    try:
-        command = _command_line()
-    except RuntimeError:  # no click context
-        command = "merge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _resume_command() -> str | None:
+    """The command that was run, with --resume; None for a command that cannot resume (or a dry run)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or not any(p.name == "resume" for p in ctx.command.params) or ctx.params.get("dry_run"):
+        return None
+    command = _command_line()
     return command if " --resume" in command else command + " --resume"
 
 
@@ -54,12 +57,13 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MergeError as e:
-            extra = f"; continue with: {_resume_command()}" if getattr(e, "resumable", False) else ""
-            click.echo(f"error: {e}{extra}", err=True)
+            resume = _resume_command() if getattr(e, "resumable", False) else None
+            click.echo(f"error: {e}" + (f"; continue with: {resume}" if resume else ""), err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
+            resume = _resume_command()
             click.echo("interrupted: the output folder was not touched; finished shards are kept - continue "
-                       f"with: {_resume_command()}", err=True)
+                       f"with: {resume}" if resume else "interrupted", err=True)
             sys.exit(130)
         except OSError as e:
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
