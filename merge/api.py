@@ -134,7 +134,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     if out_path is not None:
         out_path = out_path.resolve()
         if not dry_run:
-            output.check_target(out_path)
+            refs = {f"{'base' if k == 'base' else 'SFT'} {ref}": ref for k, ref in recipe.input_refs().items()}
+            output.check_target(out_path, output.local_inputs(refs))
             output.check_output(out_path, force, resume)
     started = time.perf_counter()
     resolved, resolve_notes = resolve_inputs(recipe, token=token, progress=progress)

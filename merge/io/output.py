@@ -67,6 +67,11 @@ def check_target(out: Path, inputs: dict | None = None) -> None:
                 raise InputError(f"output {out}: contains {target}, read by {label}; write the merge elsewhere")
 
 
+def local_inputs(refs: dict) -> dict[str, Path]:
+    """Those of ``refs`` (label -> reference) that name existing local folders: checkable before any download."""
+    return {label: Path(str(ref)).expanduser() for label, ref in refs.items() if Path(str(ref)).expanduser().is_dir()}
+
+
 def _home_dirs() -> set[Path]:
     homes = {os.path.expanduser("~")}
     try:

@@ -70,7 +70,7 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
     t_values = sorted(set(float(t) for t in (t_values if t_values is not None else DEFAULT_T)) | {0.0, 1.0})
     out_path = Path(out).expanduser().resolve() if out is not None else None
     if out_path is not None:
-        output.check_target(out_path)
+        output.check_target(out_path, output.local_inputs({f"SFT {sft}": sft, f"base {base}": base}))
         output.check_output(out_path, force)
     notes: list[str] = []
     probes = _probe_sets(general, domain, general_report, domain_report, holdout, schedule, notes)
