@@ -83,7 +83,7 @@ def merge_options(fn):
                      help="Output dtype (default: the SFT's)."),
         click.option("--max-shard-size", default="5GB", show_default=True,
                      help="Largest output shard, transformers' syntax (5GB, 500MB, 2GiB)."),
-        click.option("--force", is_flag=True, help="Replace an existing output folder."),
+        click.option("--force", is_flag=True, help="Replace an earlier mergeback output at OUT (never other files)."),
         click.option("--threads", type=click.IntRange(1, 64), help="Worker threads (default: cores + 1, at most 8)."),
         click.option("--memory", metavar="SIZE",
                      help="Host memory for the workers' buffers (default 512MB; Python and torch "
@@ -347,7 +347,7 @@ def _t_list(ctx, param, value):
 @click.option("--domain-report", type=click.Path(dir_okay=False), help="Domain probes to report the choice on.")
 @click.option("--holdout", type=float, help="Split this fraction of each probe set (by content hash) for reporting.")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False), help="Write the chosen merge here.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an earlier mergeback output at OUT (never other files).")
 @click.option("--t-values", callback=_t_list, help="Comma-separated t values (default 0,0.1,...,1).")
 @click.option("--method", type=click.Choice(["linear", "slerp"]), default="linear", show_default=True)
 @click.option("--select", "select_rule", type=click.Choice(["keep-domain", "score"]), default="keep-domain",
