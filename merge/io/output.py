@@ -132,9 +132,10 @@ def check_ours(path: Path) -> None:
     if not (path.exists() or path.is_symlink()):
         return
     if path.is_dir() and not path.is_symlink():
-        if not any(path.iterdir()) or (path / MANIFEST_NAME).is_file() or \
+        names = [p.name for p in path.iterdir()]
+        if all(n.startswith(MANIFEST_NAME) for n in names) or MANIFEST_NAME in names or \
                 (read_marker(path) is not None and not foreign_entries(path)):
-            return
+            return  # empty, a journal (or its first write), or a marked output nobody added to
     raise OutputExistsError(f"{path} exists and mergeback did not write it; move it away (mergeback uses that "
                             "name next to the output folder)")
 
