@@ -134,10 +134,14 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     if out_path is not None:
         out_path = out_path.resolve()
         if not dry_run:
-            output.check_output(out_path, force)
+            refs = {f"{'base' if k == 'base' else 'SFT'} {ref}": ref for k, ref in recipe.input_refs().items()}
+            output.check_target(out_path, output.local_inputs(refs))
+            output.check_output(out_path, force, resume)
     started = time.perf_counter()
     resolved, resolve_notes = resolve_inputs(recipe, token=token, progress=progress)
     labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
+    if out_path is not None and not dry_run:
+        output.check_target(out_path, {labels[k]: m.path for k, m in resolved.items()})
     with ExitStack() as stack:
         models = {k: stack.enter_context(open_model(m, labels[k], resolved)) for k, m in resolved.items()}
         n_layers = Structure.of(models[primary].config, models[primary].names())
@@ -165,16 +169,47 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
                                                      chunk_elements or CHUNK_ELEMENTS, _size(memory, DEFAULT_MEMORY))
             return summary
         with output.output_lock(out_path):
-            output.check_output(out_path, force)  # again: a run that held the lock may have finished it
-            execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, threads, progress,
-                               command, chunk_elements, resume, check_finite, verbose, card_sections,
-                               memory=memory, gpu_memory=gpu_memory)
+            output.check_output(out_path, force, resume)  # again: a run that held the lock may have finished it
+            if not (resume and _already_complete(recipe, out_path, summary, resolved, plan, force)):
+                    execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, threads, progress,
+                                   command, chunk_elements, resume, check_finite, verbose, card_sections,
+                                   memory=memory, gpu_memory=gpu_memory)
     if push_to_hub is not None:
         from .hub import push
 
         summary.pushed_to = push(out_path, push_to_hub, private=private, revision=revision,
                                  commit_message=commit_message, token=token, progress=progress)
     return summary
+
+
+def _identity(recipe: Recipe, summary: MergeSummary, resolved: dict, plan: Plan) -> dict:
+    """What the output bytes depend on (:func:`merge.io.manifest.run_identity`), for resuming."""
+    from . import __version__
+    from .io.manifest import run_identity
+
+    inputs = {k: Path(m.path) for k, m in resolved.items()}
+    return run_identity(__version__, _pinned(recipe, summary).model_dump(mode="json"), inputs, plan.shards)
+
+
+def _already_complete(recipe: Recipe, out_path: Path, summary: MergeSummary, resolved: dict, plan: Plan,
+                      force: bool) -> bool:
+    """``resume`` onto a committed output: True (nothing to do) when it records this very run; another run's
+    output is refused unless ``force`` replaces it."""
+    from .io.manifest import _difference
+
+    marker = output.read_marker(out_path) if out_path.is_dir() else None
+    if marker is None:
+        return False
+    identity = _identity(recipe, summary, resolved, plan)
+    if marker.get("identity") == identity:
+        summary.already_complete = True
+        return True
+    if force:
+        return False
+    why = _difference(marker["identity"], identity) if isinstance(marker.get("identity"), dict) else \
+        "it records no recipe"
+    raise InputError(f"--resume: {out_path} already holds a complete merge of another run ({why}); pass --force "
+                     "to replace it, or choose another output folder")
 
 
 def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False) -> tuple[dict, list[str]]:
@@ -215,13 +250,11 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
     import errno
     import shutil
 
-    from . import __version__
-    from .io.manifest import Journal, run_identity
+    from .io.manifest import Journal
     from .integrity import VerifyError, _check_files
 
     stage = output.staging_dir(out_path)
-    inputs = {k: Path(m.path) for k, m in resolved.items()}
-    identity = run_identity(__version__, _pinned(recipe, summary).model_dump(mode="json"), inputs, plan.shards)
+    identity = _identity(recipe, summary, resolved, plan)
     keep, journal = True, None
     try:
         journal, message = Journal.start(stage, plan.shards, identity, resume)
@@ -235,6 +268,7 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
         if message:  # after the card is written: it is about this run, not about the model
             summary.warnings.append(message)
             warnings.warn(message, stacklevel=3)
+        output.write_marker(stage, identity)  # what makes this folder ours (replaceable with --force)
         journal.remove()
         try:
             _check_files(stage)

@@ -36,7 +36,9 @@ def sha256_of(path: Path) -> str:
 
 
 def folder_digests(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): sha256_of(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    """Every file's sha256, but mergeback's own hidden marker (a push leaves out hidden files)."""
+    return {p.relative_to(folder).as_posix(): sha256_of(p) for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and not p.name.startswith(".mergeback")}
 
 
 def front_matter(card: Path) -> dict:
