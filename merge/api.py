@@ -278,12 +278,15 @@ def open_model(resolved: ResolvedModel, label: str, all_resolved: dict, *, token
     if resolved is not base and is_adapter(resolved.path):
         if base is None:
             raise InputError(f"{label}: is a LoRA adapter folder; give the model it was trained on as the base")
-        return LoraAdapter(resolved.path, _header_view(base, "base", token) if base.pending else base.path,
+        return LoraAdapter(resolved.path, _checkpoint(base, "base", token) if base.pending else base.path,
                            role=label)
-    return _header_view(resolved, label, token) if resolved.pending else Checkpoint(resolved.path, role=label)
+    return _checkpoint(resolved, label, token)
 
 
-def _header_view(resolved: ResolvedModel, label: str, token) -> Checkpoint:
+def _checkpoint(resolved: ResolvedModel, label: str, token) -> Checkpoint:
+    """The input's checkpoint; with weights pending on the Hub, a view of their headers (read remotely)."""
+    if not resolved.pending:
+        return Checkpoint(resolved.path, role=label)
     from .hub import read_headers
     from .io.remote import HeaderCheckpoint
 

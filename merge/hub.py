@@ -11,6 +11,7 @@ import glob
 import re
 import shlex
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import InputError, MergeError
@@ -166,6 +167,7 @@ def read_headers(repo_id: str, commit: str, files, label: str, *, token=None) ->
     return dict(zip(files, headers))
 
 
+@lru_cache(maxsize=256)  # a commit's files never change; a LoRA adapter and the run both open its base
 def _remote_header(repo_id: str, commit: str, filename: str, token) -> tuple[dict, dict]:
     from huggingface_hub import hf_hub_url
 

@@ -201,7 +201,7 @@ def test_a_local_lora_adapter_over_a_hub_base_is_planned_from_headers(hub_server
     from peft import LoraConfig, get_peft_model
 
     config = LlamaConfig.from_pretrained(folders["base"])
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(folders["base"], torch_dtype=torch.bfloat16),
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(folders["base"], dtype=torch.bfloat16),
                            LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
     assert config.num_hidden_layers == 3
     model.save_pretrained(tmp_path / "adapter")
@@ -209,6 +209,7 @@ def test_a_local_lora_adapter_over_a_hub_base_is_planned_from_headers(hub_server
     merge.merge("linear", sft=str(tmp_path / "adapter"), base=str(folders["base"]), t=0.0, out=tmp_path / "local")
     merge.merge("linear", sft=str(tmp_path / "adapter"), base=base_id, t=0.0, dry_run=True)
     assert_no_weights_downloaded(hub_server, base_id, folders["base"])
+    assert len(weight_reads(hub_server, base_id)) == 1  # the adapter and the run share one header read
     merge.merge("linear", sft=str(tmp_path / "adapter"), base=base_id, t=0.0, out=tmp_path / "hub")
     assert sha256_of(tmp_path / "hub" / "model.safetensors") == sha256_of(tmp_path / "local" / "model.safetensors")
 
@@ -225,3 +226,28 @@ def test_a_header_larger_than_the_first_read_takes_a_second_range(hub_server, fo
     header_len = int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")
     assert [(r.status, r.range) for r in weight_reads(hub_server, repo_id)] == [
         (206, f"bytes=0-{HEADER_PROBE_BYTES - 1}"), (206, f"bytes={HEADER_PROBE_BYTES}-{header_len + 7}")]
+
+
+def test_a_hub_models_config_is_read_before_its_weights(hub_server, folders, upload, tmp_path):
+    """What the quantisation rules look at (config.json's quantization_config) is there before any download."""
+    import json
+    import shutil
+
+    from merge import api
+    from merge.io.remote import HeaderCheckpoint
+    from merge.io.resolve import resolve_model
+
+    folder = tmp_path / "fp8"
+    shutil.copytree(folders["sft"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    quant = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    repo_id = upload(folder, "fp8")
+    resolved = resolve_model(repo_id, "SFT", weights=False)
+    assert resolved.pending == ("model.safetensors",)
+    with api.open_model(resolved, f"SFT {repo_id}", {"sft0": resolved}) as model:
+        assert isinstance(model, HeaderCheckpoint) and model.config["quantization_config"] == quant
+        assert model.info("lm_head.weight").shape == (96, 128)
+        with pytest.raises(RuntimeError, match="only its header was read"):
+            model.view("lm_head.weight")
+    assert_no_weights_downloaded(hub_server, repo_id, folder)
