@@ -13,6 +13,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Mapping
 
+from ..errors import InputError
 from .checkpoint import Checkpoint
 from .safetensors_file import TensorInfo
 
@@ -61,8 +62,6 @@ class HeaderCheckpoint(Checkpoint):
 
 def same_tensors(view: Checkpoint, real, label: str) -> None:
     """The downloaded model must hold exactly the tensors its headers announced (same commit, same bytes)."""
-    from ..errors import InputError
-
     names = view.names()
     if names != real.names() or any(view.info(n) != real.info(n) for n in names):
         raise InputError(f"{label}: the downloaded weights differ from the headers read before the download; "
