@@ -138,12 +138,13 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
             output.check_target(out_path, output.local_inputs(refs))
             output.check_output(out_path, force, resume)
     started = time.perf_counter()
-    resolved, resolve_notes = resolve_inputs(recipe, token=token, progress=progress)
+    # Hub weights stay on the Hub until every check has passed on their headers (and for dry runs, for good).
+    resolved, resolve_notes = resolve_inputs(recipe, token=token, progress=progress, weights=False)
     labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
     if out_path is not None and not dry_run:
         output.check_target(out_path, {labels[k]: m.path for k, m in resolved.items()})
     with ExitStack() as stack:
-        models = {k: stack.enter_context(open_model(m, labels[k], resolved)) for k, m in resolved.items()}
+        models = {k: stack.enter_context(open_model(m, labels[k], resolved, token=token)) for k, m in resolved.items()}
         n_layers = Structure.of(models[primary].config, models[primary].names())
         op_for = operations_for(recipe, n_layers)
         t_values = op_for.t_values
@@ -168,10 +169,12 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
             summary.peak_bytes = estimate_peak_bytes(plan, threads or default_threads(),
                                                      chunk_elements or CHUNK_ELEMENTS, _size(memory, DEFAULT_MEMORY))
             return summary
+        resolved, models = download_weights(resolved, models, labels, stack, token=token, progress=progress)
+        summary.inputs = resolved
         with output.output_lock(out_path):
             output.check_output(out_path, force, resume)  # again: a run that held the lock may have finished it
             if not (resume and _already_complete(recipe, out_path, summary, resolved, plan, force)):
-                    execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, threads, progress,
+                execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, threads, progress,
                                    command, chunk_elements, resume, check_finite, verbose, card_sections,
                                    memory=memory, gpu_memory=gpu_memory)
     if push_to_hub is not None:
@@ -212,18 +215,23 @@ def _already_complete(recipe: Recipe, out_path: Path, summary: MergeSummary, res
                      "to replace it, or choose another output folder")
 
 
-def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False) -> tuple[dict, list[str]]:
+def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False, weights: bool = True
+                   ) -> tuple[dict, list[str]]:
     """Every input of ``recipe`` as a :class:`ResolvedModel` (base first), and notes on what was inferred.
 
     ``base: auto`` takes the base each SFT names in its metadata (:func:`infer_base`); they must agree.
+    ``weights=False`` leaves Hub weights pending (:func:`open_model` reads their headers, :func:`download_weights`
+    fetches them).
     """
     from .io.resolve import infer_base
 
     if not isinstance(recipe, Recipe):  # a mergekit recipe: its models by key, nothing inferred
         refs = recipe.input_refs()
-        return {k: resolve_model(ref, "base_model" if k == "base" else "model", token=token, progress=progress)
+        return {k: resolve_model(ref, "base_model" if k == "base" else "model", token=token, progress=progress,
+                                 weights=weights)
                 for k, ref in refs.items()}, [f"mergekit ignores {k} (so does this run)" for k in recipe.unknown_keys()]
-    sfts = {f"sft{i}": resolve_model(s.model, "SFT", token=token, progress=progress) for i, s in enumerate(recipe.sft)}
+    sfts = {f"sft{i}": resolve_model(s.model, "SFT", token=token, progress=progress, weights=weights)
+            for i, s in enumerate(recipe.sft)}
     notes = []
     base_ref = recipe.base
     if base_ref.strip().lower() == "auto":
@@ -234,7 +242,7 @@ def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False) -> tup
             raise InputError(f"--base auto: the SFTs name different bases ({listing}); pass --base")
         base_ref, source = next(iter(found.values()))
         notes.append(f"base: auto chose {base_ref} (from the SFT's {source})")
-    base = resolve_model(base_ref, "base", token=token, progress=progress)
+    base = resolve_model(base_ref, "base", token=token, progress=progress, weights=weights)
     return {"base": base, **sfts}, notes
 
 
@@ -295,14 +303,50 @@ def _pinned(recipe: Recipe, summary: MergeSummary) -> Recipe:
     return recipe.pinned({k: m.pinned for k, m in summary.inputs.items()})
 
 
-def open_model(resolved: ResolvedModel, label: str, all_resolved: dict):
-    """A lazily-read tensor source for one input; a LoRA adapter folder is computed over the recipe's base."""
+def open_model(resolved: ResolvedModel, label: str, all_resolved: dict, *, token=None):
+    """A lazily-read tensor source for one input; a LoRA adapter folder is computed over the recipe's base.
+
+    A Hub model whose weights are still pending opens from their headers alone (for planning, not reading).
+    """
     base = all_resolved.get("base")
     if resolved is not base and is_adapter(resolved.path):
         if base is None:
             raise InputError(f"{label}: is a LoRA adapter folder; give the model it was trained on as the base")
-        return LoraAdapter(resolved.path, base.path, role=label)
-    return Checkpoint(resolved.path, role=label)
+        return LoraAdapter(resolved.path, _checkpoint(base, "base", token) if base.pending else base.path,
+                           role=label)
+    return _checkpoint(resolved, label, token)
+
+
+def _checkpoint(resolved: ResolvedModel, label: str, token) -> Checkpoint:
+    """The input's checkpoint; with weights pending on the Hub, a view of their headers (read remotely)."""
+    if not resolved.pending:
+        return Checkpoint(resolved.path, role=label)
+    from .hub import read_headers
+    from .io.remote import HeaderCheckpoint
+
+    headers = read_headers(resolved.repo_id, resolved.revision, resolved.pending, label, token=token)
+    return HeaderCheckpoint(resolved.path, headers, role=label)
+
+
+def download_weights(resolved: dict, models: dict, labels: dict, stack: ExitStack, *, token=None,
+                     progress: bool = False) -> tuple[dict, dict]:
+    """Download the pending Hub weights of a planned merge and reopen the models planned from their headers.
+
+    Each reopened model must hold the tensors its headers announced, so the plan stays valid.
+    """
+    from .io.remote import same_tensors
+    from .io.resolve import fetch_pending
+
+    if not any(m.pending for m in resolved.values()):
+        return resolved, models
+    fetched = {k: fetch_pending(m, labels[k], token=token, progress=progress) for k, m in resolved.items()}
+    reopened = dict(models)
+    for k, m in resolved.items():
+        base_pending = isinstance(models[k], LoraAdapter) and bool(resolved["base"].pending)
+        if m.pending or base_pending:
+            reopened[k] = stack.enter_context(open_model(fetched[k], labels[k], fetched))
+            same_tensors(models[k], reopened[k], labels[k])
+    return fetched, reopened
 
 
 def execute(plan: Plan, models: dict, stage: Path, device: str, threads: int | None, progress: bool,

@@ -213,7 +213,8 @@ def test_base_auto_prefers_the_adapter_config(tmp_path):
 
 
 def test_offline_merge_uses_the_warm_cache(hub_server, hub_models, local_merges, tmp_path):
-    merge.merge("linear", sft=hub_models.sft_id, base=hub_models.base_id, t=0.5, dry_run=True)  # warms the cache
+    # Warms the cache (a dry run would not: it reads only the weights' headers).
+    merge.merge("linear", sft=hub_models.sft_id, base=hub_models.base_id, t=0.5, out=tmp_path / "warm")
     offline = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}  # a dead endpoint: no request may go out
     r = run_merge_exe("linear", "--sft", hub_models.sft_id, "--base", hub_models.base_id, "--t", "0.5",
                       "-o", tmp_path / "o", "-q", **offline)
