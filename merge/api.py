@@ -17,8 +17,8 @@ from .card import render_card
 from .errors import InputError, MergeError
 from .execute import CHUNK_ELEMENTS, DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, ExecutionStats, Executor, resolve_device
 from .io import output
-from .io.checkpoint import Checkpoint
 from .io.lora import LoraAdapter, adapter_notes, is_adapter
+from .io.quantized import open_checkpoint, quantisation_notes
 from .io.resolve import ResolvedModel, resolve_model
 from .io.writer import ShardWriter, parse_size, write_index
 from .plan import Plan, make_plan
@@ -145,7 +145,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         t_values = op_for.t_values
         out_dtype = DTYPES[recipe.output_dtype] if recipe.output_dtype else None
         plan = make_plan(models, labels, primary, op_for, out_dtype, parse_size(recipe.max_shard_size))
-        notes = resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
+        notes = (resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
+                 + quantisation_notes(models, recipe.output_dtype))
         summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
                                shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run)
         if t_values:
@@ -268,7 +269,7 @@ def open_model(resolved: ResolvedModel, label: str, all_resolved: dict):
         if base is None:
             raise InputError(f"{label}: is a LoRA adapter folder; give the model it was trained on as the base")
         return LoraAdapter(resolved.path, base.path, role=label)
-    return Checkpoint(resolved.path, role=label)
+    return open_checkpoint(resolved.path, role=label)
 
 
 def execute(plan: Plan, models: dict, stage: Path, device: str, threads: int | None, progress: bool,

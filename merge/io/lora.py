@@ -24,6 +24,7 @@ import torch
 from ..errors import InputError
 from ..tensor_names import group_of
 from .checkpoint import BinFile, Checkpoint, read_json
+from .quantized import open_checkpoint
 from .safetensors_file import SafetensorsFile, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -74,8 +75,8 @@ class LoraAdapter:
         self.role = role
         self.adapter_config = read_json(self.path / ADAPTER_CONFIG)
         self._check_kind()
-        self._owns_base = not isinstance(base, Checkpoint)
-        self.base = Checkpoint(base, role="base") if self._owns_base else base
+        self._owns_base = isinstance(base, (str, Path))
+        self.base = open_checkpoint(base, role="base") if self._owns_base else base
         self.file = self._open_weights()
         self.targets: dict[str, _Target] = {}
         self.replaced: dict[str, str] = {}  # base tensor name -> adapter tensor name
