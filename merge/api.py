@@ -18,7 +18,7 @@ from .errors import InputError, MergeError
 from .execute import CHUNK_ELEMENTS, DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, ExecutionStats, Executor, resolve_device
 from .io import output
 from .io.lora import LoraAdapter, adapter_notes, is_adapter
-from .io.quantized import open_checkpoint, quantisation_notes
+from .io.quantized import fp8_config, fp8_output_plan, open_checkpoint, quantisation_notes
 from .io.resolve import ResolvedModel, resolve_model
 from .io.writer import ShardWriter, parse_size, write_index
 from .plan import Plan, make_plan
@@ -143,8 +143,11 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         n_layers = num_layers(models[primary].config, models[primary].names())
         op_for = operations_for(recipe, n_layers)
         t_values = op_for.t_values
-        out_dtype = DTYPES[recipe.output_dtype] if recipe.output_dtype else None
+        fp8_out = recipe.output_dtype == "fp8"  # bfloat16, then the FP8 weights re-quantised
+        out_dtype = torch.bfloat16 if fp8_out else DTYPES[recipe.output_dtype] if recipe.output_dtype else None
         plan = make_plan(models, labels, primary, op_for, out_dtype, parse_size(recipe.max_shard_size))
+        if fp8_out:
+            plan = fp8_output_plan(plan, models, primary, parse_size(recipe.max_shard_size))
         notes = (resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
                  + quantisation_notes(models, recipe.output_dtype))
         summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
@@ -341,7 +344,10 @@ def finish_folder(stage: Path, summary: MergeSummary, recipe: Recipe, models: di
     """Config, tokenizer files, the reproducible recipe and the card, next to the weights."""
     primary = models[recipe.primary]
     dtype_name = recipe.output_dtype or _dominant_dtype(plan)
-    output.write_config(primary.config, stage, dtype_name)
+    config = primary.config
+    if dtype_name == "fp8":
+        dtype_name, config = "bfloat16", fp8_config(models, recipe.primary)
+    output.write_config(config, stage, dtype_name)
     output.copy_side_files(Path(getattr(primary, "side_files_path", primary.path)), stage)
     recipe_yaml = _pinned(recipe, summary).to_yaml()
     (stage / "merge_recipe.yaml").write_text(recipe_yaml)

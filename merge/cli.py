@@ -75,8 +75,9 @@ def merge_options(fn):
         click.option("-o", "--out", "out", type=click.Path(file_okay=False), help="Output model folder."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Where to compute."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
-                     help="Output dtype (default: the SFT's)."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64", "fp8"]),
+                     help="Output dtype (default: the SFT's; bfloat16 for FP8 inputs). fp8: FP8 block-scaled "
+                          "weights with *_scale_inv, as DeepSeek-V3."),
         click.option("--max-shard-size", default="5GB", show_default=True,
                      help="Largest output shard, transformers' syntax (5GB, 500MB, 2GiB)."),
         click.option("--force", is_flag=True, help="Replace an existing output folder."),

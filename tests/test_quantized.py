@@ -300,3 +300,73 @@ def test_inconsistent_fp8_checkpoints_are_refused(fp8, tmp_path):
     result = run_cli("linear", "--sft", fp8["sft"], "--base", no_scales, "--t", "0.5", "-o", tmp_path / "o")
     assert_one_line_error(result, "quantization_config", "_scale_inv")
     assert not (tmp_path / "o").exists()
+
+
+def _reference_fp8(w: torch.Tensor, block):
+    """The brief's re-quantisation of a float32 merge: scale_inv = amax/448 per block, code = W/scale_inv."""
+    b0, b1 = block
+    rows, cols = w.shape
+    r, c = -(-rows // b0), -(-cols // b1)
+    padded = torch.zeros(r * b0, c * b1)
+    padded[:rows, :cols] = w.abs()
+    amax = padded.reshape(r, b0, c, b1).amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    per = scale.repeat_interleave(b0, 0).repeat_interleave(b1, 1)[:rows, :cols]
+    return (w / per).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("sides, chunk", [("base", None), ("base", 100), ("both", 333)])
+def test_dtype_fp8_writes_block_scaled_fp8_back(fp8, tmp_path, sides, chunk):
+    from merge.io.quantized import DequantisedCheckpoint, open_checkpoint
+
+    base = fp8["fp8_base"]
+    sft = fp8["fp8_sft"] if sides == "both" else fp8["sft"]
+    summary = merge.merge("linear", sft=sft, base=base, t=0.3, out=tmp_path / "o", dtype="fp8", chunk_elements=chunk)
+    assert any("--dtype fp8" in n and "FP8 block-scaled (12x12)" in n for n in summary.notes)
+    b = float_view(base)
+    s = float_view(sft) if sides == "both" else {n: w.float() for n, w in load_file(sft / "model.safetensors").items()}
+    raw_in = load_file(base / "model.safetensors")
+    out = load_tensors(tmp_path / "o")
+    assert set(out) == set(raw_in)  # the same layout: codes and their scales, nothing else
+    for name in s:
+        merged = s[name] * 0.7 + b[name] * 0.3
+        if f"{name}_scale_inv" not in raw_in:
+            assert torch.equal(out[name], merged.to(torch.bfloat16)), name
+            continue
+        codes, scale = _reference_fp8(merged, BLOCK)
+        assert out[name].dtype == torch.float8_e4m3fn and out[f"{name}_scale_inv"].dtype == torch.float32
+        assert out[f"{name}_scale_inv"].shape == raw_in[f"{name}_scale_inv"].shape
+        assert torch.equal(out[f"{name}_scale_inv"], scale), name
+        assert torch.equal(out[name].view(torch.uint8), codes.view(torch.uint8)), name
+        again = fp8_dequantise(out[name], out[f"{name}_scale_inv"], BLOCK)
+        per = scale.repeat_interleave(12, 0).repeat_interleave(12, 1)[:merged.shape[0], :merged.shape[1]]
+        assert torch.all((again - merged).abs() <= merged.abs() / 16 + per * 2.0 ** -9), name
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    assert config["quantization_config"]["weight_block_size"] == BLOCK
+    with open_checkpoint(tmp_path / "o", "out") as model:
+        assert isinstance(model, DequantisedCheckpoint)
+        assert set(model.quantisation.scales) == {n for n in raw_in if f"{n}_scale_inv" in raw_in}
+
+
+def test_dtype_fp8_bytes_do_not_depend_on_chunks_or_threads(fp8, tmp_path):
+    args = dict(sft=fp8["sft"], base=fp8["fp8_base_16x24"], t=0.4, dtype="fp8")
+    merge.merge("slerp", out=tmp_path / "a", threads=1, **args)
+    merge.merge("slerp", out=tmp_path / "b", threads=3, chunk_elements=250, **args)
+    a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
+    assert any(n.endswith("_scale_inv") and a[n].shape == (2, 3) for n in a)  # [32, 64] in 16x24 blocks
+
+
+def test_dtype_fp8_of_float_inputs_uses_128_blocks(pairs, tmp_path):
+    base, sft = pairs("llama")
+    result = run_cli("linear", "--sft", sft, "--base", base, "--t", "0.5", "--dtype", "fp8", "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    out = load_tensors(tmp_path / "o")
+    src = load_file(sft / "model.safetensors")
+    quantised = {n for n in out if n.endswith("_scale_inv")}
+    assert quantised == {f"{n}_scale_inv" for n, w in src.items() if quantisable(n, w)}
+    assert all(out[n].shape == (1, 1) for n in quantised)  # tiny shapes fit in one 128x128 block
+    assert out["model.embed_tokens.weight"].dtype == torch.bfloat16
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]

@@ -219,13 +219,57 @@ class DequantisedCheckpoint:
 
 def dequantise_rows(codes: torch.Tensor, scale_inv: torch.Tensor, r0: int, block: tuple[int, int]) -> torch.Tensor:
     """Rows ``r0 .. r0 + len(codes)`` of ``W[i, j] = code[i, j] * scale_inv[i // b0, j // b1]``, float32."""
-    b0, b1 = block
     n, cols = codes.shape
-    s0 = r0 // b0
-    s1 = -(-(r0 + n) // b0)
+    return codes.to(torch.float32) * _scale_per_element(scale_inv, r0, n, cols, block)
+
+
+def _scale_per_element(scale_inv: torch.Tensor, r0: int, n: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
+    """``scale_inv[i // b0, j // b1]`` for rows ``r0 .. r0 + n`` and every column, float32."""
+    b0, b1 = block
+    s0, s1 = r0 // b0, -(-(r0 + n) // b0)
     per_row = scale_inv[s0:s1].to(torch.float32).repeat_interleave(b0, dim=0)[r0 - s0 * b0: r0 - s0 * b0 + n]
-    per_element = per_row.repeat_interleave(b1, dim=1)[:, :cols]
-    return codes.to(torch.float32) * per_element
+    return per_row.repeat_interleave(b1, dim=1)[:, :cols]
+
+
+# -- writing FP8 block-scaled output (``--dtype fp8``) ----------------------------------------------------------
+def fp8_block_amax(values: torch.Tensor, start: int, stop: int, shape: tuple[int, int], block: tuple[int, int],
+                   amax: torch.Tensor | None = None) -> torch.Tensor:
+    """``amax`` (``[ceil(rows/b0), ceil(cols/b1)]``, float32) updated with ``max |W|`` of flat elements
+    [start, stop) of W (``values``): chunks may start and end anywhere, blocks are completed across calls."""
+    rows, cols = shape
+    b0, b1 = block
+    grid = scale_shape(shape, block)
+    if amax is None:
+        amax = torch.zeros(grid, dtype=torch.float32, device=values.device)
+    r0, r1 = start // cols, -(-stop // cols)
+    full = torch.zeros((r1 - r0) * cols, dtype=torch.float32, device=values.device)  # |W| >= 0: zeros are neutral
+    full[start - r0 * cols: stop - r0 * cols] = values.abs()
+    full = full.reshape(r1 - r0, cols)
+    if grid[1] * b1 != cols:
+        full = torch.nn.functional.pad(full, (0, grid[1] * b1 - cols))
+    row_max = full.reshape(r1 - r0, grid[1], b1).amax(dim=2)
+    s0, s1 = r0 // b0, -(-r1 // b0)
+    band = torch.arange(r0, r1, device=values.device) // b0 - s0
+    part = torch.zeros(s1 - s0, grid[1], dtype=torch.float32, device=values.device).scatter_reduce_(
+        0, band.unsqueeze(1).expand_as(row_max), row_max, "amax")
+    amax[s0:s1] = torch.maximum(amax[s0:s1], part)
+    return amax
+
+
+def fp8_scale_inv(amax: torch.Tensor) -> torch.Tensor:
+    """``scale_inv = amax / 448`` per block (the largest entry maps to the largest FP8 code); an all-zero
+    block gets 1 (its codes are 0 whatever the scale)."""
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def fp8_quantise_chunk(values: torch.Tensor, scale_inv: torch.Tensor, start: int, stop: int,
+                       shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """Flat elements [start, stop) of ``code = W / scale_inv[i // b0, j // b1]`` as float8_e4m3fn."""
+    cols = shape[1]
+    r0, r1 = start // cols, -(-stop // cols)
+    per_element = _scale_per_element(scale_inv, r0, r1 - r0, cols, block).reshape(-1)[start - r0 * cols:
+                                                                                      stop - r0 * cols]
+    return (values.to(torch.float32) / per_element).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def dequantised_of(model) -> DequantisedCheckpoint | None:
@@ -239,8 +283,81 @@ def dequantised_of(model) -> DequantisedCheckpoint | None:
 def quantisation_notes(models: dict, out_dtype_name: str | None) -> list[str]:
     """Summary notes for FP8 inputs: what was dequantised and how the output is stored."""
     notes = [d.describe() for d in map(dequantised_of, models.values()) if d is not None]
-    if notes:
+    if notes and out_dtype_name != "fp8":
         written = out_dtype_name or "bfloat16 where the input was FP8"
         notes.append(f"output written as {written}, without quantization_config in config.json "
                      "(pass --dtype to choose another float dtype)")
     return list(dict.fromkeys(notes))
+
+
+DEFAULT_BLOCK = (128, 128)  # DeepSeek-V3's, for FP8 output of float inputs
+
+
+def fp8_output_block(models: dict, primary: str) -> tuple[int, int]:
+    """The block size of the FP8 output: the primary's (else the first FP8 input's), else 128x128."""
+    for key in [primary] + [k for k in models if k != primary]:
+        d = dequantised_of(models[key])
+        if d is not None:
+            return d.quantisation.block
+    return DEFAULT_BLOCK
+
+
+def _quantised_in_input(job, models: dict) -> bool:
+    for key in dict.fromkeys(job.op.inputs + (job.primary,)):
+        d = dequantised_of(models[key])
+        if d is not None and d.is_quantised(job.source_name(key)):
+            return True
+    return False
+
+
+def fp8_output_plan(plan, models: dict, primary: str, max_shard_size: int):
+    """``plan`` with its FP8 weights written as float8_e4m3fn codes followed by their float32 ``_scale_inv``.
+
+    The weights written FP8 are those an input stores FP8 (the same layout back); with no FP8 input, every
+    2-D ``.weight`` outside the embeddings and lm_head (DeepSeek-V3's choice). Each code job carries
+    ``fp8_block``; its scale tensor is an ``fp8_scales`` job computing the same merged values' block maxima.
+    """
+    from dataclasses import replace as update
+
+    from ..plan import Operation, Plan, TensorJob
+    from ..tensor_names import group_of
+    from .writer import PlannedTensor, layout_shards
+
+    block = fp8_output_block(models, primary)
+    any_fp8 = any(dequantised_of(m) is not None for m in models.values())
+    jobs, count = [], 0
+    for job in plan.jobs:
+        chosen = (_quantised_in_input(job, models) if any_fp8 else
+                  job.name.endswith(".weight") and group_of(job.name) not in ("embed", "lm_head"))
+        if not (chosen and len(job.shape) == 2 and job.out_dtype.is_floating_point
+                and job.merged_numel == job.numel):
+            jobs.append(job)
+            continue
+        op = job.op if job.op.kind != "copy" else Operation("linear", job.op.inputs, {"weights": [1.0]})
+        weight = update(job, out_dtype=torch.float8_e4m3fn,
+                        op=Operation(op.kind, op.inputs, {**op.params, "fp8_block": block}))
+        grid = scale_shape(job.shape, block)
+        reads = {k: job.source_name(k) for k in dict.fromkeys(op.inputs + (job.primary,))}
+        scales = TensorJob(job.name + SCALE_SUFFIX, grid, torch.float32,
+                           Operation("fp8_scales", op.inputs, {"weight": weight}), grid[0] * grid[1],
+                           job.primary, reads)
+        jobs += [weight, scales]
+        count += 1
+    planned = [PlannedTensor(j.name, j.out_dtype, j.shape) for j in jobs]
+    note = (f"--dtype fp8: {count} weight(s) written as FP8 block-scaled ({block[0]}x{block[1]}): "
+            f"scale_inv = amax(|block|)/448 of the merged float32 values, code = W/scale_inv as float8_e4m3fn; "
+            "other floating tensors as bfloat16")
+    return Plan(jobs, layout_shards(planned, max_shard_size), list(plan.notes) + [note])
+
+
+def fp8_config(models: dict, primary: str) -> dict:
+    """The primary's config.json with the ``quantization_config`` of the FP8 output (an FP8 input's, with
+    the output's block size; else transformers' fp8 defaults)."""
+    block = list(fp8_output_block(models, primary))
+    qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3"}
+    for key in [primary] + [k for k in models if k != primary]:
+        d = dequantised_of(models[key])
+        if d is not None:
+            qc = dict(d.stored_config["quantization_config"])
+            break
+    return {**models[primary].config, "quantization_config": {**qc, "weight_block_size": block}}
