@@ -218,6 +218,11 @@ def _recipe_with_overrides(path: str, dtype, device, max_shard_size):
     if isinstance(recipe, MergekitRecipe):
         recipe = recipe.with_options(**{k: values[k] for k in given - {"dtype"}})
         if "dtype" in given:
+            if dtype == "fp8":
+                from .errors import InputError
+
+                raise InputError(f"--dtype fp8: {path} is a mergekit recipe, whose out_dtype has no FP8; convert it "
+                                 "with `merge convert` and run that recipe with --dtype fp8")
             recipe = recipe.model_copy(update={"out_dtype": dtype})
         return recipe
     return recipe.model_copy(update={k: values[k] for k in given})

@@ -370,3 +370,13 @@ def test_dtype_fp8_of_float_inputs_uses_128_blocks(pairs, tmp_path):
     assert out["model.embed_tokens.weight"].dtype == torch.bfloat16
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
+
+
+def test_dtype_fp8_on_a_mergekit_recipe_is_refused(pairs, tmp_path):
+    base, sft = pairs("llama")
+    recipe = tmp_path / "mk.yaml"
+    recipe.write_text(f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {base}\n    parameters: "
+                      f"{{weight: 0.5}}\n  - model: {sft}\n    parameters: {{weight: 0.5}}\n")
+    result = run_cli("run", recipe, "--dtype", "fp8", "-o", tmp_path / "o")
+    assert_one_line_error(result, "--dtype fp8", "merge convert")
+    assert not (tmp_path / "o").exists()

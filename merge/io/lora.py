@@ -14,6 +14,7 @@ stays bounded by one chunk; each thread caches the factors of the one tensor it 
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 from dataclasses import dataclass, replace
@@ -75,7 +76,7 @@ class LoraAdapter:
         self.role = role
         self.adapter_config = read_json(self.path / ADAPTER_CONFIG)
         self._check_kind()
-        self._owns_base = isinstance(base, (str, Path))
+        self._owns_base = isinstance(base, (str, os.PathLike))
         self.base = open_checkpoint(base, role="base") if self._owns_base else base
         self.file = self._open_weights()
         self.targets: dict[str, _Target] = {}
