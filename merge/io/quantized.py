@@ -12,6 +12,7 @@ range asked for.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -162,6 +163,7 @@ class DequantisedCheckpoint:
         self.stored_config = checkpoint.config
         self.config = {k: v for k, v in checkpoint.config.items() if k != "quantization_config"}
         self._scale_names = set(quantisation.scales.values())
+        self._lock = threading.Lock()  # files are mapped on first use; worker threads may race to it
 
     def names(self) -> list[str]:
         return [n for n in self.checkpoint.names() if n not in self._scale_names]
@@ -180,16 +182,20 @@ class DequantisedCheckpoint:
         """Flat elements [start, stop); a quantised weight's covering rows are dequantised, in float32."""
         scale = self.quantisation.scales.get(name)
         if scale is None:
-            return self.checkpoint.view(name, start, stop)
+            return self._view(name, start, stop)
         rows, cols = self.checkpoint.info(name).shape
         stop = rows * cols if stop is None else stop
         if stop <= start:
             return torch.empty(0, dtype=torch.float32)
         r0, r1 = start // cols, -(-stop // cols)
-        codes = self.checkpoint.view(name, r0 * cols, r1 * cols).reshape(r1 - r0, cols)
-        scales = self.checkpoint.tensor(scale)
+        codes = self._view(name, r0 * cols, r1 * cols).reshape(r1 - r0, cols)
+        scales = self._view(scale).reshape(self.checkpoint.info(scale).shape)
         values = dequantise_rows(codes, scales, r0, self.quantisation.block)
         return values.reshape(-1)[start - r0 * cols: stop - r0 * cols]
+
+    def _view(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        with self._lock:
+            return self.checkpoint.view(name, start, stop)
 
     def release(self, name: str) -> None:
         self.checkpoint.release(name)
