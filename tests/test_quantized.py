@@ -349,10 +349,11 @@ def test_dtype_fp8_writes_block_scaled_fp8_back(fp8, tmp_path, sides, chunk):
         assert set(model.quantisation.scales) == {n for n in raw_in if f"{n}_scale_inv" in raw_in}
 
 
-def test_dtype_fp8_bytes_do_not_depend_on_chunks_or_threads(fp8, tmp_path):
+def test_dtype_fp8_bytes_do_not_depend_on_chunks_threads_or_shards(fp8, tmp_path):
     args = dict(sft=fp8["sft"], base=fp8["fp8_base_16x24"], t=0.4, dtype="fp8")
     merge.merge("slerp", out=tmp_path / "a", threads=1, **args)
-    merge.merge("slerp", out=tmp_path / "b", threads=3, chunk_elements=250, **args)
+    merge.merge("slerp", out=tmp_path / "b", threads=3, chunk_elements=250, max_shard_size="8KB", **args)
+    assert len(list((tmp_path / "b").glob("*.safetensors"))) > 2
     a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
     assert set(a) == set(b) and all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
     assert any(n.endswith("_scale_inv") and a[n].shape == (2, 3) for n in a)  # [32, 64] in 16x24 blocks
@@ -380,3 +381,18 @@ def test_dtype_fp8_on_a_mergekit_recipe_is_refused(pairs, tmp_path):
     result = run_cli("run", recipe, "--dtype", "fp8", "-o", tmp_path / "o")
     assert_one_line_error(result, "--dtype fp8", "merge convert")
     assert not (tmp_path / "o").exists()
+
+
+def test_dtype_fp8_output_loads_in_transformers(fp8, tmp_path):
+    """transformers reads our FP8 output (dequantising on CPU, which needs shapes divisible by the block)."""
+    from transformers import AutoModelForCausalLM
+
+    base16 = to_fp8(fp8["base"], tmp_path / "base16", [16, 16])
+    merge.merge("linear", sft=fp8["sft"], base=base16, t=0.3, out=tmp_path / "o", dtype="fp8")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    out = load_tensors(tmp_path / "o")
+    name = "model.layers.1.mlp.down_proj.weight"
+    ours = fp8_dequantise(out[name], out[f"{name}_scale_inv"], [16, 16])
+    torch.testing.assert_close(model.get_parameter(name).float(), ours, rtol=1e-2, atol=1e-4)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(8).unsqueeze(0)).logits).all()
