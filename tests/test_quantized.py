@@ -396,3 +396,13 @@ def test_dtype_fp8_output_loads_in_transformers(fp8, tmp_path):
     torch.testing.assert_close(model.get_parameter(name).float(), ours, rtol=1e-2, atol=1e-4)
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(8).unsqueeze(0)).logits).all()
+
+
+def test_sweep_over_an_fp8_base(fp8, tmp_path):
+    from tests.test_sweep import _probes
+
+    general, domain = _probes(tmp_path)
+    result = merge.sweep(str(fp8["sft"]), str(fp8["fp8_base"]), domain, general, out=tmp_path / "o", t_values=[0.5])
+    assert [c.t for c in result.rows] == [0.0, 0.5, 1.0]
+    assert all(0 < c.general.bpb < 100 for c in result.rows)
+    assert "quantization_config" not in json.loads((tmp_path / "o" / "config.json").read_text())
