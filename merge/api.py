@@ -17,8 +17,8 @@ from .card import render_card
 from .errors import InputError, MergeError
 from .execute import CHUNK_ELEMENTS, DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, ExecutionStats, Executor, resolve_device
 from .io import output
-from .io.checkpoint import Checkpoint
 from .io.lora import LoraAdapter, adapter_notes, is_adapter
+from .io.quantized import fp8_config, fp8_output_plan, open_checkpoint, quantisation_notes
 from .io.resolve import ResolvedModel, resolve_model
 from .io.writer import ShardWriter, parse_size, write_index
 from .plan import Plan, make_plan
@@ -148,9 +148,13 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         n_layers = Structure.of(models[primary].config, models[primary].names())
         op_for = operations_for(recipe, n_layers)
         t_values = op_for.t_values
-        out_dtype = DTYPES[recipe.output_dtype] if recipe.output_dtype else None
+        fp8_out = recipe.output_dtype == "fp8"  # bfloat16, then the FP8 weights re-quantised
+        out_dtype = torch.bfloat16 if fp8_out else DTYPES[recipe.output_dtype] if recipe.output_dtype else None
         plan = make_plan(models, labels, primary, op_for, out_dtype, parse_size(recipe.max_shard_size))
-        notes = resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
+        if fp8_out:
+            plan = fp8_output_plan(plan, models, primary, parse_size(recipe.max_shard_size))
+        notes = (resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
+                 + quantisation_notes(models, recipe.output_dtype))
         summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
                                shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run)
         if t_values:
@@ -317,15 +321,17 @@ def open_model(resolved: ResolvedModel, label: str, all_resolved: dict, *, token
     return _checkpoint(resolved, label, token)
 
 
-def _checkpoint(resolved: ResolvedModel, label: str, token) -> Checkpoint:
-    """The input's checkpoint; with weights pending on the Hub, a view of their headers (read remotely)."""
+def _checkpoint(resolved: ResolvedModel, label: str, token):
+    """The input's checkpoint (FP8 dequantised, other quantised formats refused); with weights pending on the
+    Hub, a view of their headers (read remotely)."""
     if not resolved.pending:
-        return Checkpoint(resolved.path, role=label)
+        return open_checkpoint(resolved.path, role=label)
     from .hub import read_headers
     from .io.remote import HeaderCheckpoint
 
     headers = read_headers(resolved.repo_id, resolved.revision, resolved.pending, label, token=token)
-    return HeaderCheckpoint(resolved.path, headers, role=label)
+    return open_checkpoint(resolved.path, role=label,
+                           checkpoint=HeaderCheckpoint(resolved.path, headers, role=label))
 
 
 def download_weights(resolved: dict, models: dict, labels: dict, stack: ExitStack, *, token=None,
@@ -418,7 +424,10 @@ def finish_folder(stage: Path, summary: MergeSummary, recipe: Recipe, models: di
     """Config, tokenizer files, the reproducible recipe and the card, next to the weights."""
     primary = models[recipe.primary]
     dtype_name = recipe.output_dtype or _dominant_dtype(plan)
-    output.write_config(primary.config, stage, dtype_name)
+    config = primary.config
+    if dtype_name == "fp8":
+        dtype_name, config = "bfloat16", fp8_config(models, recipe.primary)
+    output.write_config(config, stage, dtype_name)
     output.copy_side_files(Path(getattr(primary, "side_files_path", primary.path)), stage)
     recipe_yaml = _pinned(recipe, summary).to_yaml()
     (stage / "merge_recipe.yaml").write_text(recipe_yaml)

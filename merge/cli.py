@@ -79,8 +79,9 @@ def merge_options(fn):
         click.option("-o", "--out", "out", type=click.Path(file_okay=False), help="Output model folder."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Where to compute."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
-                     help="Output dtype (default: the SFT's)."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64", "fp8"]),
+                     help="Output dtype (default: the SFT's; bfloat16 for FP8 inputs). fp8: FP8 block-scaled "
+                          "weights with *_scale_inv, as DeepSeek-V3."),
         click.option("--max-shard-size", default="5GB", show_default=True,
                      help="Largest output shard, transformers' syntax (5GB, 500MB, 2GiB)."),
         click.option("--force", is_flag=True, help="Replace an earlier mergeback output at OUT (never other files)."),
@@ -221,6 +222,11 @@ def _recipe_with_overrides(path: str, dtype, device, max_shard_size):
     if isinstance(recipe, MergekitRecipe):
         recipe = recipe.with_options(**{k: values[k] for k in given - {"dtype"}})
         if "dtype" in given:
+            if dtype == "fp8":
+                from .errors import InputError
+
+                raise InputError(f"--dtype fp8: {path} is a mergekit recipe, whose out_dtype has no FP8; convert it "
+                                 "with `merge convert` and run that recipe with --dtype fp8")
             recipe = recipe.model_copy(update={"out_dtype": dtype})
         return recipe
     return recipe.model_copy(update={k: values[k] for k in given})

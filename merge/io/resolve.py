@@ -54,6 +54,10 @@ def resolve_model(ref: str, role: str, *, token=None, progress: bool = False, we
     if path.is_dir():
         return ResolvedModel(ref, path.resolve())
     if path.exists():
+        if path.suffix == ".gguf":
+            from .quantized import refuse_unsupported
+
+            refuse_unsupported(path, role, {})
         raise InputError(f"{label}: expected a model folder, got a file")
     if ref.startswith(("/", "./", "../", "~", ".")) or ref.count("/") > 1:
         raise InputError(f"{label}: no such folder")

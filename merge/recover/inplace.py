@@ -210,6 +210,9 @@ def _read_itemsize(model, name: str) -> int:
     changes = getattr(model, "changes", None)
     if changes is not None and changes(name):
         return max(4, info.dtype.itemsize)
+    quantised = getattr(model, "is_quantised", None)  # FP8 weights are dequantised to float32
+    if quantised is not None and quantised(name):
+        return 4
     return info.dtype.itemsize
 
 
