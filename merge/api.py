@@ -340,7 +340,7 @@ def finish_folder(stage: Path, summary: MergeSummary, recipe: Recipe, models: di
     """Config, tokenizer files, the reproducible recipe and the card, next to the weights."""
     primary = models[recipe.primary]
     dtype_name = recipe.output_dtype or _dominant_dtype(plan)
-    output.write_config(primary.config, stage, dtype_name)
+    output.write_config(primary.config, stage, dtype_name, untied=plan.untied)
     output.copy_side_files(Path(getattr(primary, "side_files_path", primary.path)), stage)
     recipe_yaml = _pinned(recipe, summary).to_yaml()
     (stage / "merge_recipe.yaml").write_text(recipe_yaml)

@@ -1,0 +1,174 @@
+"""Tied/untied mismatches, duplicate inputs, card front matter, and reports that must not look like results."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import merge
+from merge.errors import InputError
+from merge.methods import slerp as slerp_fn
+from tests.checkpoints import perturb, save_tokenizer, tiny_config
+from tests.helpers import load_tensors
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _llama(folder: Path, tied: bool, seed: int | None) -> Path:
+    """A tiny float32 Llama, tied or with its own (distinct) lm_head; ``seed`` perturbs it (the 'SFT')."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.tie_word_embeddings = tied
+    model = LlamaForCausalLM(config)
+    if not tied:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.model.embed_tokens.weight + 0.05 * torch.randn(model.lm_head.weight.shape))
+    if seed is not None:
+        perturb(model, seed, scale=0.05)
+    model.save_pretrained(folder)
+    save_tokenizer(folder, 96)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tie_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tied")
+    return {("base", tied): _llama(root / f"base_{tied}", tied, None) for tied in (True, False)} | {
+        ("sft", tied): _llama(root / f"sft_{tied}", tied, 100) for tied in (True, False)}
+
+
+def _head(tensors: dict) -> torch.Tensor:
+    """A model's effective output head: its lm_head, or its input embedding when tied."""
+    return tensors.get(HEAD, tensors[EMBED])
+
+
+def _logits(model, ids=torch.arange(12).unsqueeze(0)) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _direct_model(folder: Path, tensors: dict, tied: bool):
+    """A Llama built from the config's shapes and ``tensors`` with our own tie setting (not the folder's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(folder)
+    config.tie_word_embeddings = tied
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(tensors, strict=not tied)
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+METHODS = {
+    "linear": {"t": 0.4},
+    "slerp": {"t": 0.4},
+    "task_arithmetic": {"scale": 0.7},
+}
+
+
+def _expected_head(method: str, sft_head: torch.Tensor, base_head: torch.Tensor) -> torch.Tensor:
+    if method == "linear":
+        return sft_head * 0.6 + base_head * 0.4
+    if method == "task_arithmetic":
+        return base_head + 0.7 * (sft_head - base_head)
+    return slerp_fn(sft_head.double().reshape(-1), base_head.double().reshape(-1), 0.4)[0].float().reshape(
+        sft_head.shape)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("base_tied,sft_tied", [(True, False), (False, True)])
+def test_tied_and_untied_inputs_give_an_untied_merge_of_the_heads(tie_models, tmp_path, method, base_tied,
+                                                                  sft_tied):
+    from transformers import AutoModelForCausalLM
+
+    base, sft = tie_models[("base", base_tied)], tie_models[("sft", sft_tied)]
+    out = tmp_path / "o"
+    summary = merge.merge(method, sft=sft, base=base, out=out, **METHODS[method])
+    b, s, o = load_tensors(base), load_tensors(sft), load_tensors(out)
+    assert set(o) == set(s) | set(b)  # the lm_head of whichever side has one
+    expected = _expected_head(method, _head(s), _head(b))
+    if method == "slerp":
+        torch.testing.assert_close(o[HEAD], expected, rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(o[HEAD], expected, rtol=0, atol=1e-6)
+    assert not torch.equal(o[HEAD], o[EMBED])
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    tied_label = f"{'base' if base_tied else 'SFT'} {base if base_tied else sft}"
+    note = next(n for n in summary.notes if n.startswith("lm_head:"))
+    assert f"{tied_label} has tied embeddings" in note and "untied (tie_word_embeddings: false)" in note
+    assert note in (out / "README.md").read_text()
+
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert loaded.config.tie_word_embeddings is False
+    assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
+    direct = _direct_model(out, o, tied=False)
+    assert torch.equal(_logits(loaded), _logits(direct))
+    assert not torch.allclose(_logits(loaded), _logits(_direct_model(out, o, tied=True)))  # the head matters
+
+
+def test_both_tied_stays_tied_with_no_lm_head(tie_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    summary = merge.merge("linear", sft=tie_models[("sft", True)], base=tie_models[("base", True)], t=0.4,
+                          out=tmp_path / "o")
+    o = load_tensors(tmp_path / "o")
+    assert HEAD not in o
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert not any(n.startswith("lm_head:") for n in summary.notes)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_both_untied_config_bytes_unchanged(tie_models, tmp_path):
+    sft = tie_models[("sft", False)]
+    summary = merge.merge("linear", sft=sft, base=tie_models[("base", False)], t=0.4, out=tmp_path / "o")
+    config = json.loads((sft / "config.json").read_text())
+    written = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert written == {**config, "dtype": written["dtype"]}
+    assert not any(n.startswith("lm_head:") for n in summary.notes)
+
+
+@pytest.mark.parametrize("base_tied", [True, False])
+def test_mergekit_format_tie_mismatch_matches_mergekit_tensors(tie_models, tmp_path, base_tied):
+    """mergekit merges the heads the same way (its config keeps base_model's tie setting; ours is untied)."""
+    from tests.mergekit_runner import run_mergekit
+
+    base, sft = tie_models[("base", base_tied)], tie_models[("sft", not base_tied)]
+    config = {"merge_method": "linear", "base_model": str(base), "dtype": "float32",
+              "models": [{"model": str(base), "parameters": {"weight": 0.3}},
+                         {"model": str(sft), "parameters": {"weight": 0.7}}]}
+    recipe = tmp_path / "mk.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    summary = merge.run(recipe, out=tmp_path / "ours")
+    theirs = load_tensors(run_mergekit(config, tmp_path / "theirs"))
+    ours = load_tensors(tmp_path / "ours")
+    assert ours.keys() == theirs.keys() and HEAD in ours
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert any(n.startswith("lm_head:") for n in summary.notes)
+
+
+@pytest.mark.parametrize("base_tied", [True, False])
+def test_sweep_candidate_over_tied_and_untied_equals_the_written_merge(tie_models, tmp_path, base_tied):
+    """The sweep's in-place model is untied like the written merge, so it evaluates the merged head."""
+    from merge import api
+    from merge.recover.inplace import InPlaceModel
+
+    base, sft = tie_models[("base", base_tied)], tie_models[("sft", not base_tied)]
+    recipe = api.build_recipe({"method": "linear", "base": str(base), "sft": [str(sft)], "t": 0.4})
+    resolved, _ = api.resolve_inputs(recipe)
+    models = {k: api.open_model(m, k, resolved) for k, m in resolved.items()}
+    inplace = InPlaceModel(models, {k: k for k in models}, torch.device("cpu"), recipe)
+    inplace.apply(recipe)
+    api.run(recipe, out=tmp_path / "o")
+    written = load_tensors(tmp_path / "o")
+    params = dict(inplace.model.named_parameters())
+    assert set(params) == set(written)
+    for name, tensor in written.items():
+        assert torch.equal(params[name].detach(), tensor), name
