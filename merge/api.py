@@ -182,12 +182,14 @@ def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False) -> tup
 
     ``base: auto`` takes the base each SFT names in its metadata (:func:`infer_base`); they must agree.
     """
-    from .io.resolve import infer_base
+    from .io.resolve import check_distinct, infer_base
 
     if not isinstance(recipe, Recipe):  # a mergekit recipe: its models by key, nothing inferred
         refs = recipe.input_refs()
-        return {k: resolve_model(ref, "base_model" if k == "base" else "model", token=token, progress=progress)
-                for k, ref in refs.items()}, [f"mergekit ignores {k} (so does this run)" for k in recipe.unknown_keys()]
+        resolved = {k: resolve_model(ref, "base_model" if k == "base" else "model", token=token, progress=progress)
+                    for k, ref in refs.items()}
+        check_distinct(resolved)
+        return resolved, [f"mergekit ignores {k} (so does this run)" for k in recipe.unknown_keys()]
     sfts = {f"sft{i}": resolve_model(s.model, "SFT", token=token, progress=progress) for i, s in enumerate(recipe.sft)}
     notes = []
     base_ref = recipe.base
@@ -200,6 +202,7 @@ def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False) -> tup
         base_ref, source = next(iter(found.values()))
         notes.append(f"base: auto chose {base_ref} (from the SFT's {source})")
     base = resolve_model(base_ref, "base", token=token, progress=progress)
+    check_distinct({"base": base, **sfts})
     return {"base": base, **sfts}, notes
 
 

@@ -172,3 +172,40 @@ def test_sweep_candidate_over_tied_and_untied_equals_the_written_merge(tie_model
     assert set(params) == set(written)
     for name, tensor in written.items():
         assert torch.equal(params[name].detach(), tensor), name
+
+
+# -- duplicate inputs --------------------------------------------------------------------------------------
+def test_the_same_model_twice_is_one_line_naming_both(tie_models, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from merge.cli import main
+
+    base, sft = tie_models[("base", False)], tie_models[("sft", False)]
+    monkeypatch.chdir(sft.parent)
+    again = f"./{sft.name}/"  # another spelling of the same folder
+    result = CliRunner().invoke(main, ["task-arithmetic", "--base", str(base), "--sft", str(sft), "--sft", again,
+                                       "--scale", "0.5", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: SFT {sft} and SFT {again} are the same model ({sft}); each input must be a different model "
+        "(give the SFT and the base it was fine-tuned from, each once)"]
+    monkeypatch.chdir(base.parent)
+    with pytest.raises(InputError, match=f"^base {base.name} and SFT {base} are the same model"):
+        merge.merge("linear", sft=str(base), base=base.name, t=0.5, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_mergekit_recipe_listing_a_model_twice_is_refused(tie_models, tmp_path):
+    base, sft = tie_models[("base", False)], tie_models[("sft", False)]
+    recipe = tmp_path / "mk.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {sft}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {base}\n    parameters: {{weight: 0.2}}\n"
+                      f"  - model: {sft}\n    parameters: {{weight: 0.3}}\n")
+    with pytest.raises(InputError) as e:
+        merge.run(recipe, out=tmp_path / "o")
+    assert str(e.value) == (f"{recipe}:7: models.2.model: '{sft}' is listed twice (also models.0.model); list each "
+                            "model once (mergekit refuses duplicate merge inputs)")
+    recipe.write_text(f"merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.5}}\n"
+                      f"models:\n  - model: {base}\n  - model: {base}/.\n")  # the same folder, spelled twice
+    with pytest.raises(InputError, match="are the same model"):
+        merge.run(recipe, out=tmp_path / "o")

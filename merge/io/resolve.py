@@ -71,6 +71,22 @@ def resolve_model(ref: str, role: str, *, token=None, progress: bool = False) ->
     return ResolvedModel(ref, folder, name, commit)
 
 
+def check_distinct(resolved: dict[str, ResolvedModel]) -> None:
+    """Every input is a different model: two references that lead to the same folder are an error naming both."""
+    seen: dict[Path, str] = {}
+    for key, model in resolved.items():
+        where = Path(model.path).resolve()
+        if where in seen:
+            first = seen[where]
+
+            def name(k):
+                return f"{'base' if k == 'base' else 'SFT'} {resolved[k].ref}"
+
+            raise InputError(f"{name(first)} and {name(key)} are the same model ({where}); each input must be a "
+                             "different model (give the SFT and the base it was fine-tuned from, each once)")
+        seen[where] = key
+
+
 # ---- --base auto ---------------------------------------------------------------------------------------
 
 
