@@ -24,7 +24,7 @@ from .io.writer import ShardWriter, parse_size, write_index
 from .plan import Plan, make_plan
 from .recipes.operations import operations_for
 from .recipes.schema import Recipe
-from .summary import MergeSummary
+from .summary import MergeSummary, settings_of
 from .tensor_names import num_layers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -147,7 +147,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         plan = make_plan(models, labels, primary, op_for, out_dtype, parse_size(recipe.max_shard_size))
         notes = resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
         summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
-                               shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run)
+                               shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run,
+                               settings=settings_of(plan.jobs, resolved))
         if t_values:
             summary.t_range = (min(t_values), max(t_values))
             outside = sorted({v for v in t_values if not 0 <= v <= 1})

@@ -209,3 +209,46 @@ def test_mergekit_recipe_listing_a_model_twice_is_refused(tie_models, tmp_path):
                       f"models:\n  - model: {base}\n  - model: {base}/.\n")  # the same folder, spelled twice
     with pytest.raises(InputError, match="are the same model"):
         merge.run(recipe, out=tmp_path / "o")
+
+
+# -- cards, dry runs and task-arithmetic settings ----------------------------------------------------------
+def test_card_lists_only_hub_inputs_as_base_model(tie_models, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    for who in ("base", "sft"):  # local folders spelled like Hub ids: org/name
+        shutil.copytree(tie_models[(who, False)], tmp_path / "acme" / who)
+    merge.merge("linear", sft="acme/sft", base="acme/base", t=0.3, out=tmp_path / "o")
+    card = (tmp_path / "o" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in front and front["base_model_relation"] == "merge"
+    assert f"| base | `{tmp_path / 'acme' / 'base'}` (local folder) |" in card
+    assert "not Hub models" in card
+
+
+def test_dry_run_of_slerp_prints_no_computed_statistics(tie_models):
+    summary = merge.merge("slerp", sft=tie_models[("sft", False)], base=tie_models[("base", False)], t=0.3,
+                          dry_run=True)
+    text = summary.report()
+    assert "took the spherical branch" not in text and "fell back" not in text and " deg" not in text
+    assert "slerp: each tensor's angle between the two inputs is computed while merging" in text
+
+
+def test_task_arithmetic_summary_and_card_state_every_setting(pairs, tmp_path):
+    base, (s0, s1) = pairs("llama", torch.float32, sft_count=2)
+    summary = merge.merge("task_arithmetic", sft=[s0, s1], base=base, scale=[0.6, 0.3], sparsify="random",
+                          density=0.5, seed=7, sign_consensus=True, out=tmp_path / "dare")
+    lines = summary.report().splitlines()
+    assert f"scales: 0.6 (SFT {s0}), 0.3 (SFT {s1})" in lines
+    assert ("sparsify: random (DARE: entries kept at random), density 0.5, seed 7, survivors divided by the "
+            "density") in lines
+    assert "sign consensus: sum (TIES sign election: the sign of the summed deltas)" in lines
+    method = (tmp_path / "dare" / "README.md").read_text().split("## Method")[1].split("## Inputs")[0]
+    assert "Sparsify: random" in method and "density 0.5, seed 7" in method and "Sign consensus: sum" in method
+    plain = merge.merge("task_arithmetic", sft=[s0], base=base, scale=0.7, sparsify="breadcrumbs", density=0.4,
+                        gamma=0.05, dry_run=True).report().splitlines()
+    assert f"scale: 0.7 (SFT {s0})" in plain and "sign consensus: none" in plain
+    assert ("sparsify: breadcrumbs (the largest gamma and the smallest entries dropped), density 0.4, gamma 0.05"
+            in plain)
+    whole = merge.merge("task_arithmetic", sft=[s0], base=base, scale=0.7, dry_run=True).report().splitlines()
+    assert "sparsify: none (whole deltas are added)" in whole
