@@ -1,6 +1,7 @@
 """Tied/untied mismatches, duplicate inputs, card front matter, and reports that must not look like results."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,79 @@ def test_task_arithmetic_summary_and_card_state_every_setting(pairs, tmp_path):
             in plain)
     whole = merge.merge("task_arithmetic", sft=[s0], base=base, scale=0.7, dry_run=True).report().splitlines()
     assert "sparsify: none (whole deltas are added)" in whole
+
+
+# -- sweep reports ------------------------------------------------------------------------------------------
+def _candidate(t, general_bpb, domain_bpb, label=None):
+    from merge import api
+    from merge.evaluate import ProbeScore
+    from merge.recover.result import Candidate
+
+    recipe = api.build_recipe({"method": "linear", "base": "b", "sft": ["s"], "t": 0.0 if t is None else t})
+    nats = math.log(2) * 1000  # bits per byte = value with 1000 bytes
+    return Candidate(label or f"t={t:g}", recipe, ProbeScore(general_bpb * nats, 100, 1000),
+                     ProbeScore(domain_bpb * nats, 100, 1000), t)
+
+
+def _synthetic_sweep(schedule_wins: bool):
+    from merge.recover.result import ScheduleOutcome, SweepResult, with_recovery
+
+    rows = [_candidate(0.0, 3.0, 1.0), _candidate(0.4, 1.5, 1.2), _candidate(0.7, 1.9, 1.6),
+            _candidate(1.0, 2.0, 3.0)]  # t=0.4 beats the base on the general probes: general_recovered 1.5
+    for c in rows:
+        with_recovery(c, rows[-1], rows[0])
+    best = with_recovery(_candidate(None, 1.7, 1.1, label="blocks(t=0.5/0.3/0.1)"), rows[-1], rows[0])
+    probes = {f"{k}_{part}": f"{k}.txt" for k in ("general", "domain") for part in ("select", "report")}
+    result = SweepResult(rows, rows[1], "keep-domain", 0.9, probes, schedule=ScheduleOutcome(
+        "blocks", best, 5, True, wins=schedule_wins, seconds=2.5))
+    result.written = best if schedule_wins else rows[1]
+    return result
+
+
+def test_sweep_explains_general_recovered_above_one():
+    result = _synthetic_sweep(schedule_wins=False)
+    assert result.rows[1].recovery.general_recovered == pytest.approx(1.5)
+    note = ("general_recovered above 1 (up to 1.500, t=0.4): the merge scores better than the base on the general "
+            "probes (G_m < G_base)")
+    assert result.score_notes()[0].startswith(note)
+    assert f"note: {note}" in result.summary()
+    assert note in result.card_section()
+
+
+@pytest.mark.parametrize("schedule_wins", [True, False])
+def test_sweep_plot_marks_the_candidate_written(schedule_wins):
+    from merge.recover.result import tradeoff_figure
+
+    result = _synthetic_sweep(schedule_wins)
+    left, right = tradeoff_figure(result).axes
+    labels = right.get_legend_handles_labels()
+    stars = {label: line for line, label in zip(*labels) if line.get_marker() == "*"}
+    assert len(stars) == 1
+    (label, star), = stars.items()
+    picked = result.written
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (picked.recovery.general_recovered,
+                                                          picked.recovery.domain_retained)
+    left_labels = left.get_legend_handles_labels()[1]
+    if schedule_wins:
+        assert label == "chosen: blocks(t=0.5/0.3/0.1)"
+        assert "best global t = 0.4 (a schedule was chosen)" in left_labels
+        assert "best global t = 0.4" in labels[1]
+    else:
+        assert label == "chosen" and "chosen t = 0.4" in left_labels
+        assert "blocks schedule (not chosen)" in labels[1]
+
+
+def test_sweep_time_includes_the_schedule_search(pairs, tmp_path):
+    from tests.test_sweep import _probes
+
+    base, sft = pairs("llama")
+    general, domain = _probes(tmp_path)
+    result = merge.sweep(str(sft), str(base), domain, general, t_values=[0.5], schedule="blocks", budget=3)
+    search = result.schedule.seconds
+    assert search > 0
+    parts = (result.seconds_load + result.seconds_set + result.seconds_eval + result.seconds_report + search
+             + result.seconds_write)
+    assert parts <= result.seconds_total
+    time_line = result.summary().splitlines()[-1]
+    assert time_line.startswith("time: ") and f"schedule search {search:.1f}s (" in time_line
+    assert result.to_dict()["seconds"]["schedule_search"] == search
