@@ -329,3 +329,29 @@ def test_sweep_time_includes_the_schedule_search(pairs, tmp_path):
     time_line = result.summary().splitlines()[-1]
     assert time_line.startswith("time: ") and f"schedule search {search:.1f}s (" in time_line
     assert result.to_dict()["seconds"]["schedule_search"] == search
+
+
+# -- the README's plan example ----------------------------------------------------------------------------
+def test_readme_plan_example_runs_as_written_and_prints_what_the_readme_shows(monkeypatch):
+    """The `$ merge plan ...` block of README.md, run from the repository root, prints exactly that block
+    (the memory estimate's number depends on the thread count)."""
+    import re
+    import shlex
+
+    from click.testing import CliRunner
+
+    from merge.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = re.search(r"```\n\$ (merge plan [^\n]+)\n(.*?)```", readme, re.S)
+    command, shown = block.group(1), block.group(2)
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(main, shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+
+    def number_free(text):
+        return re.sub(r"(estimated peak memory of the merge buffers: )[\d.]+ MB", r"\1N MB", text).rstrip()
+
+    assert number_free(result.output) == number_free(shown)
+    assert "resolved parameters" in shown and "layer 2" in shown
