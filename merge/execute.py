@@ -200,7 +200,7 @@ class Executor:
                     result = fp8_quantise_chunk(result, scales, start, stop, job.shape, block)
                 self._write(job, start, result, writer)
             if job.merged_numel < job.numel:
-                self._copy(job, models[job.primary], job.name, job.merged_numel, job.numel, writer)
+                self._copy(job, models[job.primary], job.source_name(job.primary), job.merged_numel, job.numel, writer)
             if op.kind == "slerp":
                 coeffs = state
         return coeffs
