@@ -177,6 +177,15 @@ def test_nuslerp_colinear_falls_back_to_lerp_and_zero_weights_give_half():
     assert nuslerp.nuslerp_t(0.0, 0.0) == 0.5 and nuslerp.nuslerp_t(1.0, 3.0) == 0.75
 
 
+@pytest.mark.parametrize("dtype,noise", [(torch.float32, 1e-3), (torch.float32, 1e-5), (torch.float64, 1e-5)])
+def test_nuslerp_nearly_colinear_rows_bit_exact(dtype, noise):
+    # float64 resolves 1 - cos^2 ~ 1e-10, between the colinear cut (1e-16) and float32's resolution
+    a = torch.randn(6, 50, generator=torch.Generator().manual_seed(20), dtype=dtype)
+    b = 2 * a + noise * torch.randn(6, 50, generator=torch.Generator().manual_seed(21), dtype=dtype)
+    same(nuslerp.nuslerp_merge(a, b, (0.6, 0.4), flatten=False),
+         mk("nuslerp", [a, b], weight=[0.6, 0.4], nuslerp_flatten=False))
+
+
 def test_nuslerp_row_wise_interpolates_each_column():
     a, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
     out = nuslerp.nuslerp(a, b, 0.3, row_wise=True, flatten=False)
