@@ -186,6 +186,29 @@ def test_nuslerp_nearly_colinear_rows_bit_exact(dtype, noise):
          mk("nuslerp", [a, b], weight=[0.6, 0.4], nuslerp_flatten=False))
 
 
+@pytest.mark.parametrize("flatten,row_wise", [(True, False), (False, False), (False, True)])
+def test_nuslerp_chunked_statistics_match_the_whole_tensor_result(flatten, row_wise):
+    _, (a, b) = fine_tunes((20, 12), 2, seed=22, spread=0.5)
+    t = nuslerp.nuslerp_t(0.3, 0.5)
+    whole = nuslerp.nuslerp(a, b, t, row_wise, flatten)
+    chunks = [(a[i:i + 5], b[i:i + 5]) for i in range(0, 20, 5)]
+    if flatten:
+        sums = sum(nuslerp.nuslerp_partial_sums(x.reshape(-1), y.reshape(-1)) for x, y in chunks)
+        ca, cb = nuslerp.nuslerp_coefficients(sums, t)
+        streamed = float(ca) * a + float(cb) * b
+    elif row_wise:  # per column: statistics summed over row chunks, then applied per column
+        sums = sum(nuslerp.nuslerp_partial_sums(x.T, y.T) for x, y in chunks)
+        ca, cb = nuslerp.nuslerp_coefficients(sums, t)
+        streamed = ca.float() * a + cb.float() * b
+    else:  # per row: each chunk of whole rows on its own
+        parts = []
+        for x, y in chunks:
+            ca, cb = nuslerp.nuslerp_coefficients(nuslerp.nuslerp_partial_sums(x, y), t)
+            parts.append(ca.float().unsqueeze(-1) * x + cb.float().unsqueeze(-1) * y)
+        streamed = torch.cat(parts)
+    assert (streamed - whole).abs().max() <= 1e-5 * whole.abs().max()
+
+
 def test_nuslerp_row_wise_interpolates_each_column():
     a, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
     out = nuslerp.nuslerp(a, b, 0.3, row_wise=True, flatten=False)
@@ -374,6 +397,24 @@ def test_donoho_gavish_constant():
     with pytest.raises(ValueError):
         spectral.donoho_gavish_omega(1.5)
     assert spectral.median(torch.tensor([3.0, 1.0, 2.0, 10.0])) == 2.5
+
+
+def marchenko_pastur_median(beta):
+    """Median of the Marchenko-Pastur law with aspect ratio ``beta`` (variance 1), by numerical integration."""
+    lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
+    x = np.linspace(lo, hi, 200001)
+    mid = (x[1:] + x[:-1]) / 2
+    density = np.sqrt(np.maximum((hi - mid) * (mid - lo), 0)) / (2 * math.pi * beta * mid)
+    cdf = np.cumsum(density * np.diff(x))
+    return float(np.interp(0.5, cdf / cdf[-1], x[1:]))
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.3, 0.5, 0.8, 1.0])
+def test_donoho_gavish_omega_approximates_the_exact_threshold(beta):
+    # exact omega(beta) = lambda*(beta) / sqrt(median of Marchenko-Pastur) (Donoho & Gavish 2014)
+    lam = math.sqrt(2 * (beta + 1) + 8 * beta / ((beta + 1) + math.sqrt(beta ** 2 + 14 * beta + 1)))
+    exact = lam / math.sqrt(marchenko_pastur_median(beta))
+    assert abs(spectral.donoho_gavish_omega(beta) - exact) < 0.007
 
 
 @pytest.mark.parametrize("m,n", [(120, 80), (60, 150)])

@@ -17,8 +17,9 @@ mergekit 0.1.5 semantics (exactly two non-base models, each with a ``weight``; b
 Streaming: flattened, one statistics pass (the two norms and the dot product over the whole tensor) then an
 elementwise apply pass with two scalar coefficients; last-dim vectors (``flatten`` false, ``row_wise``
 false) are per row, so a chunk of whole rows needs no separate pass; ``row_wise`` (per column) needs one
-statistics pass over all rows accumulating per-column norms and dots, then the apply pass. Statistics summed
-chunk by chunk differ from mergekit's normalise-then-sum by rounding only.
+statistics pass over all rows accumulating per-column norms and dots, then the apply pass
+(:func:`nuslerp_partial_sums` per chunk, summed, then :func:`nuslerp_coefficients`). Statistics summed chunk
+by chunk differ from mergekit's normalise-then-sum by rounding only.
 """
 
 from __future__ import annotations
@@ -67,3 +68,25 @@ def nuslerp_merge(first: torch.Tensor, second: torch.Tensor, weights: tuple[floa
     if base is None:
         return nuslerp(first, second, t, row_wise, flatten)
     return base + nuslerp(first - base, second - base, t, row_wise, flatten)
+
+
+def nuslerp_partial_sums(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Chunk-additive statistics of vector pairs along the last dim: ``[..., 3]`` float64 holding
+    ``(v0 . v1, |v0|^2, |v1|^2)``. Flattened mode: pass flat chunks and sum; per-column mode: pass the
+    transposed chunk (columns last) and sum over row chunks; per-row mode: one chunk of whole rows."""
+    a, b = v0.to(torch.float64), v1.to(torch.float64)
+    return torch.stack([(a * b).sum(-1), (a * a).sum(-1), (b * b).sum(-1)], dim=-1)
+
+
+def nuslerp_coefficients(sums: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` with ``S = a v0 + b v1`` per vector pair from :func:`nuslerp_partial_sums`:
+    ``cos = dot / (max(|v0|, 1e-7) max(|v1|, 1e-7))`` clamped to [-1, 1]; ``a = sin((1 - t) theta) / sin theta``,
+    ``b = sin(t theta) / sin theta``, or ``(1 - t, t)`` where ``1 - cos^2 <= 1e-16``. float64, shape ``[...]``."""
+    dot, sq0, sq1 = sums.unbind(-1)
+    cos = (dot / (sq0.sqrt().clamp(min=NORM_EPS) * sq1.sqrt().clamp(min=NORM_EPS))).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= COLINEAR_EPS ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    sin = torch.where(colinear, 1, torch.sin(theta))
+    a = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin)
+    b = torch.where(colinear, t, torch.sin(t * theta) / sin)
+    return a, b
