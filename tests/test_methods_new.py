@@ -434,6 +434,13 @@ def test_spectral_threshold_keeps_the_planted_components(m, n):
     assert np.abs(out.numpy() - ref).max() < 1e-10
 
 
+def test_spectral_threshold_drops_pure_noise():
+    base = torch.zeros(90, 60)
+    noise = known_spectrum(90, 60, [], noise=1.0, seed=4).float()
+    out, info = spectral.spectral_repair(base, noise, 1.0, threshold=True)
+    assert info.rank == 0 and torch.equal(out, base)
+
+
 def test_spectral_randomized_matches_exact_for_small_rank():
     delta = known_spectrum(400, 300, [50.0, 40.0, 30.0, 20.0, 10.0], noise=0.5, seed=3).float()
     assert spectral.choose_svd(5, (400, 300)) == "randomized"
