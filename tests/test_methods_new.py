@@ -123,6 +123,22 @@ def test_sce_mask_keeps_the_highest_variance_entries():
     assert var[mask.bool()].min() > var[~mask.bool()].max()
 
 
+def test_sce_mask_streams_with_an_exact_rank_cut():
+    from merge.methods.sparsify import rank_cut, top_k_mask
+    base, models = fine_tunes((40, 30), 3, seed=23)
+    deltas = torch.stack([m - base for m in models])
+    chunks = [deltas[:, i:i + 8] for i in range(0, 40, 8)]
+    variances = [sce.sce_variance(c) for c in chunks]
+    k = sce.sce_select_count(sum(int(torch.count_nonzero(v)) for v in variances), 0.3)
+    cut = rank_cut(lambda: iter(variances), k)
+    streamed, ties = [], 0
+    for v in variances:
+        mask, here = top_k_mask(v, cut, ties)
+        streamed.append(mask)
+        ties += here
+    assert torch.equal(torch.cat(streamed).to(deltas.dtype), sce.sce_variance_mask(deltas, 0.3))
+
+
 # ---------------------------------------------------------------- model_stock
 
 @pytest.mark.parametrize("dtype", DTYPES)

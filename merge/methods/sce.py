@@ -14,9 +14,10 @@ mergekit 0.1.5 semantics (parameter ``select_topk``, default 1.0; no per-model w
    ``m_i = [sign(d_i) == majority]``.
 4. ``W = B + sum_i (w_i m_i) d_i / max(sum_i w_i m_i, 1e-6)``.
 
-Streaming: step 1 needs a whole-tensor rank cut of the per-entry variance (one pass counting non-zeros and
-finding the k-th largest, e.g. with :func:`merge.methods.sparsify.rank_cuts`, whose ties go by flat
-position instead of topk's order); step 2 needs one pass of per-model sums of squares of the masked deltas
+Streaming: step 1 needs a whole-tensor rank cut of the per-entry variance (one pass counting non-zeros,
+:func:`sce_variance` per chunk and :func:`sce_select_count`, then the k-th largest with
+:func:`merge.methods.sparsify.rank_cut` and :func:`~merge.methods.sparsify.top_k_mask` per chunk, whose ties
+go by flat position instead of topk's order); step 2 needs one pass of per-model sums of squares of the masked deltas
 (summing chunk partials differs from one ``mean`` by rounding); steps 3-4 are elementwise.
 """
 
@@ -29,6 +30,17 @@ import torch
 WEIGHT_EPS = 1e-6
 
 
+def sce_variance(deltas: torch.Tensor) -> torch.Tensor:
+    """Per-entry population variance across the stacked deltas (models first); elementwise, so any chunk."""
+    return torch.var(deltas, dim=0, unbiased=False)
+
+
+def sce_select_count(nonzero: int, select_topk: float) -> int:
+    """``k = int(nonzero * select_topk)``: how many entries survive selection (``nonzero`` = entries with
+    non-zero variance, summed over chunks)."""
+    return int(nonzero * select_topk)
+
+
 def sce_variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
     """0/1 mask (the deltas' dtype, one tensor's shape) of the ``int(count_nonzero(var) * select_topk)``
     entries of largest population variance across ``deltas`` (stacked, models first)."""
@@ -36,8 +48,8 @@ def sce_variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
         return torch.zeros_like(deltas[0])
     if select_topk >= 1:
         return torch.ones_like(deltas[0])
-    variance = torch.var(deltas, dim=0, unbiased=False)
-    k = int(torch.count_nonzero(variance) * select_topk)
+    variance = sce_variance(deltas)
+    k = sce_select_count(int(torch.count_nonzero(variance)), select_topk)
     mask = torch.zeros_like(variance)
     if k:
         mask.view(-1)[torch.topk(variance.abs().reshape(-1), k=k).indices] = 1
