@@ -518,3 +518,65 @@ def test_lora_factors_follow_peft_convention():
     layer.lora_B["default"].weight.data.copy_(b)
     merged = lora.merge_and_unload()[0].weight.detach()
     assert torch.allclose(merged, base_weight + extract_lora.lora_delta(a, b, 8), atol=1e-6)
+
+
+# ---------------------------------------------------------------- mergekit-yaml on tiny checkpoints
+
+def _end_to_end_recipes(base, s0, s1, s2):
+    def m(path, **parameters):
+        return {"model": str(path), **({"parameters": parameters} if parameters else {})}
+
+    three = [m(s0), m(s1), m(s2)]
+    return {  # name -> (recipe, our function of (base tensor, [model tensors]) per tensor)
+        "model_stock": ({"merge_method": "model_stock", "base_model": str(base), "models": three},
+                        lambda b, xs: model_stock.model_stock(b, xs)),
+        "model_stock_fw": ({"merge_method": "model_stock", "base_model": str(base), "models": three,
+                            "parameters": {"filter_wise": True}},
+                           lambda b, xs: model_stock.model_stock(b, xs, filter_wise=True)),
+        "nuslerp_cols": ({"merge_method": "nuslerp", "base_model": str(base),
+                          "models": [m(s0, weight=0.7), m(s1, weight=0.3)],
+                          "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
+                         lambda b, xs: nuslerp.nuslerp_merge(xs[0], xs[1], (0.7, 0.3), b, True, False)),
+        "multislerp": ({"merge_method": "multislerp", "base_model": str(base),
+                        "models": [m(s0, weight=0.5), m(s1, weight=0.2), m(s2, weight=0.3)]},
+                       lambda b, xs: multislerp.multislerp(xs, [0.5, 0.2, 0.3], b)),
+        # karcher ignores the base's role but base_model joins the inputs (last, after the models)
+        "karcher": ({"merge_method": "karcher", "base_model": str(base), "models": [m(s0), m(s1)]},
+                    lambda b, xs: karcher.karcher_mean([xs[0], xs[1], b])),
+        "nearswap": ({"merge_method": "nearswap", "base_model": str(base), "models": [m(s0)],
+                      "parameters": {"t": 0.01}}, lambda b, xs: nearswap.nearswap(b, xs[0], 0.01)),
+        "arcee_fusion": ({"merge_method": "arcee_fusion", "base_model": str(base), "models": [m(s0)]},
+                         lambda b, xs: fusion.arcee_fusion(b, xs[0])),
+        "ramplus_tl": ({"merge_method": "ramplus_tl", "base_model": str(base), "models": three,
+                        "parameters": {"epsilon": 0.015}}, lambda b, xs: ram.ramplus_tl(b, xs, epsilon=0.015)),
+        "sce": ({"merge_method": "sce", "base_model": str(base), "models": three,
+                 "parameters": {"select_topk": 0.5}}, lambda b, xs: sce.sce_merge(b, xs, 0.5)),
+    }
+
+
+@pytest.fixture(scope="module")
+def end_to_end(pairs, tmp_path_factory):
+    """name -> (mergekit-yaml's tensors, ours applied tensor by tensor to the same bf16 inputs)."""
+    from tests.mergekit_runner import load_folder_tensors, run_mergekit_many
+    base, sfts = pairs("llama", torch.bfloat16, sft_count=3)
+    recipes = _end_to_end_recipes(base, *sfts)
+    folders = run_mergekit_many({k: r for k, (r, _) in recipes.items()}, tmp_path_factory.mktemp("methods_new"))
+    inputs = [load_folder_tensors(p) for p in [base, *sfts]]
+    results = {}
+    for name, (recipe, ours) in recipes.items():
+        theirs = load_folder_tensors(folders[name])
+        count = len(recipe["models"])
+        results[name] = (theirs, {k: ours(inputs[0][k], [x[k] for x in inputs[1:1 + count]]) for k in theirs})
+    return results
+
+
+@pytest.mark.parametrize("name", list(_end_to_end_recipes("b", "s0", "s1", "s2")))
+def test_mergekit_yaml_conformance_on_tiny_checkpoints(end_to_end, name, pairs):
+    theirs, ours = end_to_end[name]
+    base, _ = pairs("llama", torch.bfloat16, sft_count=3)
+    from tests.mergekit_runner import load_folder_tensors
+    assert set(theirs) == set(load_folder_tensors(base))
+    for key, value in theirs.items():  # dtypes too: ramplus_tl and arcee_fusion write float32 for bf16 inputs
+        mine = ours[key]
+        assert mine.dtype == value.dtype and torch.equal(mine, value), (
+            name, key, mine.dtype, value.dtype, (mine.double() - value.double()).abs().max().item())
