@@ -549,6 +549,10 @@ def _end_to_end_recipes(base, s0, s1, s2):
                          lambda b, xs: fusion.arcee_fusion(b, xs[0])),
         "ramplus_tl": ({"merge_method": "ramplus_tl", "base_model": str(base), "models": three,
                         "parameters": {"epsilon": 0.015}}, lambda b, xs: ram.ramplus_tl(b, xs, epsilon=0.015)),
+        "ram": ({"merge_method": "ram", "base_model": str(base), "models": three,
+                 "parameters": {"epsilon": 0.015}}, lambda b, xs: ram.ram(b, xs, epsilon=0.015)),
+        "passthrough_scale": ({"merge_method": "passthrough", "models": [m(s0, scale=0.37)]},
+                              lambda b, xs: passthrough.passthrough(xs[0], 0.37)),
         "sce": ({"merge_method": "sce", "base_model": str(base), "models": three,
                  "parameters": {"select_topk": 0.5}}, lambda b, xs: sce.sce_merge(b, xs, 0.5)),
     }
