@@ -99,6 +99,14 @@ def test_della_prune_rescales_l1_and_is_seeded():
     assert torch.isclose(one.abs().sum(), delta.abs().sum(), rtol=1e-5)
 
 
+def test_della_rows_of_one_entry_keep_with_probability_density():
+    # mergekit divides 0 by 0 here and fails inside bernoulli; we use the middle probability
+    delta = torch.randn(6, 1)
+    assert torch.equal(della.della_keep_probabilities(delta, 0.4, 0.1), torch.full((6, 1), 0.4))
+    with pytest.raises(RuntimeError):
+        mk("della", [torch.zeros(6, 1), delta], 0, weight=1.0, density=0.4, epsilon=0.1)
+
+
 @pytest.mark.parametrize("density,epsilon", [(0.9, 0.15), (0.1, 0.15), (0.5, 0.5)])
 def test_della_rejects_density_epsilon_outside_unit_interval(density, epsilon):
     with pytest.raises(ValueError, match="epsilon"):
