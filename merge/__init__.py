@@ -13,13 +13,14 @@ from .recipes import Recipe
 __version__ = "0.1.0"
 
 __all__ = ["MergeError", "MergeSummary", "Recipe", "__version__", "fold", "inspect", "list_aliases", "merge", "push",
-           "run", "sweep", "verify"]
+           "run", "sweep", "verify", "extract_lora", "interpolate_adapter"]
 
 
 # Public names served lazily from their modules, so `import merge` and `merge --help` do not import torch.
 _LAZY = {
     "merge": ".api", "run": ".api", "fold": ".api", "verify": ".integrity", "push": ".hub",
     "list_aliases": ".io.aliases", "sweep": ".recover", "inspect": ".diagnostics", "MergeSummary": ".summary",
+    "extract_lora": ".adapters", "interpolate_adapter": ".adapters",
 }
 
 
