@@ -384,7 +384,10 @@ def _plan_extraction(s, b, rank: int, target_modules, dtype: str | None, allow_u
     refused = [n for n in uncaptured if n not in user_excluded]
     if refused and not allow_uncaptured:
         more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
-        why = "only in the SFT" if refused[0] not in base_names else f"shape {list(shapes[refused[0]])}"
+        first = refused[0]
+        why = ("only in the SFT" if first not in base_names else
+               "a bias; lora_bias needs a bias on every targeted module" if first in target_biases else
+               f"shape {list(shapes[first])}, neither a target nor an embedding, lm_head or norm")
         raise InputError(f"the adapter cannot capture changed tensor(s) {', '.join(refused[:3])}{more} ({why}); "
                          "pass --allow-uncaptured to write it without them (the summary lists each with its error)")
     notes = []
@@ -399,7 +402,7 @@ def _plan_extraction(s, b, rank: int, target_modules, dtype: str | None, allow_u
             if n in base_names and shapes[n] != tuple(b.info(n).shape):
                 notes.append(f"{n} is saved with the SFT's shape {list(shapes[n])}, the base has "
                              f"{list(b.info(n).shape)}: resize the base's embeddings before loading with PEFT")
-    if any(len(shapes[x]) == 1 for m in save_modules for x in by_module[m] if group_of(x) == "norm"):
+    if any(group_of(x) == "norm" for m in save_modules for x in by_module.get(m, [])):
         notes.append("changed norms are saved whole in modules_to_save (exact); not every LoRA server loads them")
     return _ExtractionPlan(targets, transposed, lora_bias, save_modules, saved,
                            [(n, _kind(n, shapes[n])) for n in uncaptured], planned, dtypes, notes, tied_head)
@@ -522,6 +525,9 @@ def interpolate_adapter(adapter: str | Path, base: str | Path, t: float, out: st
                                  notes=notes + [f"adapter = merge linear --t {t:g}: every lora_B scaled by 1-t = "
                                                 f"{1 - t:g}; saved modules (1-t)*saved + t*base"],
                                  model_bytes=_weight_bytes(lora))
+        if not 0 <= t <= 1:
+            summary.warnings.append(f"t={t:g} is outside [0, 1]: extrapolating "
+                                    f"{'past the base' if t > 1 else 'away from the base, past the SFT'}")
 
         def write(stage: Path) -> None:
             _write_interpolated(stage, lora, t)

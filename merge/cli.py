@@ -435,8 +435,7 @@ def _as_adapter(method, sft, base, t, quiet, options) -> None:
         raise InputError(f"--{given[0].replace('_', '-')} has no effect with --as-adapter (it writes only the "
                          "adapter files); drop it")
     summary = interpolate_adapter(sft, base, t, options.get("out"), method=method, force=options.get("force"))
-    if not quiet:
-        click.echo(summary.report())
+    _report(summary, quiet)
 
 
 @main.command("extract-lora", help=(
