@@ -243,3 +243,18 @@ def test_as_adapter_refuses_dora_unless_t_is_0(pairs, tmp_path):
         PREFIX + "model.layers.0.self_attn.q_proj.lora_magnitude_vector"],
         load_file(tmp_path / "dora" / "adapter_model.safetensors")[
         PREFIX + "model.layers.0.self_attn.q_proj.lora_magnitude_vector"])
+
+
+def test_extracting_a_lora_sft_at_its_rank_reproduces_it(lora_sft, tmp_path):
+    base, adapter = lora_sft  # LoRA SFT read through merge.io.lora: its deltas have rank <= 4
+    summary = merge.extract_lora(adapter, base, tmp_path / "ad", rank=4, svd="exact")
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert set(config["modules_to_save"]) == {"lm_head", "embed_tokens"}  # unchanged norms are not saved
+    weights = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert not any("norm" in k for k in weights)
+    untouched = weights[PREFIX + "model.layers.0.self_attn.k_proj.lora_B.weight"]
+    assert torch.count_nonzero(untouched) == 0  # no delta: zero factors
+    expected, merged = _peft_merged(base, adapter), _peft_merged(base, tmp_path / "ad")
+    for name, w in expected.items():
+        torch.testing.assert_close(merged[name], w, rtol=1e-5, atol=2e-6, msg=name)
+    assert min(c.captured for c in summary.tensors) == pytest.approx(1.0, abs=1e-5)
