@@ -14,6 +14,7 @@ import merge
 from merge.cli import main
 from tests.checkpoints import make_model, make_pair
 from tests.helpers import load_tensors
+from tests.test_hub import hub_models  # noqa: F401  (a fixture: base and SFT repos on the local test Hub)
 
 PREFIX = "base_model.model."
 
@@ -258,3 +259,9 @@ def test_extracting_a_lora_sft_at_its_rank_reproduces_it(lora_sft, tmp_path):
     for name, w in expected.items():
         torch.testing.assert_close(merged[name], w, rtol=1e-5, atol=2e-6, msg=name)
     assert min(c.captured for c in summary.tensors) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_hub_base_is_recorded_by_its_id_and_revision(hub_models, tmp_path):  # noqa: F811
+    merge.extract_lora(hub_models.sft, f"{hub_models.base_id}@v1", tmp_path / "ad", rank=2)
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == (hub_models.base_id, hub_models.first)
