@@ -90,7 +90,9 @@ def merge_options(fn):
         click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
         click.option("--resume", is_flag=True,
                      help="Continue an interrupted run into the same OUT, reusing its verified finished shards."),
-        click.option("--check-finite", is_flag=True, help="Fail if any output tensor has NaN or Inf."),
+        click.option("--allow-nonfinite", is_flag=True,
+                     help="Write NaN/Inf outputs instead of failing (by default any NaN/Inf fails the run, naming "
+                          "the tensor and the input that holds it)."),
         click.option("-v", "--verbose", is_flag=True, help="Print one line per finished tensor on stderr."),
         click.option("--push-to-hub", metavar="REPO",
                      help="Upload OUT to this Hub model repo (created if needed; OUT defaults to ./NAME). Token: "
@@ -167,9 +169,9 @@ def slerp(sft, base, t, quiet, **kwargs):
               help="Scale of each delta: one for all SFTs or one per --sft.")
 @click.option("--sparsify", type=click.Choice(["magnitude", "random", "breadcrumbs"]))
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Fraction of each delta kept.")
-@click.option("--gamma", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True,
-              help="breadcrumbs: fraction of largest entries dropped.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random dropping.")
+@click.option("--gamma", type=click.FloatRange(0, 1, max_open=True),
+              help="breadcrumbs: fraction of largest entries dropped (default 0.01).")
+@click.option("--seed", type=int, help="--sparsify random: seed of random dropping (default 0).")
 @click.option("--sign-consensus", is_flag=True, help="TIES sign election across several SFTs.")
 @merge_options
 @user_errors
@@ -349,11 +351,11 @@ def _t_list(ctx, param, value):
 @click.option("--select", "select_rule", type=click.Choice(["keep-domain", "score"]), default="keep-domain",
               show_default=True, help="keep-domain: largest general_recovered with domain_retained >= --keep-domain "
                                       "(else best score); score: largest harmonic mean.")
-@click.option("--keep-domain", type=float, default=0.9, show_default=True, help="Domain gain to keep, 0..1.")
+@click.option("--keep-domain", type=float, help="Domain gain to keep, 0..1 (default 0.9; keep-domain rule).")
 @click.option("--schedule", type=click.Choice(["lines", "blocks"]),
               help="Also search per-layer schedules: LiNeS alpha/beta, or one t per block of layers.")
-@click.option("--blocks", type=int, default=3, show_default=True, help="Blocks for --schedule blocks.")
-@click.option("--budget", type=int, default=16, show_default=True, help="Most evaluations of the schedule search.")
+@click.option("--blocks", type=int, help="Blocks for --schedule blocks (default 3).")
+@click.option("--budget", type=int, help="Most evaluations of the schedule search (default 16).")
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Scored tokens per probe set, at most.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for evaluation (default: torch's).")
