@@ -22,7 +22,7 @@ from .io.lora import LoraAdapter, adapter_notes, is_adapter
 from .io.resolve import ResolvedModel, resolve_model
 from .io.writer import ShardWriter, parse_size, write_index
 from .plan import Plan, make_plan
-from .recipes.operations import operations_for
+from .recipes.operations import operations_for, unmatched_rules
 from .recipes.schema import Recipe
 from .summary import MergeSummary
 from .tensor_names import num_layers
@@ -37,7 +37,7 @@ def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: s
           max_shard_size: str = "5GB", threads: int | None = None, force: bool = False,
           dry_run: bool = False, progress: bool = False, command: str | None = None,
           chunk_elements: int | None = None, resume: bool = False, allow_nonfinite: bool = False,
-          memory: str | int | None = None, gpu_memory: str | int | None = None,
+          allow_unmatched: bool = False, memory: str | int | None = None, gpu_memory: str | int | None = None,
           verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
           revision: str | None = None, commit_message: str | None = None, token: str | None = None) -> MergeSummary:
     """Merge an SFT checkpoint back with its base and write a Hugging Face model folder to ``out``.
@@ -70,7 +70,7 @@ def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: s
     recipe = build_recipe(fields)
     return run(recipe, out=out, force=force, threads=threads, dry_run=dry_run, progress=progress, command=command,
                chunk_elements=chunk_elements, resume=resume, allow_nonfinite=allow_nonfinite,
-               verbose=verbose,
+               allow_unmatched=allow_unmatched, verbose=verbose,
                memory=memory, gpu_memory=gpu_memory,
                push_to_hub=push_to_hub, private=private, revision=revision, commit_message=commit_message,
                token=token)
@@ -121,18 +121,20 @@ def build_recipe(fields: dict) -> Recipe:
     """A validated :class:`Recipe`, with pydantic's complaint turned into one line naming the field."""
     from pydantic import ValidationError
 
+    from .recipes.loading import error_text, first_error, user_path
+
     try:
         return Recipe.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "recipe"
-        raise InputError(f"{where}: {err['msg']}") from None
+        err = first_error(e)
+        where = ".".join(str(p) for p in user_path(err["loc"])) or "recipe"
+        raise InputError(f"{where}: {error_text(err)}") from None
 
 
 def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bool = False, threads: int | None = None,
         dry_run: bool = False, progress: bool = False, command: str | None = None,
         chunk_elements: int | None = None, resume: bool = False, allow_nonfinite: bool = False,
-        verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
+        allow_unmatched: bool = False, verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
         memory: str | int | None = None, gpu_memory: str | int | None = None,
         revision: str | None = None, commit_message: str | None = None, token: str | None = None,
         card_sections: Sequence[str] = ()) -> MergeSummary:
@@ -145,7 +147,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     depend on ``threads`` or the budgets, nor on chunks that are multiples of 2**17. An interrupted run (Ctrl-C, full disk, kill) keeps its finished shards in
     ``output.staging_dir(out)``; ``resume=True`` continues it, byte-identical to an uninterrupted run.
     A NaN/Inf in any output tensor fails the run, naming the tensor and, when an input already holds it, that
-    input (``allow_nonfinite=True`` writes it anyway); ``verbose`` prints one line per finished tensor
+    input (``allow_nonfinite=True`` writes it anyway). A ``match`` rule (mergekit: ``filter``) that matches no
+    tensor is an error naming it and its line (``allow_unmatched=True``: a warning); ``verbose`` prints one line per finished tensor
     to stderr.
 
     ``push_to_hub="org/name"`` then uploads ``out`` (default ``./name``) with :func:`merge.hub.push`
@@ -184,15 +187,20 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         t_values = op_for.t_values
         out_dtype = DTYPES[recipe.output_dtype] if recipe.output_dtype else None
         plan = make_plan(models, labels, primary, op_for, out_dtype, parse_size(recipe.max_shard_size))
+        unmatched = unmatched_rules(recipe, [j.name for j in plan.jobs])
+        if unmatched and not allow_unmatched:
+            raise InputError(f"{unmatched[0]}; fix the rule or pass --allow-unmatched (allow_unmatched=True)")
         notes = resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
         summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
                                shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run)
+        for msg in unmatched:
+            summary.warnings.append(msg)
+            warnings.warn(msg, stacklevel=2)
         if t_values:
             summary.t_range = (min(t_values), max(t_values))
             outside = sorted({v for v in t_values if not 0 <= v <= 1})
             if outside:
-                msg = (f"t={outside[0]:g} is outside [0, 1]: extrapolating "
-                       f"{'past the base' if outside[0] > 1 else 'away from the base, past the SFT'}")
+                msg = _outside_message(recipe, outside[0])
                 summary.warnings.append(msg)
                 warnings.warn(msg, stacklevel=2)
         if dry_run:
@@ -214,6 +222,17 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         summary.pushed_to = push(out_path, push_to_hub, private=private, revision=revision,
                                  commit_message=commit_message, token=token, progress=progress)
     return summary
+
+
+def _outside_message(recipe, t: float) -> str:
+    """The warning for a t (share of the base) outside [0, 1], in the recipe's own convention: a mergekit
+    slerp's t counts from base_model (its t = 1 - ours)."""
+    if not isinstance(recipe, Recipe) and getattr(recipe, "merge_method", None) == "slerp":
+        mk = 1.0 - t
+        return (f"t: {mk:g} (mergekit's t, 0 = base_model) is outside [0, 1]: extrapolating "
+                f"{'past the other model' if mk > 1 else 'away from the other model, past base_model'}")
+    return (f"t={t:g} is outside [0, 1]: extrapolating "
+            f"{'past the base' if t > 1 else 'away from the base, past the SFT'}")
 
 
 def check_run_options(*, dry_run: bool, resume: bool, allow_nonfinite: bool, verbose: bool, push_to_hub,

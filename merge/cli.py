@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import shlex
 import sys
 
@@ -229,6 +230,8 @@ def _recipe_with_overrides(path: str, dtype, device, max_shard_size):
                           "reproduces it byte for byte.\n\n" + RECIPE_HELP)
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @merge_options
+@click.option("--allow-unmatched", is_flag=True,
+              help="Warn instead of failing when a recipe rule (match/filter) matches no tensor.")
 @user_errors
 def run_recipe(recipe, quiet, dtype, device, max_shard_size, **kwargs):
     import warnings
@@ -247,8 +250,10 @@ def run_recipe(recipe, quiet, dtype, device, max_shard_size, **kwargs):
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False), help="Output folder to check (optional).")
 @click.option("--threads", type=click.IntRange(1, 64), help="Worker threads the estimate assumes.")
+@click.option("--allow-unmatched", is_flag=True,
+              help="Warn instead of failing when a recipe rule (match/filter) matches no tensor.")
 @user_errors
-def plan(recipe, out, threads):
+def plan(recipe, out, threads, allow_unmatched):
     import warnings
 
     from . import api
@@ -256,7 +261,8 @@ def plan(recipe, out, threads):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = api.run(load_recipe(recipe), out=out, threads=threads, dry_run=True)
+        summary = api.run(load_recipe(recipe), out=out, threads=threads, dry_run=True,
+                          allow_unmatched=allow_unmatched)
     _report(summary, False)
 
 
@@ -323,9 +329,12 @@ def _t_list(ctx, param, value):
     if value is None:
         return None
     try:
-        return [float(x) for x in value.split(",") if x.strip()]
+        values = [float(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r}: give comma-separated numbers, e.g. 0,0.1,0.2,...,1") from None
+    if not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"{value!r}: every t must be a finite number")
+    return values
 
 
 @main.command(help="Evaluate base, SFT and merges at several t on general and domain probes, pick t by a stated "

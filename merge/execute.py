@@ -22,7 +22,7 @@ import torch
 
 from . import methods
 from .errors import MergeError
-from .io.writer import ALIGN, ShardWriter
+from .io.writer import ALIGN, ShardWriter, format_size
 from .plan import Plan, TensorJob, TensorSource
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per input buffer: big enough for cheap calls, small enough for caches
@@ -609,9 +609,8 @@ def fit_memory(plan: Plan, threads: int, chunk: int, memory: int, cuda: bool = F
             break
         if chunk <= MIN_CHUNK:
             need, budget, where = (host, memory, "--memory") if host > memory else (device, gpu_memory, "--gpu-memory")
-            least = math.ceil(need / 2**20 * 10) / 10
-            raise MergeError(f"{where} {budget / 2**20:.1f}MiB is too small: one worker needs {least}MiB for this "
-                             f"plan; give {where} {least}MiB or more")
+            raise MergeError(f"{where} {format_size(budget)} is too small: one worker needs {format_size(need, up=True)} "
+                             f"for this plan; give {where} {format_size(need, up=True)} or more")
         chunk = max(MIN_CHUNK, chunk // 2)
     return MemoryFit(threads, chunk, threads * host, threads * device)
 

@@ -21,6 +21,7 @@ import torch
 from .. import methods
 from ..errors import InputError, MergeError
 from ..execute import CHUNK_ELEMENTS, chunk_ranges, first_nonfinite
+from ..io.writer import format_size
 from ..plan import Plan, TensorJob, make_plan
 from ..recipes.operations import operations_for
 from ..tensor_names import num_layers
@@ -206,8 +207,8 @@ def check_memory(layout: Plan, models: dict, device: torch.device) -> None:
     need = estimate_bytes(layout, models)
     free = available_bytes(device)
     if free is not None and need > free:
-        raise InputError(f"sweep: needs about {need / 1e9:.1f} GB of {device.type} memory to hold base, SFT and "
-                         f"the model being evaluated ({free / 1e9:.1f} GB available); use a machine with more "
+        raise InputError(f"sweep: needs about {format_size(need)} of {device.type} memory to hold base, SFT and "
+                         f"the model being evaluated ({format_size(free)} available); use a machine with more "
                          "memory (or a GPU with --device cuda), or write merges with `merge linear --t ...` and "
                          "evaluate them one by one")
 

@@ -298,6 +298,8 @@ def _check_no_op_options(t_values, rule, keep_domain, holdout, general_report, d
     if t_values is not None and len(t_values) == 0:
         raise InputError("--t-values: no value of t given; list at least one, e.g. 0.1,0.2,0.3 (base and SFT "
                          "are always evaluated)")
+    if t_values is not None and not all(math.isfinite(float(t)) for t in t_values):
+        raise InputError(f"--t-values: every t must be a finite number, got {list(t_values)}")
     if keep_domain is not None and rule == "score":
         raise InputError("--keep-domain: has no effect with --select score (it is the keep-domain rule's bar)")
     if holdout is not None and general_report is not None and domain_report is not None:
