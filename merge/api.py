@@ -61,8 +61,8 @@ def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: s
         if sparsify:
             if density is None:
                 raise InputError("--sparsify needs --density (the fraction of each delta kept, 0..1]")
-            fields["sparsify"] = {"method": sparsify, "density": density,
-                                  "gamma": 0.01 if gamma is None else gamma, "seed": seed or 0}
+            fields["sparsify"] = {"method": sparsify, "density": density}
+            fields["sparsify"].update({k: v for k, v in (("gamma", gamma), ("seed", seed)) if v is not None})
         fields["sign_consensus"] = sign_consensus
     else:
         fields["sft"] = [str(s) for s in sfts]

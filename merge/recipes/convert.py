@@ -132,8 +132,11 @@ def _task_arithmetic(recipe: MergekitRecipe, chains, fields: dict, problems: lis
             return
         (density,), (gamma,) = densities, gammas
         if density < 1:
-            fields["sparsify"] = {"method": sparsify, "density": density, "gamma": gamma,
-                                  "seed": recipe.options.seed, "rescale": "l1" if rescale else False}
+            fields["sparsify"] = {"method": sparsify, "density": density, "rescale": "l1" if rescale else False}
+            if sparsify == "breadcrumbs":
+                fields["sparsify"]["gamma"] = gamma
+            if sparsify == "random":
+                fields["sparsify"]["seed"] = recipe.options.seed
             if sparsify == "random":
                 notes.append("DARE masks come from a different random generator than mergekit's: same "
                              "distribution, different entries")

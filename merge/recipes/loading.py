@@ -64,12 +64,15 @@ def describe_error(error, node, source: str) -> str:
     err = first_error(error)
     found, line = walk(node, err["loc"])
     msg = error_text(err, error.title)
-    if err["type"] == "extra_forbidden":
-        pass
-    elif err["type"] == "missing" and len(found) < len(err["loc"]):
+    if err["type"] == "missing" and len(found) < len(err["loc"]):
         found = found + [str(err["loc"][-1])]
     if not found:
         return locate_message(msg, node, source)
+    inner = re.match(r"^(\w+): ", msg)  # a model check naming one of its own keys ("gamma: only ...")
+    if inner and err["type"] == "value_error":
+        child_found, child_line = walk(node, list(user_path(err["loc"])) + [inner.group(1)])
+        if len(child_found) == len(found) + 1:
+            return f"{source}:{child_line}: {'.'.join(found)}.{msg}"
     return f"{source}:{line}: {'.'.join(found)}: {msg}"
 
 
@@ -103,6 +106,8 @@ def suggestion(word: str, vocabulary) -> str:
     """`` (did you mean 'x'?)`` for the closest known word (difflib), or nothing."""
     import difflib
 
+    if word in vocabulary:
+        return " here (it is a key at another level of the recipe; check the indentation)"
     close = difflib.get_close_matches(word, sorted(vocabulary), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else " (check its spelling)"
 

@@ -85,6 +85,11 @@ class Sparsify(BaseModel):
     def _band(self):
         if self.method == "breadcrumbs" and self.gamma + self.density > 1:
             raise ValueError("breadcrumbs needs gamma + density <= 1")
+        if "gamma" in self.model_fields_set and self.method != "breadcrumbs":
+            raise ValueError(f"gamma: only breadcrumbs drops the largest entries; method {self.method} has no "
+                             "gamma (remove it)")
+        if "seed" in self.model_fields_set and self.method != "random":
+            raise ValueError(f"seed: only method random draws masks; {self.method} is deterministic (remove it)")
         return self
 
 
