@@ -455,10 +455,14 @@ def _sweep_cli(base, sft, tmp_path, *args, domain=None, general=None):
     (["--schedule", "lines", "--blocks", "2"], "--blocks: only applies with --schedule blocks"),
     (["--budget", "4"], "--budget: bounds the schedule search"),
     (["--select", "score", "--keep-domain", "0.8"], "--keep-domain: has no effect with --select score"),
+    (["--holdout", "0.5", "--general-report", "{g}", "--domain-report", "{d}"], "--holdout: has no effect"),
 ])
 def test_sweep_options_without_effect_are_errors(pairs, tmp_path, args, expected):
+    from tests.test_sweep import _probes
+
     base, sft = pairs("llama")
-    result = _sweep_cli(base, sft, tmp_path, *args)
+    general, domain = _probes(tmp_path)
+    result = _sweep_cli(base, sft, tmp_path, *(a.format(g=general, d=domain) for a in args))
     assert_clean_refusal(result, tmp_path, tmp_path / "out", expected)
 
 

@@ -226,10 +226,13 @@ def _patterns(recipe):
         return
     values = [(("t",), recipe.t), (("scale",), recipe.scale)]
     values += [(("sft", i, "scale"), s.scale) for i, s in enumerate(recipe.sft)]
+    from .convert import OUTSIDE_LAYERS
+
     for path, value in values:
         if isinstance(value, list):
             for i, rule in enumerate(value):
-                if getattr(rule, "match", None) is not None:
+                # `merge convert` adds rules for tensors outside the layer stack "if there are any": exempt
+                if getattr(rule, "match", None) is not None and OUTSIDE_LAYERS not in rule.match:
                     yield path + (i, "match"), rule.match, matches, MATCH_HELP
 
 
