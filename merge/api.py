@@ -148,8 +148,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     ``output.staging_dir(out)``; ``resume=True`` continues it, byte-identical to an uninterrupted run.
     A NaN/Inf in any output tensor fails the run, naming the tensor and, when an input already holds it, that
     input (``allow_nonfinite=True`` writes it anyway). A ``match`` rule (mergekit: ``filter``) that matches no
-    tensor is an error naming it and its line (``allow_unmatched=True``: a warning); ``verbose`` prints one line per finished tensor
-    to stderr.
+    tensor is an error naming it and its line (``allow_unmatched=True``: a warning); ``verbose`` prints one
+    line per finished tensor to stderr.
 
     ``push_to_hub="org/name"`` then uploads ``out`` (default ``./name``) with :func:`merge.hub.push`
     (``private``, branch ``revision``, ``commit_message``); ``token`` (default: HF_TOKEN or the cached login)
@@ -160,7 +160,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         from .recipes.loading import load_recipe
 
         recipe = load_recipe(recipe)
-    check_run_options(dry_run=dry_run, resume=resume, allow_nonfinite=allow_nonfinite, verbose=verbose,
+    check_run_options(dry_run=dry_run, resume=resume, allow_nonfinite=allow_nonfinite, verbose=verbose, force=force,
                       push_to_hub=push_to_hub, private=private, revision=revision, commit_message=commit_message,
                       gpu_memory=gpu_memory, device=recipe.device)
     primary = recipe.primary
@@ -235,7 +235,7 @@ def _outside_message(recipe, t: float) -> str:
             f"{'past the base' if t > 1 else 'away from the base, past the SFT'}")
 
 
-def check_run_options(*, dry_run: bool, resume: bool, allow_nonfinite: bool, verbose: bool, push_to_hub,
+def check_run_options(*, dry_run: bool, resume: bool, allow_nonfinite: bool, verbose: bool, force: bool, push_to_hub,
                       private: bool, revision, commit_message, gpu_memory, device: str) -> None:
     """Refuse run options that would have no effect (one line naming the option)."""
     if push_to_hub is None:
@@ -245,6 +245,7 @@ def check_run_options(*, dry_run: bool, resume: bool, allow_nonfinite: bool, ver
                 raise InputError(f"{name}: only applies with --push-to-hub REPO")
     if dry_run:
         for name, v in (("--resume", resume), ("--allow-nonfinite", allow_nonfinite), ("--verbose", verbose),
+                        ("--force", force),
                         ("--push-to-hub", push_to_hub is not None)):
             if v:
                 raise InputError(f"{name}: has no effect with --dry-run, which writes nothing")

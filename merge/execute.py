@@ -609,8 +609,9 @@ def fit_memory(plan: Plan, threads: int, chunk: int, memory: int, cuda: bool = F
             break
         if chunk <= MIN_CHUNK:
             need, budget, where = (host, memory, "--memory") if host > memory else (device, gpu_memory, "--gpu-memory")
-            raise MergeError(f"{where} {format_size(budget)} is too small: one worker needs {format_size(need, up=True)} "
-                             f"for this plan; give {where} {format_size(need, up=True)} or more")
+            least = format_size(need, up=True)
+            raise MergeError(f"{where} {format_size(budget)} is too small: one worker needs {least} for this plan; "
+                             f"give {where} {least} or more")
         chunk = max(MIN_CHUNK, chunk // 2)
     return MemoryFit(threads, chunk, threads * host, threads * device)
 

@@ -304,6 +304,7 @@ NO_EFFECT = {
     "private without push": (["linear", "--t", "0.3", "--private"], "--private: only applies with --push-to-hub"),
     "revision without push": (["linear", "--t", "0.3", "--revision", "b"], "--revision: only applies"),
     "resume with dry run": (["linear", "--t", "0.3", "--dry-run", "--resume"], "--resume: has no effect with --dry-run"),
+    "force with dry run": (["linear", "--t", "0.3", "--dry-run", "--force"], "--force: has no effect with --dry-run"),
     "gpu memory on the cpu": (["linear", "--t", "0.3", "--device", "cpu", "--gpu-memory", "1GB"],
                               "--gpu-memory: has no effect with --device cpu"),
 }

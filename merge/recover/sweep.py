@@ -35,7 +35,8 @@ def sweep(sft: str, base: str, domain: str | Path, general: str | Path | None = 
           *, t_values: Sequence[float] | None = None, method: str = "linear", select_rule: str = "keep-domain",
           keep_domain: float | None = None, general_report: str | Path | None = None,
           domain_report: str | Path | None = None, holdout: float | None = None, schedule: str | None = None,
-          blocks: int | None = None, budget: int | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS, device: str = "auto",
+          blocks: int | None = None, budget: int | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS,
+          device: str = "auto",
           force: bool = False, plot: str | Path | None = None, command: str | None = None,
           echo: Callable[[str], None] | None = None, token: str | None = None,
           threads: int | None = None) -> SweepResult:
@@ -73,7 +74,7 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
     say = echo or (lambda line: None)
     _check_options(method, select_rule, keep_domain, holdout, schedule, blocks, budget, max_tokens)
     _check_no_op_options(t_values, select_rule, keep_domain, holdout, general_report, domain_report, schedule,
-                         blocks, budget)
+                         blocks, budget, force, out)
     keep_domain = DEFAULT_KEEP_DOMAIN if keep_domain is None else keep_domain
     blocks = DEFAULT_BLOCKS if blocks is None else blocks
     budget = DEFAULT_BUDGET if budget is None else budget
@@ -293,8 +294,10 @@ def _finite_candidates(rows: list[Candidate], base_row: Candidate, sft_row: Cand
 
 
 def _check_no_op_options(t_values, rule, keep_domain, holdout, general_report, domain_report, schedule, blocks,
-                         budget) -> None:
+                         budget, force=False, out=None) -> None:
     """Refuse sweep options that would change nothing (one line naming the option)."""
+    if force and out is None:
+        raise InputError("--force: replaces an existing output folder; it has no effect without -o OUT")
     if t_values is not None and len(t_values) == 0:
         raise InputError("--t-values: no value of t given; list at least one, e.g. 0.1,0.2,0.3 (base and SFT "
                          "are always evaluated)")
