@@ -22,6 +22,7 @@ import torch
 
 from . import methods
 from .errors import MergeError
+from .io.quantized import fp8_block_amax, fp8_quantise_chunk, fp8_scale_inv
 from .io.writer import ALIGN, ShardWriter, format_size
 from .plan import Plan, TensorJob, TensorSource
 
@@ -124,6 +125,8 @@ class Executor:
         self.chunk = max(1, chunk_elements)
         self.memory, self.gpu_memory = memory, gpu_memory
         self._buffers = _Buffers()
+        self._scales: dict[str, torch.Tensor] = {}  # FP8 output scales computed for one of weight/scale job
+        self._scales_lock = threading.Lock()
 
     # -- public --------------------------------------------------------------------------------------------
     def run(self, plan: Plan, models: Mapping[str, TensorSource], writer: ShardWriter,
@@ -186,20 +189,15 @@ class Executor:
             if op.kind == "copy":
                 self._copy(job, models[op.inputs[0]], job.source_name(op.inputs[0]), 0, job.numel, writer)
                 return None
-            compute = torch.float64 if any(models[k].info(job.source_name(k)).dtype == torch.float64
-                                           for k in op.inputs) else torch.float32
-            working = _working_dtype(job, models)
-            if working is not None:  # mergekit semantics: task arithmetic computes in it, others upcast
-                compute = working if op.kind == "task_arithmetic" else (
-                    torch.float64 if working == torch.float64 else torch.float32)
-            loader = _Loader(self, job, models, compute, round_to=working)
-            kernel = _KERNELS[op.kind]
-            state = kernel.prepare(job, loader)
-            for index, start, stop in chunk_ranges(job.merged_numel, self.chunk):
-                xs = loader.load(index, start, stop)
-                result = kernel.apply(job, xs, state, start, stop, self)
-                if working is not None and result.dtype != working:
-                    result = result.to(working)
+            if op.kind == "fp8_scales":  # the scale_inv tensor of an FP8 output weight
+                self._write(job, 0, self._fp8_scales(op.params["weight"], models).reshape(-1), writer)
+                return None
+            block = op.params.get("fp8_block")
+            scales = self._fp8_scales(job, models) if block else None
+            state, chunks = self._merged_chunks(job, models)
+            for start, stop, result in chunks:
+                if block:
+                    result = fp8_quantise_chunk(result, scales, start, stop, job.shape, block)
                 try:
                     self._write(job, start, result, writer)
                 except _NonFinite as bad:
@@ -209,6 +207,45 @@ class Executor:
             if op.kind == "slerp":
                 coeffs = state
         return coeffs
+
+    def _merged_chunks(self, job: TensorJob, models: Mapping[str, TensorSource]):
+        """The kernel's state (after its statistics passes) and an iterator of ``(start, stop, result)`` over
+        the merged elements, chunk by chunk."""
+        op = job.op
+        compute = torch.float64 if any(models[k].info(job.source_name(k)).dtype == torch.float64
+                                       for k in op.inputs) else torch.float32
+        working = _working_dtype(job, models)
+        if working is not None:  # mergekit semantics: task arithmetic computes in it, others upcast
+            compute = working if op.kind == "task_arithmetic" else (
+                torch.float64 if working == torch.float64 else torch.float32)
+        loader = _Loader(self, job, models, compute, round_to=working)
+        kernel = _KERNELS[op.kind]
+        state = kernel.prepare(job, loader)
+
+        def chunks():
+            for index, start, stop in chunk_ranges(job.merged_numel, self.chunk):
+                xs = loader.load(index, start, stop)
+                result = kernel.apply(job, xs, state, start, stop, self)
+                if working is not None and result.dtype != working:
+                    result = result.to(working)
+                yield start, stop, result
+
+        return state, chunks()
+
+    def _fp8_scales(self, job: TensorJob, models: Mapping[str, TensorSource]) -> torch.Tensor:
+        """``scale_inv`` of an FP8 output weight, ``amax(|block|) / 448`` per block of its merged values, from
+        one extra pass; computed once for the weight and its scale tensor (whichever job runs first)."""
+        with self._scales_lock:
+            if job.name in self._scales:
+                return self._scales.pop(job.name)
+        block = job.op.params["fp8_block"]
+        amax = None
+        for start, stop, result in self._merged_chunks(job, models)[1]:
+            amax = fp8_block_amax(result, start, stop, job.shape, block, amax)
+        scales = fp8_scale_inv(amax)
+        with self._scales_lock:
+            self._scales[job.name] = scales
+        return scales
 
     def _copy(self, job: TensorJob, model: TensorSource, name: str, start: int, stop: int,
               writer: ShardWriter) -> None:
@@ -257,7 +294,7 @@ class Executor:
         if self.check_finite:  # after the cast: overflow to the output dtype counts too
             first = first_nonfinite(out)
             if first is not None:
-                raise _NonFinite(first)
+                raise _NonFinite(job, start, first)
         writer.write(job.name, start, out)
 
     def _nonfinite_error(self, job: TensorJob, models: Mapping[str, TensorSource], start: int, stop: int,
@@ -313,11 +350,13 @@ def _reads_files(model: TensorSource) -> bool:
     return hasattr(model, "read_into")
 
 
-class _NonFinite(Exception):
-    """An output chunk holds NaN/Inf at chunk element ``first`` (turned into a MergeError naming the cause)."""
+class _NonFinite(MergeError):
+    """An output chunk of ``job`` from ``start`` holds NaN/Inf at chunk element ``first`` (the chunk loop turns
+    it into an error naming the cause)."""
 
-    def __init__(self, first: int):
-        super().__init__(first)
+    def __init__(self, job: TensorJob, start: int, first: int):
+        super().__init__(f"output tensor {job.name!r} has NaN/Inf (first at flat element {start + first}); pass "
+                         "--allow-nonfinite (allow_nonfinite=True) to write it anyway")
         self.first = first
 
 
@@ -335,9 +374,9 @@ def first_nonfinite(values: torch.Tensor) -> int | None:
     """
     if not values.dtype.is_floating_point or values.numel() == 0:
         return None
-    if values.dtype not in _SUMMABLE:  # float8 and the like: test exactly, in float32
+    if values.dtype not in _SUMMABLE:  # FP8 codes and the like: torch sums and tests them as float32
         values = values.float()
-    elif math.isfinite(float(values.sum())) or (
+    if math.isfinite(float(values.sum())) or (
             values.dtype != torch.float64 and math.isfinite(float(values.sum(dtype=torch.float64)))):
         return None
     bad = ~torch.isfinite(values.reshape(-1))
@@ -584,6 +623,8 @@ def per_worker_bytes(plan: Plan, chunk: int) -> tuple[int, int]:
             continue
         width = 8 if job.out_dtype == torch.float64 else 4
         compute = (len(job.op.inputs) + 1) * elems * width
+        if job.op.params.get("fp8_block"):  # FP8 output: block maxima, then a scale per element of the chunk
+            compute += 2 * (elems + 2 * job.shape[-1]) * 4
         sp = job.op.params.get("sparsify") or {}
         if sp.get("method") in ("magnitude", "breadcrumbs"):  # histograms, keys, trimming masks, sample
             compute += 2 * (1 << 16) * 8 + 4 * elems * 4

@@ -27,6 +27,7 @@ class MergeSummary:
     pushed_to: str | None = None  # the Hub URL after push_to_hub
     parameter_table: str | None = None  # dry runs: the resolved parameters per layer and tensor group
     peak_bytes: int | None = None  # dry runs: estimated executor memory (merge.execute.estimate_peak_bytes)
+    already_complete: bool = False  # resume=True found OUT already written by this same run: nothing written
 
     def method_description(self) -> str:
         t = ""
@@ -56,8 +57,13 @@ class MergeSummary:
         lines += [f"warning: {w}" for w in self.warnings]
         size = f"{self.output_bytes / 1e9:.2f} GB" if self.output_bytes >= 1e8 else f"{self.output_bytes / 1e6:.2f} MB"
         where = f" -> {self.out}" if self.out else ""
-        verb = "would write" if self.dry_run else "wrote"
-        lines.append(f"{verb} {size} in {self.shards} shard(s){where}" + ("" if self.dry_run else f" in {self.seconds:.1f}s"))
+        if self.already_complete:
+            lines.append(f"already complete (same recipe and inputs; nothing written): {size} in {self.shards} "
+                         f"shard(s){where}")
+        else:
+            verb = "would write" if self.dry_run else "wrote"
+            lines.append(f"{verb} {size} in {self.shards} shard(s){where}"
+                         + ("" if self.dry_run else f" in {self.seconds:.1f}s"))
         if self.pushed_to:
             lines.append(f"pushed to {self.pushed_to}")
         if self.peak_bytes is not None:

@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..errors import InputError
 from ..plan import Operation
-from ..tensor_names import group_of, layer_index
+from ..tensor_names import Structure
 from .mergekit import TASK_ARITHMETIC_FAMILY, MergekitRecipe, Resolver
 from .schema import BottomKSchedule, LinesSchedule, Recipe
 from .values import matches, value_for
@@ -41,29 +41,29 @@ class OpBuilder:
         return iter((self, self.t_values))
 
 
-def operations_for(recipe, n_layers: int) -> OpBuilder:
-    """The per-tensor operations of ``recipe`` (ours or mergekit's) for a model with ``n_layers`` layers."""
+def operations_for(recipe, n_layers: "int | Structure") -> OpBuilder:
+    """The per-tensor operations of ``recipe`` (ours or mergekit's) for a model of structure ``n_layers``
+    (a :class:`~merge.tensor_names.Structure`, or the layer count of a single-stack model)."""
     if isinstance(recipe, MergekitRecipe):
         return mergekit_operations(recipe, n_layers)
     return our_operations(recipe, n_layers)
 
 
 # -- our format ----------------------------------------------------------------------------------------------
-def delta_scale(schedule, name: str, n_layers: int) -> float | None:
+def delta_scale(schedule, name: str, n_layers: "int | Structure") -> float | None:
     """The share of the delta a preset keeps for ``name``; None where the preset leaves it to ``t``/``scale``.
 
-    lines: layer l of L (1-based) keeps ``alpha + beta*(l-1)/(L-1)``; embeddings (below layer 1) get the
+    Counted per stack (a vision tower and a text decoder each have their own L). lines: layer l of L
+    (1-based) keeps ``alpha + beta*(l-1)/(L-1)``; embeddings (below layer 1, and a projector) get the
     layer-1 value, tensors after the stack (final norm, lm_head) the layer-L value. bottom_k: layers
-    ``0..k-1`` keep nothing (they are the base's); every other tensor (embeddings included) follows t/scale.
+    ``0..k-1`` of each stack keep nothing (they are the base's); every other tensor (embeddings included)
+    follows t/scale.
     """
-    layer = layer_index(name)
+    pos = Structure.coerce(n_layers).position(name)
     if isinstance(schedule, LinesSchedule):
-        if layer is None:
-            layer = 0 if group_of(name) == "embed" else n_layers - 1
-        frac = layer / (n_layers - 1) if n_layers > 1 else 0.0
-        return schedule.alpha + schedule.beta * frac
+        return schedule.alpha + schedule.beta * (pos.depth if pos.count > 1 else 0.0)
     if isinstance(schedule, BottomKSchedule):
-        return 0.0 if layer is not None and layer < schedule.k else None
+        return 0.0 if pos.layer is not None and pos.layer < schedule.k else None
     return None
 
 
@@ -84,12 +84,13 @@ def _rule_value(rules, name: str, n_layers: int) -> float | None:
     return None
 
 
-def our_operations(recipe: Recipe, n_layers: int) -> OpBuilder:
+def our_operations(recipe: Recipe, n_layers: "int | Structure") -> OpBuilder:
     """Operations of our recipe format (t = share of the base), presets expanded per tensor."""
     sft_keys = tuple(f"sft{i}" for i in range(len(recipe.sft)))
     schedule = recipe.schedule
-    if isinstance(schedule, BottomKSchedule) and schedule.k > n_layers:
-        raise InputError(f"schedule.k: {schedule.k} is more than the model's {n_layers} layers")
+    n_layers = Structure.coerce(n_layers)
+    if isinstance(schedule, BottomKSchedule) and schedule.k > n_layers.max_layers:
+        raise InputError(f"schedule.k: {schedule.k} is more than the model's {n_layers.max_layers} layers")
 
     def t_of(name: str) -> float:
         lam = delta_scale(schedule, name, n_layers)
@@ -133,7 +134,7 @@ def _consensus(value) -> str | None:
 
 
 # -- mergekit's format ---------------------------------------------------------------------------------------
-def mergekit_operations(recipe: MergekitRecipe, n_layers: int) -> OpBuilder:
+def mergekit_operations(recipe: MergekitRecipe, n_layers: "int | Structure") -> OpBuilder:
     """Operations reproducing mergekit 0.1.5 for ``recipe`` (see docs/mergekit-semantics.md).
 
     Every operation carries ``working_dtype`` (mergekit's ``dtype``, or the inputs' own dtype): inputs are

@@ -24,7 +24,7 @@ from ..execute import CHUNK_ELEMENTS, chunk_ranges, first_nonfinite
 from ..io.writer import format_size
 from ..plan import Plan, TensorJob, make_plan
 from ..recipes.operations import operations_for
-from ..tensor_names import num_layers
+from ..tensor_names import Structure
 
 NO_SHARDING = 1 << 62
 
@@ -36,7 +36,7 @@ class InPlaceModel:
                  eval_dtype: torch.dtype | None = None):
         self.models, self.labels, self.device = models, labels, device
         self.primary = "sft0"
-        self.n_layers = num_layers(models[self.primary].config, models[self.primary].names())
+        self.n_layers = Structure.of(models[self.primary].config, models[self.primary].names())
         layout = self.plan(template_recipe)
         check_memory(layout, models, device)
         self.model = build_model(models[self.primary].config, layout, device, eval_dtype)
@@ -232,6 +232,9 @@ def _read_itemsize(model, name: str) -> int:
     changes = getattr(model, "changes", None)
     if changes is not None and changes(name):
         return max(4, info.dtype.itemsize)
+    quantised = getattr(model, "is_quantised", None)  # FP8 weights are dequantised to float32
+    if quantised is not None and quantised(name):
+        return 4
     return info.dtype.itemsize
 
 
