@@ -24,7 +24,7 @@ from .io.writer import ShardWriter, parse_size, write_index
 from .plan import Plan, make_plan
 from .recipes.operations import operations_for, unmatched_rules
 from .recipes.schema import Recipe
-from .summary import MergeSummary
+from .summary import MergeSummary, settings_of
 from .tensor_names import Structure
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -201,7 +201,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         notes = (resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
                  + quantisation_notes(models, recipe.output_dtype))
         summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
-                               shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run)
+                               shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run,
+                               settings=settings_of(plan.jobs, resolved))
         for msg in unmatched:
             summary.warnings.append(msg)
             warnings.warn(msg, stacklevel=2)
@@ -303,13 +304,15 @@ def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False, weight
     ``weights=False`` leaves Hub weights pending (:func:`open_model` reads their headers, :func:`download_weights`
     fetches them).
     """
-    from .io.resolve import infer_base
+    from .io.resolve import check_distinct, infer_base
 
     if not isinstance(recipe, Recipe):  # a mergekit recipe: its models by key, nothing inferred
         refs = recipe.input_refs()
-        return {k: resolve_model(ref, "base_model" if k == "base" else "model", token=token, progress=progress,
-                                 weights=weights)
-                for k, ref in refs.items()}, [f"mergekit ignores {k} (so does this run)" for k in recipe.unknown_keys()]
+        resolved = {k: resolve_model(ref, "base_model" if k == "base" else "model", token=token, progress=progress,
+                                     weights=weights)
+                    for k, ref in refs.items()}
+        check_distinct(resolved)
+        return resolved, [f"mergekit ignores {k} (so does this run)" for k in recipe.unknown_keys()]
     sfts = {f"sft{i}": resolve_model(s.model, "SFT", token=token, progress=progress, weights=weights)
             for i, s in enumerate(recipe.sft)}
     notes = []
@@ -323,6 +326,7 @@ def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False, weight
         base_ref, source = next(iter(found.values()))
         notes.append(f"base: auto chose {base_ref} (from the SFT's {source})")
     base = resolve_model(base_ref, "base", token=token, progress=progress, weights=weights)
+    check_distinct({"base": base, **sfts})
     return {"base": base, **sfts}, notes
 
 
@@ -503,7 +507,7 @@ def finish_folder(stage: Path, summary: MergeSummary, recipe: Recipe, models: di
     config = primary.config
     if dtype_name == "fp8":
         dtype_name, config = "bfloat16", fp8_config(models, recipe.primary)
-    output.write_config(config, stage, dtype_name)
+    output.write_config(config, stage, dtype_name, untied=plan.untied)
     output.copy_side_files(Path(getattr(primary, "side_files_path", primary.path)), stage)
     recipe_yaml = _pinned(recipe, summary).to_yaml()
     (stage / "merge_recipe.yaml").write_text(recipe_yaml)

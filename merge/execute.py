@@ -203,7 +203,7 @@ class Executor:
                 except _NonFinite as bad:
                     raise self._nonfinite_error(job, models, start, stop, bad.first) from None
             if job.merged_numel < job.numel:
-                self._copy(job, models[job.primary], job.name, job.merged_numel, job.numel, writer)
+                self._copy(job, models[job.primary], job.source_name(job.primary), job.merged_numel, job.numel, writer)
             if op.kind == "slerp":
                 coeffs = state
         return coeffs

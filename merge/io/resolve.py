@@ -92,6 +92,22 @@ def fetch_pending(model: ResolvedModel, label: str, *, token=None, progress: boo
     return replace(model, pending=())
 
 
+def check_distinct(resolved: dict[str, ResolvedModel]) -> None:
+    """Every input is a different model: two references that lead to the same folder are an error naming both."""
+    seen: dict[Path, str] = {}
+    for key, model in resolved.items():
+        where = Path(model.path).resolve()
+        if where in seen:
+            first = seen[where]
+
+            def name(k):
+                return f"{'base' if k == 'base' else 'SFT'} {resolved[k].ref}"
+
+            raise InputError(f"{name(first)} and {name(key)} are the same model ({where}); each input must be a "
+                             "different model (give the SFT and the base it was fine-tuned from, each once)")
+        seen[where] = key
+
+
 # ---- --base auto ---------------------------------------------------------------------------------------
 
 

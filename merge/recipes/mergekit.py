@@ -169,6 +169,15 @@ class MergekitRecipe(_Loose):
                 yield f"slices.{i}.sources.{j}.parameters", src.parameters
 
     def _check_inputs(self) -> None:
+        listed = [(f"models.{i}.model", m.model) for i, m in enumerate(self.models)] if self.models is not None \
+            else [(f"slices.0.sources.{j}.model", s.model) for j, s in enumerate(self.slices[0].sources if self.slices
+                                                                                 else [])]
+        first: dict[str, str] = {}
+        for path, ref in listed:
+            if ref in first:
+                raise ValueError(f"{path}: {ref!r} is listed twice (also {first[ref]}); list each model once "
+                                 "(mergekit refuses duplicate merge inputs)")
+            first[ref] = path
         refs = self.model_refs()
         method = self.merge_method
         if method == "slerp":

@@ -98,7 +98,7 @@ class InPlaceModel:
             self._store(flat[start:stop], result, job.out_dtype)  # the written values, then the eval dtype
             self._require_finite(job, flat[start:stop], start, dict(zip(op.inputs, sources)))
         if job.merged_numel < job.numel:  # added vocabulary rows: the SFT's, as the executor copies them
-            rows = self.inputs[(job.primary, job.name)].view(-1)[job.merged_numel:]
+            rows = self.inputs[(job.primary, job.source_name(job.primary))].view(-1)[job.merged_numel:]
             self._store(flat[job.merged_numel:], rows, job.out_dtype)
             self._require_finite(job, flat[job.merged_numel:], job.merged_numel,
                                  {job.primary: self.inputs[(job.primary, job.name)].view(-1)})
@@ -185,6 +185,8 @@ def build_model(config: dict, layout: Plan, device: torch.device, eval_dtype: to
     from transformers.initialization import no_init_weights
 
     cfg = dict(config)
+    if layout.untied:  # tied and untied inputs: the merge has its own lm_head, as the written config says
+        cfg["tie_word_embeddings"] = False
     model_type = cfg.pop("model_type", None)
     if not model_type:
         raise InputError("sweep: the SFT's config.json has no model_type; cannot build the model to evaluate")

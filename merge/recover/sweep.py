@@ -147,8 +147,8 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
         say(outcome.verdict())
     result.seconds_report = runner.seconds_report
     writing = time.perf_counter()
+    result.written = written
     if out_path is not None:
-        result.written = written
         _write(result, written, out_path, force, command, plot)
     elif plot is not None:
         result.plot = plot_tradeoff(result, Path(plot))
@@ -202,12 +202,13 @@ class _Runner:
                 label = "blocks(t=" + "/".join(f"{x:g}" for x in point) + ")"
             return with_recovery(self.candidate(label, recipe), base_row, sft_row)
 
+        began = time.perf_counter()
         start = (lam, lam) if kind == "lines" else (chosen.t,) * max(1, min(blocks, n_layers.max_layers))
         self.say(f"searching {kind} schedules from the chosen t = {chosen.t:g} (at most {budget} evaluations)")
         _, best, used = coordinate_search(start, evaluate, lambda c: objective(c.recovery, rule, keep_domain),
                                           budget)
         better = objective(best.recovery, rule, keep_domain) > objective(chosen.recovery, rule, keep_domain)
-        return ScheduleOutcome(kind, best, used, better)
+        return ScheduleOutcome(kind, best, used, better, seconds=time.perf_counter() - began)
 
 
 def _write(result: SweepResult, written: Candidate, out_path: Path, force: bool, command, plot) -> None:
