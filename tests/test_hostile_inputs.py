@@ -490,3 +490,10 @@ def test_a_sweep_never_chooses_a_candidate_with_a_nan_score():
     assert notes == ["left out of the choice, scores not finite: t=0.5"]
     with pytest.raises(merge.MergeError, match=r"the SFT \(t=0\) scores are not finite"):
         _finite_candidates([row("SFT", float("nan"), 1, 0.0), base], base, row("SFT", float("nan"), 1, 0.0), [])
+
+
+def test_a_sweep_refuses_a_non_finite_candidate(pairs, tmp_path):
+    base, sft = pairs("llama")
+    result = _sweep_cli(base, sft, tmp_path, "--t-values", "0.5,1e308")
+    assert_clean_refusal(result, tmp_path, tmp_path / "out", "sweep: candidate tensor '")
+    assert "the merge overflowed" in result.stderr
