@@ -139,7 +139,31 @@ def interpolation_options(fn):
     return click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))(fn)
 
 
-@click.group(help=f"mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n{T_CONVENTION}")
+class OneLineErrors(click.Group):
+    """Usage mistakes (unknown option, bad value) as one ``error:`` line and exit 2, like every user error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `merge`: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, help=f"mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n{T_CONVENTION}")
 @click.version_option(__version__, prog_name="mergeback")
 def main() -> None:
     pass
