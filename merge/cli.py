@@ -430,6 +430,7 @@ def demo(out, force):
 @click.option("--no-cache", is_flag=True, help="Evaluate again even when a cached result exists.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Result cache (default $XDG_CACHE_HOME/mergeback/eval).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for evaluation (default: torch's).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
 @user_errors
 def evaluate(models, limit, batch_size, json_out, **kwargs):

@@ -265,23 +265,27 @@ def _chat_template(flag: bool | None, tokenizer, whose: str) -> tuple[bool, str]
         return flag, f"chat template {'on' if flag else 'off'} (--{'' if flag else 'no-'}apply-chat-template)"
     has = bool(getattr(tokenizer, "chat_template", None))
     return has, (f"chat template {'on' if has else 'off'}: the {whose} tokenizer "
-                 f"{'has' if has else 'has no'} chat template")
+                 f"{'has a' if has else 'has no'} chat template")
 
 
 def evaluate(models=(), *, general_tasks=None, domain_tasks=None, base: str | None = None, sft: str | None = None,
              limit=None, num_fewshot: int | None = None, batch_size: int | str = 1, seed: int | None = None,
              apply_chat_template: bool | None = None, gen_kwargs: str | None = None, tasks_path=(),
              metrics=None, holdout: float | None = None, no_cache: bool = False, cache_dir=None,
-             device: str = "auto", bootstrap_iters: int = 100000, echo=None) -> EvaluationResult:
+             device: str = "auto", threads: int | None = None, bootstrap_iters: int = 100000,
+             echo=None) -> EvaluationResult:
     """Evaluate written models (folders, Hub ids or aliases) on lm-eval tasks of a general and a domain side.
 
     ``base``/``sft`` name the references (among ``models`` or in addition). Every model gets the same settings;
     the chat template is on when the SFT's tokenizer (else the first model's) has one, unless
     ``apply_chat_template`` says otherwise. With ``holdout`` the scores are on the report part of each task.
+    ``threads``: torch's CPU threads while evaluating (default: torch's own; 1 is fastest for tiny models).
     Returns an :class:`EvaluationResult` (``.table()``, ``.to_dict()``).
     """
+    import torch
+
     from ..io.resolve import resolve_model
-    from .cache import ResultCache, TaskEvaluator
+    from .cache import ResultCache
 
     say = echo or (lambda line: None)
     refs = [r for r in [base, sft, *(models or [])] if r]
@@ -290,15 +294,6 @@ def evaluate(models=(), *, general_tasks=None, domain_tasks=None, base: str | No
     specs = {"general": split_specs(general_tasks), "domain": split_specs(domain_tasks)}
     if not any(specs.values()):
         raise InputError("merge evaluate: give --general-tasks and/or --domain-tasks")
-    device = _device(device)
-    entries: list[ModelEntry] = []
-    for ref in refs:
-        role = "base" if ref == base else "SFT" if ref == sft else "model"
-        resolved = resolve_model(ref, role)
-        if any(Path(e.path) == resolved.path for e in entries):
-            continue
-        label = "base" if ref == base else "sft" if ref == sft else ref
-        entries.append(ModelEntry(label, ref, str(resolved.path), weights_fingerprint(resolved.path)))
     settings = EvalSettings(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
                             gen_kwargs=gen_kwargs, bootstrap_iters=bootstrap_iters)
     metric_choice = parse_metrics(metrics)
@@ -308,8 +303,32 @@ def evaluate(models=(), *, general_tasks=None, domain_tasks=None, base: str | No
     if unknown:
         raise InputError(f"--metric {unknown[0]}=...: no such task among "
                          f"{', '.join(n for s in suites.values() for n in s.tasks)}")
+    device = _device(device)
+    entries: list[ModelEntry] = []
+    for ref in refs:
+        role = "base" if ref == base else "SFT" if ref == sft else "model"
+        resolved = resolve_model(ref, role)
+        if any(Path(e.path) == resolved.path for e in entries):
+            continue
+        label = "base" if ref == base else "sft" if ref == sft else ref
+        entries.append(ModelEntry(label, ref, str(resolved.path), weights_fingerprint(resolved.path)))
     part = "report" if holdout is not None else "all"
     cache = None if no_cache else ResultCache(cache_dir)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        settings, note = _evaluate_all(entries, suites, settings, apply_chat_template, part, cache, device, say)
+    finally:
+        torch.set_num_threads(before)
+    return EvaluationResult(entries, suites, settings, note, part, base="base" if base else None,
+                            sft="sft" if sft else None)
+
+
+def _evaluate_all(entries, suites, settings, apply_chat_template, part, cache, device, say):
+    """Load each model in turn (the SFT first: its tokenizer decides the chat template) and score its tasks."""
+    from .cache import TaskEvaluator
+
     chat_flag, note = None, ""
     sft_entry = next((e for e in entries if e.label == "sft"), entries[0])
     for entry in [sft_entry, *(e for e in entries if e is not sft_entry)]:
@@ -327,5 +346,4 @@ def evaluate(models=(), *, general_tasks=None, domain_tasks=None, base: str | No
             entry.seconds += run.seconds
         say(f"{entry.label}: {entry.seconds:.1f}s" + (f" ({entry.cached} cached)" if entry.cached else ""))
         del evaluator, model
-    return EvaluationResult(entries, suites, settings, note, part, base="base" if base else None,
-                            sft="sft" if sft else None)
+    return settings, note
