@@ -275,3 +275,15 @@ def test_missing_extra_says_what_to_install(pairs):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "pip install mergeback[eval]" in proc.stderr and proc.stderr.startswith("error: ")
+
+
+def test_settings_do_not_leak_between_evaluations(sft_model):
+    """Few-shot and gen_kwargs of one evaluation are not left in the shared task objects for the next."""
+    plain = EvalSettings(apply_chat_template=False)
+    shared = TaskSuite(f"{TASKS}/tiny_mc.yaml,{TASKS}/tiny_gen.yaml", settings=plain)
+    other = EvalSettings(num_fewshot=1, gen_kwargs="max_gen_toks=1", apply_chat_template=False)
+    TaskEvaluator(*sft_model, other).evaluate(shared, "fp")
+    after = TaskEvaluator(*sft_model, plain).evaluate(shared, "fp").scores
+    fresh = TaskEvaluator(*sft_model, plain).evaluate(
+        TaskSuite(f"{TASKS}/tiny_mc.yaml,{TASKS}/tiny_gen.yaml", settings=plain), "fp").scores
+    assert after == fresh

@@ -12,6 +12,7 @@ per-document values are 0/1: *forgotten* counts documents the reference got righ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -177,9 +178,11 @@ class EvaluationResult:
             scores = self.side_scores(side)
             if not scores:
                 continue
-            lines.append("")
+            if title == "general_recovered" or not self.side_scores("general"):
+                lines.append("")
             lines.append(f"{title} (mean over tasks): " + ", ".join(
-                f"{label} {_num(s.mean)}" for label, s in scores.items()))
+                f"{label} {_num(s.mean)}" + (" (" + ", ".join(f"{t} {v:.3f}" for t, v in s.per_task.items()) + ")"
+                                             if len(s.per_task) > 1 else "") for label, s in scores.items()))
             first = next(iter(scores.values()))
             notes += [f"{side} task {t} left out: {why}" for t, why in first.left_out.items()]
         for side in self.suites:
@@ -260,7 +263,9 @@ def load_model(path: Path, label: str, device: str):
     return model.to(device).eval(), tokenizer
 
 
-def _chat_template(flag: bool | None, tokenizer, whose: str) -> tuple[bool, str]:
+def chat_template_choice(flag: bool | None, tokenizer, whose: str) -> tuple[bool, str]:
+    """Whether prompts use the chat template, and the sentence saying so: ``flag`` when given, else on
+    exactly when ``tokenizer`` has a chat template (``whose``: "SFT's")."""
     if flag is not None:
         return flag, f"chat template {'on' if flag else 'off'} (--{'' if flag else 'no-'}apply-chat-template)"
     has = bool(getattr(tokenizer, "chat_template", None))
@@ -335,8 +340,8 @@ def _evaluate_all(entries, suites, settings, apply_chat_template, part, cache, d
         model, tokenizer = load_model(Path(entry.path), entry.label, device)
         if chat_flag is None:
             whose = "SFT's" if entry.label == "sft" else f"{entry.label}'s"
-            chat_flag, note = _chat_template(apply_chat_template, tokenizer, whose)
-            settings = EvalSettings(**{**settings.__dict__, "apply_chat_template": chat_flag})
+            chat_flag, note = chat_template_choice(apply_chat_template, tokenizer, whose)
+            settings = dataclasses.replace(settings, apply_chat_template=chat_flag)
             say(note)
         evaluator = TaskEvaluator(model, tokenizer, settings, cache)
         for side, suite in suites.items():

@@ -14,9 +14,11 @@ lm-eval (its ``samples`` option), so every metric, mean-type or corpus-level, is
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -115,6 +117,7 @@ class TaskInfo:
     doc_ids: list[str]
     content_hash: str
     parts: dict[str, list[int]] = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)  # config values evaluations override, as loaded
 
 
 def doc_hash(doc) -> str:
@@ -331,7 +334,8 @@ class TaskSuite:
             ids = unique_ids([doc_hash(d) for d in docs])
             count = _sample_size(len(docs), settings.limit)
             info = TaskInfo(name, task, metric, filt, higher, ids, _content_hash(task, ids, settings.num_fewshot),
-                            split_indices(ids, holdout, count))
+                            split_indices(ids, holdout, count),
+                            {k: copy.deepcopy(task.get_config(k)) for k in ("num_fewshot", "generation_kwargs")})
             for part in ("select", "report"):
                 if holdout is not None and not info.parts[part]:
                     raise InputError(f"--holdout {holdout}: task {name} has no document in its {part} part "
@@ -380,11 +384,21 @@ def make_lm(model, tokenizer, batch_size: int | str = 1):
     require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    log = logging.getLogger("lm_eval.models.huggingface")  # it warns that a model object is not a path: intended
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    finally:
+        log.setLevel(level)
 
 
-def _configure(task, settings: EvalSettings) -> None:
-    """What lm-eval's simple_evaluate does to each task before evaluating: gen_kwargs, few-shot, seed."""
+def _configure(info: TaskInfo, settings: EvalSettings) -> None:
+    """What lm-eval's simple_evaluate does to each task before evaluating (gen_kwargs, few-shot, seed), from the
+    task's values as loaded (so one evaluation's settings never leak into the next)."""
+    task = info.task
+    for key, value in info.defaults.items():
+        task.set_config(key=key, value=copy.deepcopy(value))
     if task.get_config("output_type") == "generate_until" and settings.gen_kwargs_dict() is not None:
         task.set_config(key="generation_kwargs", value=settings.gen_kwargs_dict(), update=True)
     if settings.num_fewshot is not None:
@@ -420,7 +434,7 @@ def run_tasks(lm, suite: TaskSuite, settings: EvalSettings, part: str = "all",
         return {}
     _seed(settings)
     for info in infos:
-        _configure(info.task, settings)
+        _configure(info, settings)
     whole = part == "all" and suite.holdout is None
     samples = None if whole else {i.name: i.parts[part] for i in infos}
     results = evaluate(lm=lm, task_dict={"tasks": {i.name: i.task for i in infos}, "groups": {}},
