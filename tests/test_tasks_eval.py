@@ -21,7 +21,7 @@ import merge
 from merge.cli import main
 from merge.errors import InputError
 from merge.evaluate.benchmark import forgetting, load_model
-from merge.evaluate.cache import ResultCache, TaskEvaluator
+from merge.evaluate.cache import ResultCache, TaskEvaluator, candidate_fingerprint
 from merge.evaluate.harness import EvalSettings, TaskSuite
 
 TASKS = Path(__file__).with_name("tasks")
@@ -196,6 +196,17 @@ def test_merge_evaluate_forgetting_and_recovery(pairs, tmp_path):
                            cache_dir=tmp_path / "cache", threads=1)
     assert [m.cached for m in again.models] == [3, 3, 3]
     assert again.to_dict()["models"][2]["scores"] == data["models"][2]["scores"]
+    merge.merge("linear", sft=str(sft), base=str(base), t=0.2, out=str(mid), force=True)  # same name, new weights
+    changed = merge.evaluate([str(mid)], base=str(base), sft=str(sft), general_tasks=f"{TASKS}/tiny_mc.yaml",
+                             apply_chat_template=False, cache_dir=tmp_path / "cache", threads=1)
+    assert [m.cached for m in changed.models] == [1, 1, 0]
+
+
+def test_candidate_fingerprint_depends_on_inputs_and_parameters():
+    one = candidate_fingerprint({"sft": "a", "base": "b"}, {"method": "linear", "t": 0.3})
+    assert one == candidate_fingerprint({"base": "b", "sft": "a"}, {"t": 0.3, "method": "linear"})
+    assert one != candidate_fingerprint({"sft": "a", "base": "c"}, {"method": "linear", "t": 0.3})
+    assert one != candidate_fingerprint({"sft": "a", "base": "b"}, {"method": "linear", "t": 0.4})
 
 
 def test_demo_cloze_tasks_show_forgetting_and_domain_gain():

@@ -36,6 +36,14 @@ def result_key(fingerprint: str, suite: TaskSuite, task: str, part: str, setting
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def candidate_fingerprint(inputs: dict, parameters: dict) -> str:
+    """The weights fingerprint of an in-place candidate: SHA-256 of the inputs' fingerprints (e.g. each model
+    folder's :func:`~merge.evaluate.benchmark.weights_fingerprint`) and its resolved parameters (method, t,
+    per-layer schedule, dtype...): everything that determines the weights, nothing that only names them."""
+    return hashlib.sha256(json.dumps({"inputs": inputs, "parameters": parameters}, sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
 class ResultCache:
     """JSON files of :class:`TaskScore` under ``folder`` (written atomically; unreadable entries are misses)."""
 
