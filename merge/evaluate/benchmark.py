@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from .harness import EvalSettings, TaskScore, TaskSuite, split_specs
+from .harness import EvalSettings, TaskScore
+from .tasks import TaskSuite, split_specs
 
 SIDES = ("general", "domain")
 

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .harness import EvalSettings, TaskScore, TaskSuite, lm_eval_version, make_lm, run_tasks
+from .harness import EvalSettings, TaskScore, lm_eval_version, make_lm, run_tasks
+from .tasks import TaskSuite
 
 FORMAT = 1
 
