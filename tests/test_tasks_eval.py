@@ -252,7 +252,7 @@ def test_errors_are_one_line_exit_2(pairs, tmp_path):
         "no_such_task_xyz": "unknown lm-eval task",
         str(no_metric): "no usable metric",
         str(no_data): "cannot load it (FileNotFoundError",
-        str(hub_only): "HF_DATASETS_OFFLINE=1",
+        str(hub_only): "OfflineModeIsEnabled",
     }
     for spec, message in cases.items():
         code, lines = _cli([str(base), "--general-tasks", spec], tmp_path)
@@ -262,6 +262,16 @@ def test_errors_are_one_line_exit_2(pairs, tmp_path):
     assert code == 2 and "has no metric 'f1' (it has: acc, acc_norm)" in lines[0]
     with pytest.raises(InputError, match="--holdout 1.5"):
         TaskSuite(str(TASKS), holdout=1.5)
+
+
+def test_task_names_from_tasks_path_and_metric_choice(tmp_path, monkeypatch):
+    """A name from a --tasks-path folder loads its YAML with data next to it (from any working directory);
+    --metric picks another metric of the task."""
+    monkeypatch.chdir(tmp_path)
+    suite = TaskSuite("tiny_mc,tiny_gen", tasks_path=[str(TASKS)], metrics={"tiny_mc": "acc_norm", "other": "acc"})
+    assert suite.names() == ["tiny_mc", "tiny_gen"]
+    assert suite.tasks["tiny_mc"].metric == "acc_norm" and suite.tasks["tiny_gen"].metric == "exact_match"
+    assert suite.unmatched_metrics == ["other"] and len(suite.tasks["tiny_mc"].doc_ids) == 10
 
 
 BLOCK_LM_EVAL = """
