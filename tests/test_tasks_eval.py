@@ -107,6 +107,9 @@ def test_holdout_parts_are_deterministic_disjoint_and_by_content(sft_model):
         assert sorted(select + report) == list(range(len(info.doc_ids)))
         docs = [json.loads(line) for line in (TASKS / f"{name}.jsonl").read_text().splitlines()]
         assert report == [i for i, d in enumerate(docs) if int(_content_hash(d)[:16], 16) < 0.5 * 2 ** 64]
+    limited = TaskSuite(str(TASKS), holdout=0.5, settings=EvalSettings(limit=6))  # --limit first, then the split
+    for name, info in limited.tasks.items():
+        assert info.parts["report"] == [i for i in one.tasks[name].parts["report"] if i < 6]
     # each part is evaluated on its own documents; for a mean metric its value is the mean over the part
     evaluator = TaskEvaluator(*sft_model, settings)
     whole = evaluator.evaluate(TaskSuite(str(TASKS), settings=settings), "fp").scores

@@ -162,7 +162,8 @@ class EvaluationResult:
     def table(self) -> str:
         """The metrics per task and model, then recovery/retention and forgetting counts."""
         labels = [m.label for m in self.models]
-        part = {"all": "all documents", "report": "the report part of --holdout"}.get(self.part, self.part)
+        holdout = next((s.holdout for s in self.suites.values()), None)
+        part = {"all": "all documents", "report": f"the report part of --holdout {holdout}"}.get(self.part, self.part)
         lines = [f"lm-eval tasks ({part}; {self.chat_template_note})"]
         rows = [["side", "task", "metric", *labels]]
         for side, suite in self.suites.items():
