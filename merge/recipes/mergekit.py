@@ -387,8 +387,8 @@ def evaluate_setting(setting, name: str, t: float):
 
 
 def coerce(value, spec: ParamSpec, where: str):
-    """pydantic's lax validation as mergekit applies it: floats from numbers/bools/numeric strings, bools
-    from bools/0/1/'true'/'false'."""
+    """pydantic's lax validation as mergekit applies it: floats from numbers/numeric strings (not from
+    booleans: ``t: true`` is refused), bools from bools/0/1/'true'/'false'."""
     if spec.name in BOOL_PARAMS:
         if isinstance(value, bool):
             return value
@@ -397,8 +397,9 @@ def coerce(value, spec: ParamSpec, where: str):
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
             return value.strip().lower() in ("true", "yes", "on", "1")
         raise InputError(f"{where}: {spec.name} must be true or false, got {value!r}")
-    if isinstance(value, bool):
-        return float(value)
+    if isinstance(value, bool):  # mergekit's pydantic would read true as 1.0: almost surely a slip
+        raise InputError(f"{where}: {spec.name} must be a number, got {str(value).lower()} (a boolean is not a "
+                         "number)")
     try:
         return float(value)
     except (TypeError, ValueError):
