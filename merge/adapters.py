@@ -234,9 +234,13 @@ def _changed(sft, base, name: str, chunk: int = 1 << 22) -> bool:
 
 
 def _whole(model, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The whole tensor in ``dtype``, refused when it holds NaN/Inf (an adapter of it would too)."""
     info = model.info(name)
     t = model.view(name).to(dtype).reshape(tuple(info.shape))
     model.release(name)
+    if not bool(torch.isfinite(t).all()):
+        raise InputError(f"{getattr(model, 'role', 'input')}: tensor {name} holds NaN or Inf; the adapter would "
+                         "too - check that checkpoint")
     return t
 
 

@@ -265,3 +265,17 @@ def test_a_hub_base_is_recorded_by_its_id_and_revision(hub_models, tmp_path):  #
     merge.extract_lora(hub_models.sft, f"{hub_models.base_id}@v1", tmp_path / "ad", rank=2)
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert (config["base_model_name_or_path"], config["revision"]) == (hub_models.base_id, hub_models.first)
+
+
+def test_a_non_finite_input_is_named(pairs, clean_copy, tmp_path):
+    from safetensors.torch import save_file
+
+    base, sft = pairs("llama", torch.float32)
+    bad = clean_copy(sft, "bad-sft")
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    result = _cli("extract-lora", "--sft", bad, "--base", base, "--rank", 2, "-o", tmp_path / "ad")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "model.layers.1.mlp.up_proj.weight holds NaN" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-sft"]  # no adapter, staging or lock left
