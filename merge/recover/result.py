@@ -184,8 +184,9 @@ class SweepResult:
             for side, task, _, _ in columns:
                 score = c.tasks[side][task]
                 f = c.forgetting.get(side, {}).get(task)
-                ref_is_self = (c.t == 1 and side == "general") or (c.t == 0 and side == "domain") \
-                    if which == "select" else False
+                is_base = c.t == 1 if which == "select" else c.label.startswith("base")
+                is_sft = c.t == 0 if which == "select" else c.label.startswith("SFT")
+                ref_is_self = (is_base and side == "general") or (is_sft and side == "domain")
                 counts = "" if f is None or f.forgotten is None or ref_is_self else f" -{f.forgotten}/+{f.gained}"
                 cells.append(f"{score.value:.4f}{counts}")
             table.append([("* " if c is self.chosen else "  ") + name, *cells])
@@ -212,12 +213,16 @@ class SweepResult:
                          + (("  yes" if id(c) in front else "") if several else ""))
         return "\n".join(lines)
 
-    def report_table(self) -> str:
+    def _has_report_probes(self) -> bool:
+        return bool(self.probes.get("general_report") or self.probes.get("domain_report"))
+
+    def report_table(self, probes: bool = True) -> str:
         width = max([12] + [len(r.label) for r in self.report])
-        lines = [f"{'':{width}} {'general bpb':>11} {'domain bpb':>10}  {'gen_recovered':>13} {'dom_retained':>12} "
-                 f"{'score':>6}"]
+        lines = [f"{'':{width}} " + (f"{'general bpb':>11} {'domain bpb':>10}  " if probes else "")
+                 + f"{'gen_recovered':>13} {'dom_retained':>12} {'score':>6}"]
         for r in self.report:
-            lines.append(f"{r.label:{width}} {_bpb(r.general, 11)} {_bpb(r.domain, 10)}  "
+            lines.append(f"{r.label:{width}} " + (f"{_bpb(r.general, 11)} {_bpb(r.domain, 10)}  " if probes else "")
+                         + 
                          f"{_f(r.recovery.general_recovered):>13} {_f(r.recovery.domain_retained):>12} "
                          f"{_f(r.recovery.score):>6}")
         return "\n".join(lines)
@@ -235,7 +240,10 @@ class SweepResult:
                   f"chosen: {_what(c)} (general_recovered {_f(c.recovery.general_recovered)}, domain_retained "
                   f"{_f(c.recovery.domain_retained)}, score {_f(c.recovery.score)})"]
         if self.report:
-            lines += ["", "report probes: " + self._probe_names("report"), self.report_table()]
+            if self._has_report_probes():
+                lines += ["", "report probes: " + self._probe_names("report"), self.report_table()]
+            else:
+                lines += ["", "report (tasks only):", self.report_table(probes=False)]
             if self.task_columns.get("report"):
                 lines += ["", f"report tasks: {self.task_text['report']}", self.task_table("report")]
             lines.append("the chosen model is reported on the report part only (data it was not chosen on)")
@@ -266,7 +274,13 @@ class SweepResult:
                  "Scored with `merge sweep` on probe sets (bits per byte, lower is better; perplexity per token). "
                  "`general_recovered = (G_sft - G_m)/(G_sft - G_base)`, `domain_retained = (D_base - D_m)/"
                  "(D_base - D_sft)`, score = their harmonic mean. These are small probe sets: a smoke signal, "
-                 "not a benchmark.", "",
+                 "not a benchmark.", ""]
+        if self.task_columns:
+            lines[-1:] = ["", "With lm-eval tasks, each side's number is the mean of its parts: the probe fraction "
+                          "(when probe files are given) and each task's `(m - start)/(end - start)` on its primary "
+                          "metric (tasks where base and SFT do not differ beyond their standard error are left out).",
+                          ""]
+        lines += [
                  f"- {self.forgetting_line()}",
                  f"- selection probes: {self._probe_names('select')}",
                  f"- rule: {rule_text(self.rule, self.keep_domain)}",

@@ -196,6 +196,9 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
         for r in reported.values():
             with_recovery(r, rb, rs)
         result.report = list(reported.values())
+        for side, scores in rb.sides.items():
+            notes += [f"report part: {side} task {t} left out of the {side} score: {why}"
+                      for t, why in scores.left_out.items()]
     if schedule:
         result.schedule = runner.search_schedule(schedule, template, chosen, base_row, sft_row, blocks, budget,
                                                  select_rule, keep_domain)
