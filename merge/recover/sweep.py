@@ -138,7 +138,7 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
     method = grid[0][0]
     template = api.build_recipe({"method": method, "base": str(base), "sft": [str(sft)], "t": 0.0,
                                  "device": device})
-    extra_recipes = [(label, api.build_recipe({**fields, "base": str(base), "sft": [str(sft)], "device": device}))
+    extra_recipes = [(label, _candidate_recipe(label, fields, base, sft, device))
                      for label, fields in grid if isinstance(fields, dict)]
     resolved, _ = api.resolve_inputs(template, token=token)
     labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
@@ -431,20 +431,29 @@ def _check_options(method, rule, keep_domain, holdout, schedule, blocks, budget,
 
 
 LINEAR_T = ("linear", "slerp")
-OTHER_METHODS = {  # name -> recipe fields at value v
+OTHER_METHODS = {  # name -> recipe fields at value v (one SFT: TIES' sign election is trivial, so no consensus)
     "task_arithmetic": lambda v: {"method": "task_arithmetic", "scale": v},
-    "ties": lambda v: {"method": "task_arithmetic", "sparsify": {"method": "magnitude", "density": v},
-                       "sign_consensus": True},
-    "dare": lambda v: {"method": "task_arithmetic", "sparsify": {"method": "random", "density": v}},
-    "dare_ties": lambda v: {"method": "task_arithmetic", "sparsify": {"method": "random", "density": v},
-                            "sign_consensus": True},
-    "breadcrumbs": lambda v: {"method": "task_arithmetic", "sparsify": {"method": "breadcrumbs", "density": v}},
+    "ties": lambda v: {"method": "task_arithmetic", "scale": 1.0, "sparsify": {"method": "magnitude", "density": v}},
+    "dare": lambda v: {"method": "task_arithmetic", "scale": 1.0, "sparsify": {"method": "random", "density": v}},
+    "breadcrumbs": lambda v: {"method": "task_arithmetic", "scale": 1.0,
+                              "sparsify": {"method": "breadcrumbs", "density": v}},
 }
+
+
+def _candidate_recipe(label: str, fields: dict, base, sft, device: str):
+    """The recipe of a ``method@value`` candidate; a recipe error names the candidate."""
+    from .. import api
+
+    try:
+        return api.build_recipe({**fields, "base": str(base), "sft": [str(sft)], "device": device})
+    except InputError as e:
+        raise InputError(f"--candidates {label}: {e}") from None
 
 
 def parse_candidates(text, method: str = "linear") -> list[tuple[str, object]]:
     """``"linear,slerp,linear@0.25,ties@0.3"`` -> [(method, t values or None for the grid)..., (label, recipe
-    fields)...]: linear/slerp without a value sweep the t grid, with ``@t`` add that t; another method at
+    fields)...]: linear/slerp without a value sweep the t grid, with ``@t`` add that t (no linear/slerp named: the linear
+    t grid); another method at
     ``@value`` is one candidate (ties/dare/breadcrumbs: density; task_arithmetic: scale). None: ``method``."""
     if text is None:
         return [(method, None)]
@@ -478,7 +487,7 @@ def parse_candidates(text, method: str = "linear") -> list[tuple[str, object]]:
             raise InputError(f"--candidates {name}: unknown method; use linear, slerp (the t grid, or @t) or "
                              f"{', '.join(OTHER_METHODS)} @value")
     if not grid:
-        grid = {"linear": []}  # base and SFT, the ends every candidate is measured against
+        grid = {"linear": None}  # the t grid as without --candidates
     return [*grid.items(), *others]
 
 
