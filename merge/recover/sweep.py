@@ -155,7 +155,7 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
             if sum(d.num_bytes for d in docs) == 0:
                 raise InputError(f"{probes[k].name}: the scored text is empty (0 bytes), so bits per byte cannot "
                                  "be computed; give probes with non-empty responses/documents")
-        inplace = InPlaceModel(models, labels, dev, template)
+        inplace = InPlaceModel(models, labels, dev, template, _written_dtype(models["sft0"]) if tasks else None)
         if tasks is not None:
             say(tasks.start(inplace.model, tokenizer, o["apply_chat_template"], resolved,
                             {"eval_dtype": str(inplace.model.dtype), "device": dev.type}))
@@ -309,6 +309,16 @@ def _write(result: SweepResult, written: Candidate, out_path: Path, force: bool,
     result.json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     written_here = [p for p in (result.plot, result.recipe_path, result.json_path) if p is not None]
     output.add_to_marker(out_path, [Path(p).name for p in written_here if Path(p).resolve().parent == out_path])
+
+
+def _written_dtype(sft) -> torch.dtype | None:
+    """The dtype lm-eval (``HFLM(pretrained=<folder>)``, dtype auto) evaluates the written merge in: its
+    config's. With tasks the resident model evaluates in it too, so task scores equal those of the written
+    merge (without tasks, half precision is evaluated in float32 on the CPU)."""
+    config = sft.config if isinstance(sft.config, dict) else {}
+    name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    return value if isinstance(value, torch.dtype) else None
 
 
 def load_tokenizer(sft, base):
