@@ -120,8 +120,11 @@ class SweepResult:
         """Where the time went; the parts add up to the total but for bookkeeping."""
         search = (f", schedule search {self.schedule.seconds:.1f}s ({self.schedule.evaluations} evaluations)"
                   if self.schedule else "")
+        counted = sum(c.task_count for c in self.rows)
+        cache = (f" ({sum(c.cached for c in self.rows)} of {counted} task results from the cache)"
+                 if counted else "")
         return (f"time: loading {self.seconds_load:.1f}s, setting parameters {self.seconds_set:.1f}s, "
-                f"evaluating {self.seconds_eval + self.seconds_report:.1f}s{search}, writing "
+                f"evaluating {self.seconds_eval + self.seconds_report:.1f}s{cache}{search}, writing "
                 f"{self.seconds_write:.1f}s, total {self.seconds_total:.1f}s")
 
     def score_notes(self) -> list[str]:
