@@ -488,7 +488,8 @@ def tradeoff_figure(result: SweepResult):
                            textcoords="offset points", xytext=(4, 4), fontsize=7)
     if schedule_won:
         right.plot([result.chosen.recovery.general_recovered], [result.chosen.recovery.domain_retained], "o",
-                   markersize=12, markerfacecolor="none", color="tab:red", label=f"best global: {_what(result.chosen)}")
+                   markersize=12, markerfacecolor="none", color="tab:red",
+                   label=f"best global {_what(result.chosen)}")
     elif result.schedule and result.schedule.beats_on_selection:
         s = result.schedule.best.recovery
         right.plot([s.general_recovered], [s.domain_retained], "D", color="tab:purple",

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import InputError
-from ..evaluate import ProbeScore, encode, load_probes, objective, recovery, select
+from ..evaluate import ProbeScore, encode, load_probes, objective, select
 from ..evaluate.probes import ProbeSet
 from ..evaluate.scoring import score
 from .inplace import InPlaceModel
@@ -131,7 +131,10 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
     check_task_options(tasks, o)
     separate = any(probes[f"{s}_report"] is not probes[f"{s}_select"] for s in ("general", "domain")) or \
         bool(tasks and tasks.distinct)
-    if not separate:
+    if not separate and tasks is None:
+        notes.append("t was chosen and is reported on the same probes (optimistic); pass --general-report/"
+                     "--domain-report or --holdout 0.5 to measure the choice on probes it was not chosen on")
+    elif not separate:
         notes.append("t was chosen and is reported on the same probes and tasks (optimistic); pass --general-report/"
                      "--domain-report (--general-report-tasks/--domain-report-tasks) or --holdout 0.5 to measure the "
                      "choice on data it was not chosen on")
@@ -200,7 +203,10 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
             notes += [f"report part: {side} task {t} left out of the {side} score: {why}"
                       for t, why in scores.left_out.items()]
     if schedule:
-        result.schedule = runner.search_schedule(schedule, template, chosen, base_row, sft_row, blocks, budget,
+        start = chosen if chosen.t is not None else select([c for c in rows if c.t is not None and
+                                                            _scores_finite(c)], lambda c: c.recovery, select_rule,
+                                                           keep_domain)  # a schedule starts from a global t
+        result.schedule = runner.search_schedule(schedule, template, start, base_row, sft_row, blocks, budget,
                                                  select_rule, keep_domain)
         outcome = result.schedule
         if outcome.beats_on_selection and separate:
@@ -462,9 +468,9 @@ def _candidate_recipe(label: str, fields: dict, base, sft, device: str):
 
 def parse_candidates(text, method: str = "linear") -> list[tuple[str, object]]:
     """``"linear,slerp,linear@0.25,ties@0.3"`` -> [(method, t values or None for the grid)..., (label, recipe
-    fields)...]: linear/slerp without a value sweep the t grid, with ``@t`` add that t (no linear/slerp named: the linear
-    t grid); another method at
-    ``@value`` is one candidate (ties/dare/breadcrumbs: density; task_arithmetic: scale). None: ``method``."""
+    fields)...]: linear/slerp without a value sweep the t grid, with ``@t`` add that t (when neither is named:
+    the linear t grid); another method at ``@value`` is one candidate (ties/dare/breadcrumbs: density;
+    task_arithmetic: scale). ``text`` None: ``method`` over the t grid."""
     if text is None:
         return [(method, None)]
     if method != "linear":
