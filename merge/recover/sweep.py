@@ -102,8 +102,9 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
                          blocks, budget, force, out, tasks_split)
     if domain is None and not split_specs(o["domain_tasks"]):
         raise InputError("--domain: give domain probes (--domain FILE) and/or domain tasks (--domain-tasks)")
-    if general is None and general_report is not None:
-        raise InputError("--general-report: reports on the general probes; give --general FILE too")
+    if general is None and general_report is not None and split_specs(o["general_tasks"]):
+        raise InputError("--general-report: reports on the general probes; with --general-tasks give --general FILE "
+                         "too (or report on tasks: --general-report-tasks)")
     if domain is None and domain_report is not None:
         raise InputError("--domain-report: reports on the domain probes; give --domain FILE too")
     grid = parse_candidates(candidates, method)
