@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Sequence, Union
 
 import torch
 
@@ -31,7 +31,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 PRIMARY = "sft0"
 
 
-def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: str | Path | None = None, *,
+def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | Path | None = None, *,
           scale=None, sparsify: str | None = None, density: float | None = None, gamma: float | None = None,
           seed: int | None = None, sign_consensus: bool = False, dtype: str | None = None, device: str = "auto",
           max_shard_size: str = "5GB", threads: int | None = None, force: bool = False,
@@ -144,7 +144,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     (default 4GB) their buffers on a CUDA device (sizes like ``"2GB"``); fewer workers and smaller chunks are
     used when a budget is tight, and the process itself (Python, torch) comes on top.
     ``chunk_elements`` (advanced) is how many elements of a tensor are processed at once; results do not
-    depend on ``threads`` or the budgets, nor on chunks that are multiples of 2**17. An interrupted run (Ctrl-C, full disk, kill) keeps its finished shards in
+    depend on ``threads`` or the budgets, nor on chunks that are multiples of 2**17. An interrupted run
+    (Ctrl-C, full disk, kill) keeps its finished shards in
     ``output.staging_dir(out)``; ``resume=True`` continues it, byte-identical to an uninterrupted run.
     A NaN/Inf in any output tensor fails the run, naming the tensor and, when an input already holds it, that
     input (``allow_nonfinite=True`` writes it anyway). A ``match`` rule (mergekit: ``filter``) that matches no
@@ -342,8 +343,8 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
     import errno
     import shutil
 
-    from .io.manifest import Journal
     from .integrity import VerifyError, _check_files
+    from .io.manifest import Journal
 
     stage = output.staging_dir(out_path)
     identity = _identity(recipe, summary, resolved, plan)

@@ -139,7 +139,8 @@ def interpolation_options(fn):
     return click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))(fn)
 
 
-@click.group(help=f"mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n{T_CONVENTION}")
+@click.group(help="mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n"
+                  + T_CONVENTION)
 @click.version_option(__version__, prog_name="mergeback")
 def main() -> None:
     pass

@@ -55,7 +55,8 @@ def _check_files(folder: Path) -> VerifyReport:
     if index_path.exists():
         index = read_json(index_path)
         weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        if (not isinstance(weight_map, dict) or not weight_map
+                or not all(isinstance(v, str) for v in weight_map.values())):
             raise VerifyError(f"{index_path}: weight_map is missing, empty or malformed")
         files = list(dict.fromkeys(weight_map.values()))
         for rel in files:
@@ -63,7 +64,8 @@ def _check_files(folder: Path) -> VerifyReport:
                 raise VerifyError(f"{index_path}: names shard {rel!r}, which is missing")
         stray = sorted(present - set(files))
         if stray:
-            raise VerifyError(f"{folder / stray[0]}: a shard the index does not name (left from another run?); delete it")
+            raise VerifyError(f"{folder / stray[0]}: a shard the index does not name (left from another run?); "
+                              "delete it")
     elif SAFE_SINGLE in present and len(present) == 1:
         weight_map, files = None, [SAFE_SINGLE]
     elif present:
@@ -88,7 +90,8 @@ def _check_files(folder: Path) -> VerifyReport:
                 raise VerifyError(f"{index_path}: lists tensor {name!r} in {rel!r}, but that shard does not hold it")
         unlisted = sorted(set(tensors) - set(weight_map))
         if unlisted:
-            raise VerifyError(f"{folder / tensors[unlisted[0]]}: holds tensor {unlisted[0]!r}, which the index does not list")
+            raise VerifyError(f"{folder / tensors[unlisted[0]]}: holds tensor {unlisted[0]!r}, "
+                              "which the index does not list")
         declared = (index.get("metadata") or {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
         if declared is not None and declared != total:
             raise VerifyError(f"{index_path}: total_size is {declared} but the shards hold {total} tensor bytes")

@@ -105,7 +105,7 @@ class Structure:
         self.counts = dict(counts)
 
     @classmethod
-    def of(cls, config: dict, names: list[str]) -> "Structure":
+    def of(cls, config: dict, names: list[str]) -> Structure:
         """The stacks ``names`` show; the text stack's count is :func:`num_layers` (as for any model)."""
         config = config or {}
         by_stack: dict[str, list[str]] = {}
@@ -122,7 +122,7 @@ class Structure:
         return cls(counts)
 
     @classmethod
-    def coerce(cls, value: "Structure | int") -> "Structure":
+    def coerce(cls, value: Structure | int) -> Structure:
         """A :class:`Structure` as is; a layer count as a single-stack model with that many layers."""
         return value if isinstance(value, Structure) else cls({"text": int(value)})
 

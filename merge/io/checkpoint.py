@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
 import torch
 
 from ..errors import InputError
@@ -169,7 +170,8 @@ class Checkpoint:
         for name, rel in self._index.items():
             f = self._where.get(name)
             if f is None or f.path.name != Path(rel).name:
-                raise InputError(f"{self.path}: the index lists tensor {name!r} in {rel!r}, but that shard does not hold it")
+                raise InputError(f"{self.path}: the index lists tensor {name!r} in {rel!r}, "
+                                 "but that shard does not hold it")
 
     # -- queries ---------------------------------------------------------------------------------------------
     def names(self) -> list[str]:

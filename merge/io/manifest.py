@@ -17,8 +17,8 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import xxhash
 
@@ -131,7 +131,7 @@ class Journal:
 
     # -- opening ---------------------------------------------------------------------------------------------
     @classmethod
-    def start(cls, stage: Path, shards, identity: dict, resume: bool) -> tuple["Journal", str | None]:
+    def start(cls, stage: Path, shards, identity: dict, resume: bool) -> tuple[Journal, str | None]:
         """Prepare ``stage`` and its manifest; returns the journal and a message for the user (or None).
 
         With ``resume``, shards the previous attempt completed are kept if their sha256 still matches;
@@ -145,7 +145,8 @@ class Journal:
         if resume and old is not None:
             if old.get("identity") != identity:
                 raise InputError(
-                    f"--resume: cannot continue the interrupted run in {stage}: {_difference(old.get('identity') or {}, identity)}; "
+                    f"--resume: cannot continue the interrupted run in {stage}: "
+                    f"{_difference(old.get('identity') or {}, identity)}; "
                     "run again without --resume to start over")
             recorded = {k: v for k, v in (old.get("complete") or {}).items() if k in identity["plan"]}
             complete = {name: entry for name, entry in recorded.items()

@@ -200,7 +200,7 @@ class SweepResult:
                  f"- {self.forgetting_line()}",
                  f"- selection probes: {self._probe_names('select')}",
                  f"- rule: {rule_text(self.rule, self.keep_domain)}",
-                 f"- this model: {'t = %g' % w.t if w.t is not None else w.label}", "",
+                 f"- this model: {f't = {w.t:g}' if w.t is not None else w.label}", "",
                  "| t | general bpb | general ppl | domain bpb | domain ppl | general_recovered | domain_retained "
                  "| score |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in self.rows:

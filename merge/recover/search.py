@@ -12,7 +12,7 @@ clipped to [0, 1], with at most ``budget`` evaluations; it only moves to strictl
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..recipes.schema import Recipe
 from ..tensor_names import VISION, Structure
@@ -45,7 +45,7 @@ def _block_rules(scope: str, ts: Sequence[float], n_layers: int) -> list[dict]:
     return rules
 
 
-def blocks_recipe(template: Recipe, ts: Sequence[float], n_layers: "int | Structure") -> Recipe:
+def blocks_recipe(template: Recipe, ts: Sequence[float], n_layers: int | Structure) -> Recipe:
     """``template`` with ``t`` rules: one regex rule per block but the last, embeddings with the first block,
     everything else (last block, final norm, lm_head) the default.
 
