@@ -18,7 +18,9 @@ from typing import NamedTuple
 GROUPS = ("embed", "lm_head", "norm", "attn", "mlp", "router", "projector")
 STACKS = ("vision", "text")
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+# The start of a layer of a stack (``layers.``, ``h.``...): the index follows. Every layer pattern derives from it.
+LAYER_PREFIX = r"(?:^|\.)(?:layers|layer|h|blocks|block)\."
+_LAYER = re.compile(LAYER_PREFIX + r"(\d+)(?:\.|$)")
 PROJECTOR = re.compile(r"(?:^|\.)(?:multi_modal_projector|mm_projector|connector|visual\.merger)(?:\.|$)")
 VISION = re.compile(r"(?:^|\.)(?:vision_tower|vision_model|visual|vision_encoder)(?:\.|$)")
 _BEFORE_VISION_LAYERS = re.compile(r"(?:^|\.)pre_\w*(?:\.|$)")  # CLIP's pre_layrnorm sits before the layers

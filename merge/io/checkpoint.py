@@ -195,19 +195,8 @@ class Checkpoint:
         """Copy flat elements [start, start + out.numel()) of ``name`` (stored dtype) into ``out``."""
         return self._where[name].read_into(name, start, out)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The whole tensor, shaped, as a zero-copy view (for small tensors and tests)."""
-        info = self.info(name)
-        return self.view(name).reshape(info.shape)
-
     def release(self, name: str) -> None:
         self._where[name].release(name)
-
-    def weight_bytes(self) -> int:
-        return sum(f.tensors[n].nbytes for f in self.files for n in f.tensors)
-
-    def weight_paths(self) -> list[Path]:
-        return [f.path for f in self.files]
 
     def close(self) -> None:
         for f in self.files:

@@ -15,10 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..recipes.schema import Recipe
-from ..tensor_names import VISION, Structure
+from ..tensor_names import LAYER_PREFIX, VISION, Structure
 
 STEPS = (0.2, 0.1, 0.05)
-LAYER_PREFIX = r"re:(?:^|\.)(?:layers|layer|h|blocks|block)\."
 
 
 def lines_recipe(template: Recipe, lam_first: float, lam_last: float) -> Recipe:
@@ -41,7 +40,7 @@ def _block_rules(scope: str, ts: Sequence[float], n_layers: int) -> list[dict]:
     rules = []
     for layers, t in zip(block_ranges(n_layers, len(ts))[:-1], ts[:-1]):
         alternatives = "|".join(str(i) for i in layers)
-        rules.append({"match": f"re:{scope}{LAYER_PREFIX[3:]}(?:{alternatives})\\.", "value": round(t, 6)})
+        rules.append({"match": f"re:{scope}{LAYER_PREFIX}(?:{alternatives})\\.", "value": round(t, 6)})
     return rules
 
 
@@ -69,14 +68,11 @@ def blocks_recipe(template: Recipe, ts: Sequence[float], n_layers: int | Structu
 
 
 def coordinate_search(start: Sequence[float], evaluate: Callable[[tuple], object], key: Callable[[object], tuple],
-                      budget: int, start_result=None) -> tuple[tuple, object, int]:
-    """Maximise ``key(evaluate(point))`` over points in [0, 1]^n; returns (best point, its result, evaluations).
-
-    ``start_result`` (the start point's result, when already known) saves one evaluation.
-    """
+                      budget: int) -> tuple[tuple, object, int]:
+    """Maximise ``key(evaluate(point))`` over points in [0, 1]^n; returns (best point, its result, evaluations)."""
     best = tuple(round(x, 4) for x in start)
-    best_result = start_result if start_result is not None else evaluate(best)
-    used = 0 if start_result is not None else 1
+    best_result = evaluate(best)
+    used = 1
     seen = {best}
     for step in STEPS:
         improved = True
