@@ -21,6 +21,8 @@ from ..errors import InputError
 from ..evaluate import ProbeScore, encode, load_probes, objective, recovery, select
 from ..evaluate.probes import ProbeSet
 from ..evaluate.scoring import score
+from ..inputs import open_inputs
+from ..keys import BASE, PRIMARY
 from .inplace import InPlaceModel
 from .result import Candidate, Reported, ScheduleOutcome, SweepResult, plot_tradeoff, with_recovery
 from .search import blocks_recipe, coordinate_search, lines_recipe
@@ -87,14 +89,11 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
     probes = _probe_sets(general, domain, general_report, domain_report, holdout, schedule, notes)
     template = api.build_recipe({"method": method, "base": str(base), "sft": [str(sft)], "t": 0.0,
                                  "device": device})
-    resolved, _ = api.resolve_inputs(template, token=token)
-    labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
-    if out_path is not None:
-        output.check_target(out_path, {labels[k]: m.path for k, m in resolved.items()})
     dev = resolve_device(device)
     with ExitStack() as stack:
-        models = {k: stack.enter_context(api.open_model(m, labels[k], resolved)) for k, m in resolved.items()}
-        tokenizer = load_tokenizer(models["sft0"], models["base"])
+        inputs = open_inputs(template, stack, token=token, out=out_path)
+        models, labels = inputs.models, inputs.labels
+        tokenizer = load_tokenizer(models[PRIMARY], models[BASE])
         encoded = {k: encode(p.documents, tokenizer, max_tokens) for k, p in probes.items()}
         for k, docs in encoded.items():
             if sum(d.num_scored for d in docs) == 0:
