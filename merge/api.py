@@ -278,7 +278,7 @@ def _already_complete(recipe: Recipe, out_path: Path, summary: MergeSummary, res
                       force: bool) -> bool:
     """``resume`` onto a committed output: True (nothing to do) when it records this very run; another run's
     output is refused unless ``force`` replaces it."""
-    from .io.manifest import _difference
+    from .io.manifest import identity_difference
 
     marker = output.read_marker(out_path) if out_path.is_dir() else None
     if marker is None:
@@ -289,7 +289,7 @@ def _already_complete(recipe: Recipe, out_path: Path, summary: MergeSummary, res
         return True
     if force:
         return False
-    why = _difference(marker["identity"], identity) if isinstance(marker.get("identity"), dict) else \
+    why = identity_difference(marker["identity"], identity) if isinstance(marker.get("identity"), dict) else \
         "it records no recipe"
     raise InputError(f"--resume: {out_path} already holds a complete merge of another run ({why}); pass --force "
                      "to replace it, or choose another output folder")
@@ -307,7 +307,7 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
     import errno
     import shutil
 
-    from .integrity import VerifyError, _check_files
+    from .integrity import VerifyError, check_files
     from .io.manifest import Journal
 
     stage = output.staging_dir(out_path)
@@ -328,7 +328,7 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
         output.write_marker(stage, identity)  # what makes this folder ours (replaceable with --force)
         journal.remove()
         try:
-            _check_files(stage)
+            check_files(stage)
         except MergeError as e:
             raise VerifyError(f"the merged folder failed verification before it was committed: {e}") from None
         output.commit(stage, out_path)

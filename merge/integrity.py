@@ -40,7 +40,7 @@ def verify(out, load: bool = False) -> VerifyReport:
     if not folder.is_dir():
         raise VerifyError(f"{folder}: no such folder")
     try:
-        report = _check_files(folder)
+        report = check_files(folder)
     except InputError as e:
         raise VerifyError(str(e)) from None
     if load:
@@ -49,7 +49,9 @@ def verify(out, load: bool = False) -> VerifyReport:
     return report
 
 
-def _check_files(folder: Path) -> VerifyReport:
+def check_files(folder: Path) -> VerifyReport:
+    """The shards and index of ``folder`` agree (every shard parses, every tensor is listed once, in the shard
+    the index names, and total_size matches); raises :class:`VerifyError` naming the first problem."""
     index_path = folder / SAFE_INDEX
     present = {p.name for p in folder.glob("*.safetensors")}
     if index_path.exists():

@@ -95,8 +95,9 @@ def run_identity(version: str, recipe: dict, inputs: Mapping[str, Path], shards)
     }
 
 
-def _difference(old: dict, new: dict) -> str:
-    """A short phrase saying what changed between two identities."""
+def identity_difference(old: dict, new: dict) -> str:
+    """A short phrase saying what changed between two run identities (:func:`run_identity`): the engine
+    version, else the first recipe field, else the first input that differs."""
     if old.get("engine") != new["engine"]:
         return f"mergeback version {old.get('engine')} made it, this is {new['engine']}"
     old_recipe = old.get("recipe") or {}
@@ -146,7 +147,7 @@ class Journal:
             if old.get("identity") != identity:
                 raise InputError(
                     f"--resume: cannot continue the interrupted run in {stage}: "
-                    f"{_difference(old.get('identity') or {}, identity)}; "
+                    f"{identity_difference(old.get('identity') or {}, identity)}; "
                     "run again without --resume to start over")
             recorded = {k: v for k, v in (old.get("complete") or {}).items() if k in identity["plan"]}
             complete = {name: entry for name, entry in recorded.items()
