@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import merge
 
 PACKAGE = Path(merge.__file__).parent
@@ -127,11 +129,23 @@ def _modules_after(args: list[str], cwd: Path) -> set[str]:
     return {name.split(".")[0] for name in json.loads(done.stdout.splitlines()[-1])}
 
 
-def test_a_local_merge_imports_neither_transformers_matplotlib_nor_the_hub_client(pairs, tmp_path):
+LOCAL_COMMANDS = {
+    "linear": ["linear", "--sft", "{sft}", "--base", "{base}", "--t", "0.3", "-o", "{out}", "--quiet"],
+    "mergekit recipe": ["run", "{recipe}", "-o", "{out}", "--quiet"],
+    "inspect": ["inspect", "--sft", "{sft}", "--base", "{base}"],
+}
+MERGEKIT_RECIPE = ("merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {sft}\n  - model: {base}\n"
+                   "parameters:\n  t: 0.7\ndtype: bfloat16\n")
+
+
+@pytest.mark.parametrize("command", sorted(LOCAL_COMMANDS))
+def test_local_inputs_import_neither_transformers_matplotlib_nor_the_hub_client(pairs, tmp_path, command):
     base, sft = pairs("llama")
-    loaded = _modules_after(["linear", "--sft", str(sft), "--base", str(base), "--t", "0.3", "-o",
-                             str(tmp_path / "out"), "--quiet"], tmp_path)
-    assert (tmp_path / "out" / "model.safetensors").exists() or any((tmp_path / "out").glob("*.safetensors"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(MERGEKIT_RECIPE.format(base=base, sft=sft))
+    places = {"sft": sft, "base": base, "out": tmp_path / "out", "recipe": recipe}
+    loaded = _modules_after([a.format(**places) for a in LOCAL_COMMANDS[command]], tmp_path)
+    assert command == "inspect" or any((tmp_path / "out").glob("*.safetensors"))
     assert "torch" in loaded and "merge" in loaded
     assert [m for m in HEAVY if m in loaded] == []
 
