@@ -150,7 +150,7 @@ def test_local_inputs_import_neither_transformers_matplotlib_nor_the_hub_client(
     assert [m for m in HEAVY if m in loaded] == []
 
 
-def test_help_imports_no_torch(tmp_path):
+def test_help_imports_neither_torch_nor_pydantic(tmp_path):
     loaded = _modules_after(["--help"], tmp_path)
     assert "click" in loaded
-    assert [m for m in ("torch", *HEAVY) if m in loaded] == []
+    assert [m for m in ("torch", "pydantic", *HEAVY) if m in loaded] == []
