@@ -11,8 +11,8 @@ from .errors import MergeError
 
 __version__ = "0.1.0"
 
-__all__ = ["MergeError", "MergeSummary", "Recipe", "__version__", "fold", "inspect", "list_aliases", "merge", "push",
-           "run", "sweep", "verify"]
+__all__ = ["MergeError", "MergeSummary", "Recipe", "__version__", "evaluate", "fold", "inspect", "list_aliases",
+           "merge", "push", "run", "sweep", "verify", "extract_lora", "interpolate_adapter"]
 
 
 # Public names served lazily from their modules, so `import merge` and `merge --help` import neither torch nor
@@ -21,6 +21,8 @@ _LAZY = {
     "Recipe": ".recipes",
     "merge": ".api", "run": ".api", "fold": ".api", "verify": ".integrity", "push": ".hub",
     "list_aliases": ".io.aliases", "sweep": ".recover", "inspect": ".diagnostics", "MergeSummary": ".summary",
+    "evaluate": ".evaluate",  # a callable package: merge.evaluate(...) runs lm-eval tasks on written models
+    "extract_lora": ".adapters", "interpolate_adapter": ".adapters",
 }
 
 
@@ -29,4 +31,5 @@ def __getattr__(name):
         raise AttributeError(f"module 'merge' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    module = importlib.import_module(_LAZY[name], __name__)
+    return module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)

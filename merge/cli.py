@@ -131,6 +131,10 @@ def _merge(quiet: bool, **kwargs) -> None:
     _report(summary, quiet)
 
 
+AS_ADAPTER_HELP = ("With a LoRA adapter as --sft: write the result as an adapter (every lora_B times 1-t, saved "
+                   "modules (1-t)*saved + t*base) instead of a full model. Not for DoRA at t != 0.")
+
+
 def interpolation_options(fn):
     """--sft, --base and --t, then the shared merge options (linear and slerp)."""
     fn = merge_options(fn)
@@ -139,7 +143,32 @@ def interpolation_options(fn):
     return click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))(fn)
 
 
-@click.group(help="mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n"
+class OneLineErrors(click.Group):
+    """Usage mistakes (unknown option, bad value) as one ``error:`` line and exit 2, like every user error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `merge`: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors,
+             help="mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n"
                   + T_CONVENTION)
 @click.version_option(__version__, prog_name="mergeback")
 def main() -> None:
@@ -148,8 +177,11 @@ def main() -> None:
 
 @main.command(help=f"Linear interpolation: W = (1-t)*W_sft + t*W_base.\n\n{T_CONVENTION}")
 @interpolation_options
+@click.option("--as-adapter", is_flag=True, help=AS_ADAPTER_HELP)
 @user_errors
-def linear(sft, base, t, quiet, **kwargs):
+def linear(sft, base, t, quiet, as_adapter, **kwargs):
+    if as_adapter:
+        return _as_adapter("linear", sft, base, t, quiet, kwargs)
     _merge(quiet, method="linear", sft=sft, base=base, t=t, **kwargs)
 
 
@@ -158,8 +190,11 @@ def linear(sft, base, t, quiet, **kwargs):
                    "between them; linear when |cos θ| > 0.9995 (typical for small SFT deltas).\n\n"
                    f"{T_CONVENTION}")
 @interpolation_options
+@click.option("--as-adapter", is_flag=True, help="Refused: SLERP of a LoRA SFT is not a rescaling of its factors.")
 @user_errors
-def slerp(sft, base, t, quiet, **kwargs):
+def slerp(sft, base, t, quiet, as_adapter, **kwargs):
+    if as_adapter:
+        return _as_adapter("slerp", sft, base, t, quiet, kwargs)
     _merge(quiet, method="slerp", sft=sft, base=base, t=t, **kwargs)
 
 
@@ -422,6 +457,106 @@ def demo(out, force):
     click.echo(result.summary())
     click.echo(f"\neverything is in {result.out.parent}: recovered/ (the model; its README.md has the Recovery "
                "table), tradeoff.png, sweep.json")
+
+
+
+@main.command("evaluate", help="Evaluate written models (folders, Hub ids, aliases; e.g. a mergekit output) on "
+                               "lm-evaluation-harness tasks and print each task's primary metric, "
+                               "general_recovered = (G_m - G_sft)/(G_base - G_sft) and domain_retained = "
+                               "(D_m - D_base)/(D_sft - D_base) when --base and --sft are given, and per-item "
+                               "forgetting (general: against the base; domain: against the SFT). Tasks: "
+                               "comma-separated task or group names, task YAML files or folders. Needs "
+                               "`pip install mergeback[eval]`.")
+@click.argument("models", nargs=-1)
+@click.option("--general-tasks", help="General tasks (what the SFT may have forgotten), comma-separated.")
+@click.option("--domain-tasks", help="Domain tasks (what the SFT is for), comma-separated.")
+@click.option("--base", help=MODEL_REF_HELP.format("The base model (reference; also evaluated)"))
+@click.option("--sft", help=MODEL_REF_HELP.format("The SFT model (reference; also evaluated)"))
+@click.option("--limit", type=float, help="Documents per task (the first N; a fraction below 1 is a share).")
+@click.option("--num-fewshot", type=int, help="Few-shot examples (lm-eval's --num_fewshot).")
+@click.option("--batch-size", default="1", show_default=True, help="Batch size, or `auto` (GPU).")
+@click.option("--seed", type=int, help="Seed for python, numpy, torch and few-shot sampling (default: lm-eval's).")
+@click.option("--apply-chat-template/--no-apply-chat-template", default=None,
+              help="Render prompts with the chat template (default: on when the SFT's tokenizer has one).")
+@click.option("--gen-kwargs", help="Generation arguments for generate_until tasks, e.g. max_gen_toks=64,temperature=0.")
+@click.option("--tasks-path", multiple=True, type=click.Path(file_okay=False), help="More task folders (repeatable).")
+@click.option("--metric", "metrics", multiple=True, metavar="TASK=METRIC[,FILTER]",
+              help="Use this metric of a task instead of its first (repeatable).")
+@click.option("--holdout", type=float, help="Score only the report part of each task: the documents whose "
+                                            "content hash puts them in this fraction (as `merge sweep`).")
+@click.option("--no-cache", is_flag=True, help="Evaluate again even when a cached result exists.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Result cache (default $XDG_CACHE_HOME/mergeback/eval).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for evaluation (default: torch's).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
+@user_errors
+def evaluate(models, limit, batch_size, json_out, **kwargs):
+    import json
+    from pathlib import Path
+
+    import merge
+
+    if limit is not None and limit >= 1:
+        limit = int(limit) if limit == int(limit) else limit
+    result = merge.evaluate(models, limit=limit, batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
+                            echo=click.echo, **kwargs)
+    click.echo("")
+    click.echo(result.table())
+    if json_out:
+        Path(json_out).write_text(json.dumps(result.to_dict(), indent=2))
+
+
+def _as_adapter(method, sft, base, t, quiet, options) -> None:
+    """``--as-adapter`` on linear/slerp: the merge options other than -o/--force have no effect there."""
+    from .adapters import interpolate_adapter
+    from .errors import InputError
+
+    ctx = click.get_current_context()
+    given = [k for k in options if k not in ("out", "force")
+             and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise InputError(f"--{given[0].replace('_', '-')} has no effect with --as-adapter (it writes only the "
+                         "adapter files); drop it")
+    summary = interpolate_adapter(sft, base, t, options.get("out"), method=method, force=options.get("force"))
+    _report(summary, quiet)
+
+
+@main.command("extract-lora", help=(
+    "Write a PEFT LoRA adapter approximating the SFT's delta D = W_sft - W_base: per targeted 2-D weight the "
+    "rank-r truncated SVD, (lora_alpha/r) * B@A = U_r diag(s_r) V_r^T; changed biases of targeted modules as "
+    "lora_B.bias (exact); changed embeddings, lm_head and norms saved whole (modules_to_save). Anything else "
+    "that changed is refused by name unless --allow-uncaptured. Streamed one tensor at a time; the summary "
+    "gives each tensor's captured share ||D_r||/||D|| and the error per tensor kind."))
+@click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model (or LoRA adapter folder)"))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--rank", "-r", type=int, required=True, help="LoRA rank r (>= 1).")
+@click.option("--alpha", type=float, help="lora_alpha (default: r, so the scale alpha/r is 1).")
+@click.option("--target-modules", help="Comma-separated module names to factor (default: every 2-D attention, MLP "
+                                       "and router weight in the layer stack), e.g. q_proj,v_proj.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
+              help="dtype of the adapter tensors (default: the SFT's).")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+              help="SVD algorithm: auto picks randomized when r is small against the matrix.")
+@click.option("--allow-uncaptured", is_flag=True, help="Write the adapter even if some changed tensors cannot be "
+                                                      "in it (listed in the summary with their error).")
+@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Output adapter folder.")
+@click.option("--force", is_flag=True, help="Replace an earlier mergeback output at OUT (never other files).")
+@click.option("-v", "--verbose", is_flag=True, help="Print the captured share of every tensor.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@user_errors
+def extract_lora(sft, base, rank, alpha, target_modules, dtype, svd, allow_uncaptured, out, force, verbose, quiet):
+    from .adapters import extract_lora as run_extract
+
+    targets = [m for m in target_modules.split(",") if m.strip()] if target_modules is not None else None
+    if targets == []:
+        from .errors import InputError
+
+        raise InputError("--target-modules: give at least one module name, e.g. q_proj,v_proj")
+    summary = run_extract(sft, base, out, rank=rank, alpha=alpha, target_modules=targets, dtype=dtype, svd=svd,
+                          allow_uncaptured=allow_uncaptured, force=force)
+    if not quiet:
+        click.echo(summary.report(verbose=verbose))
 
 
 if __name__ == "__main__":

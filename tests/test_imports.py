@@ -2,7 +2,8 @@
 
 The graph is read from the source with ``ast``: an edge ``a -> b`` for every ``from . import``,
 ``from .x import`` or ``import merge.x`` in module ``a`` naming module ``b``; imports inside a function
-(deferred until called) are kept apart from module-level ones.
+(deferred until called) are kept apart from module-level ones, and those under ``if TYPE_CHECKING:``
+(never run) are left out.
 """
 
 from __future__ import annotations
@@ -24,12 +25,21 @@ KNOWN_DEFERRED_CYCLES = [
     ["merge.io.lora", "merge.io.quantized", "merge.plan"],
     ["merge.recipes.loading", "merge.recipes.schema"],
 ]
-HEAVY = ("transformers", "matplotlib", "huggingface_hub")
+HEAVY = ("transformers", "matplotlib", "huggingface_hub", "lm_eval", "ray", "peft")
 
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): imports only type checkers see."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
@@ -52,6 +62,10 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
 
     def walk(module: str, is_package: bool, node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
+            if _type_checking_only(child):  # never runs: no edge (its else branch does run)
+                for branch in child.orelse:
+                    walk(module, is_package, ast.Module(body=[branch], type_ignores=[]), in_function)
+                continue
             inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 (deferred if inside else top)[module].update(targets(module, is_package, child))
@@ -103,6 +117,8 @@ def test_the_graph_sees_known_edges():
     top, deferred = import_graph()
     assert "merge.io.checkpoint" in top["merge.io.quantized"]  # from .checkpoint import Checkpoint
     assert "merge.plan" in deferred["merge.io.quantized"]  # inside fp8_output_plan
+    assert "merge.evaluate.harness" in top["merge.evaluate.tasks"]
+    assert "merge.evaluate.tasks" not in top["merge.evaluate.harness"] | deferred["merge.evaluate.harness"]  # typing
 
 
 def test_no_module_level_import_cycles():
