@@ -8,7 +8,6 @@
 """
 
 from .errors import MergeError
-from .recipes import Recipe
 
 __version__ = "0.1.0"
 
@@ -16,8 +15,10 @@ __all__ = ["MergeError", "MergeSummary", "Recipe", "__version__", "evaluate", "f
            "merge", "push", "run", "sweep", "verify", "extract_lora", "interpolate_adapter"]
 
 
-# Public names served lazily from their modules, so `import merge` and `merge --help` do not import torch.
+# Public names served lazily from their modules, so `import merge` and `merge --help` import neither torch nor
+# pydantic.
 _LAZY = {
+    "Recipe": ".recipes",
     "merge": ".api", "run": ".api", "fold": ".api", "verify": ".integrity", "push": ".hub",
     "list_aliases": ".io.aliases", "sweep": ".recover", "inspect": ".diagnostics", "MergeSummary": ".summary",
     "evaluate": ".evaluate",  # a callable package: merge.evaluate(...) runs lm-eval tasks on written models

@@ -45,9 +45,11 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .inputs import open_inputs, open_model, resolve_inputs
 from .io import output
 from .io.lora import ADAPTER_CONFIG, CONV1D_MODEL_TYPES, PREFIX, TOKENIZER_FILES, LoraAdapter, is_adapter
 from .io.writer import PlannedTensor, ShardWriter, layout_shards
+from .keys import BASE, PRIMARY, input_label
 from .methods.extract_lora import lora_delta, lora_factors
 from .tensor_names import group_of, layer_index
 
@@ -225,7 +227,8 @@ def _changed(sft, base, name: str, chunk: int = 1 << 22) -> bool:
     try:
         for start in range(0, numel, chunk):
             stop = min(numel, start + chunk)
-            if not torch.equal(sft.view(name, start, stop).to(torch.float64), base.view(name, start, stop).to(torch.float64)):
+            got, ref = sft.view(name, start, stop), base.view(name, start, stop)
+            if not torch.equal(got.to(torch.float64), ref.to(torch.float64)):
                 return True
         return False
     finally:
@@ -289,18 +292,17 @@ def extract_lora(sft: str | Path, base: str | Path, out: str | Path, *, rank: in
     output.check_target(out_path, output.local_inputs({f"SFT {sft}": sft, f"base {base}": base}))
     output.check_output(out_path, force)
     recipe = api.build_recipe({"method": "linear", "base": str(base), "sft": [str(sft)], "t": 0.0})
-    resolved, notes = api.resolve_inputs(recipe, token=token)
-    labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
     with ExitStack() as stack:
-        models = {k: stack.enter_context(api.open_model(m, labels[k], resolved, token=token))
-                  for k, m in resolved.items()}
-        s, b = models["sft0"], models["base"]
+        inputs = open_inputs(recipe, stack, token=token)
+        resolved, labels, notes = inputs.resolved, inputs.labels, inputs.notes
+        s, b = inputs.models[PRIMARY], inputs.models[BASE]
         plan = _plan_extraction(s, b, rank, target_modules, dtype, allow_uncaptured)
-        b_ref = resolved["base"]
+        b_ref = resolved[BASE]
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
             "target_modules": _peft_target_modules(plan.targets, s.names()),
-            "modules_to_save": _peft_modules_to_save(plan.modules_to_save, s.names()) or None, "fan_in_fan_out": plan.transposed,
+            "modules_to_save": _peft_modules_to_save(plan.modules_to_save, s.names()) or None,
+            "fan_in_fan_out": plan.transposed,
             "lora_bias": plan.lora_bias, "bias": "none", "use_rslora": False, "use_dora": False,
             "init_lora_weights": True, "lora_dropout": 0.0, "inference_mode": True, "rank_pattern": {},
             "alpha_pattern": {}, "base_model_name_or_path": b_ref.repo_id or str(b_ref.path),
@@ -518,10 +520,10 @@ def interpolate_adapter(adapter: str | Path, base: str | Path, t: float, out: st
     output.check_target(out_path, output.local_inputs({f"SFT {adapter}": adapter, f"base {base}": base}))
     output.check_output(out_path, force)
     recipe = api.build_recipe({"method": "linear", "base": str(base), "sft": [str(adapter)], "t": t})
-    resolved, notes = api.resolve_inputs(recipe, token=token)
-    labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
+    resolved, notes = resolve_inputs(recipe, token=token)
+    labels = {k: input_label(k, m.ref) for k, m in resolved.items()}
     with ExitStack() as stack:
-        lora = stack.enter_context(api.open_model(resolved["sft0"], labels["sft0"], resolved, token=token))
+        lora = stack.enter_context(open_model(resolved[PRIMARY], labels[PRIMARY], resolved, token=token))
         if lora.use_dora and t != 0:
             raise InputError(f"--as-adapter: {adapter} is a DoRA adapter; m * V / ||V|| is not linear in B, so "
                              f"t={t:g} has no exact adapter form; write the full model (drop --as-adapter)")

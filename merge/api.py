@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Sequence, Union
 
 import torch
 
 from .card import render_card
 from .errors import InputError, MergeError
 from .execute import CHUNK_ELEMENTS, DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, ExecutionStats, Executor, resolve_device
+from .inputs import download_weights, open_inputs, open_model, resolve_inputs  # noqa: F401  (also served here)
 from .io import output
-from .io.lora import LoraAdapter, adapter_notes, is_adapter
-from .io.quantized import fp8_config, fp8_output_plan, open_checkpoint, quantisation_notes
-from .io.resolve import ResolvedModel, resolve_model
+from .io.lora import adapter_notes, is_adapter
+from .io.quantized import fp8_config, fp8_output_plan, quantisation_notes
 from .io.writer import ShardWriter, parse_size, write_index
+from .keys import input_label
 from .plan import Plan, make_plan
 from .recipes.operations import operations_for, unmatched_rules
 from .recipes.schema import Recipe
@@ -28,10 +29,9 @@ from .summary import MergeSummary, settings_of
 from .tensor_names import Structure
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-PRIMARY = "sft0"
 
 
-def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: str | Path | None = None, *,
+def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | Path | None = None, *,
           scale=None, sparsify: str | None = None, density: float | None = None, gamma: float | None = None,
           seed: int | None = None, sign_consensus: bool = False, dtype: str | None = None, device: str = "auto",
           max_shard_size: str = "5GB", threads: int | None = None, force: bool = False,
@@ -144,7 +144,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     (default 4GB) their buffers on a CUDA device (sizes like ``"2GB"``); fewer workers and smaller chunks are
     used when a budget is tight, and the process itself (Python, torch) comes on top.
     ``chunk_elements`` (advanced) is how many elements of a tensor are processed at once; results do not
-    depend on ``threads`` or the budgets, nor on chunks that are multiples of 2**17. An interrupted run (Ctrl-C, full disk, kill) keeps its finished shards in
+    depend on ``threads`` or the budgets, nor on chunks that are multiples of 2**17. An interrupted run
+    (Ctrl-C, full disk, kill) keeps its finished shards in
     ``output.staging_dir(out)``; ``resume=True`` continues it, byte-identical to an uninterrupted run.
     A NaN/Inf in any output tensor fails the run, naming the tensor and, when an input already holds it, that
     input (``allow_nonfinite=True`` writes it anyway). A ``match`` rule (mergekit: ``filter``) that matches no
@@ -176,17 +177,15 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     if out_path is not None:
         out_path = out_path.resolve()
         if not dry_run:
-            refs = {f"{'base' if k == 'base' else 'SFT'} {ref}": ref for k, ref in recipe.input_refs().items()}
+            refs = {input_label(k, ref): ref for k, ref in recipe.input_refs().items()}
             output.check_target(out_path, output.local_inputs(refs))
             output.check_output(out_path, force, resume)
     started = time.perf_counter()
     # Hub weights stay on the Hub until every check has passed on their headers (and for dry runs, for good).
-    resolved, resolve_notes = resolve_inputs(recipe, token=token, progress=progress, weights=False)
-    labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
-    if out_path is not None and not dry_run:
-        output.check_target(out_path, {labels[k]: m.path for k, m in resolved.items()})
     with ExitStack() as stack:
-        models = {k: stack.enter_context(open_model(m, labels[k], resolved, token=token)) for k, m in resolved.items()}
+        inputs = open_inputs(recipe, stack, token=token, progress=progress, weights=False,
+                             out=None if dry_run else out_path)
+        resolved, labels, models, resolve_notes = inputs.resolved, inputs.labels, inputs.models, inputs.notes
         n_layers = Structure.of(models[primary].config, models[primary].names())
         op_for = operations_for(recipe, n_layers)
         t_values = op_for.t_values
@@ -279,7 +278,7 @@ def _already_complete(recipe: Recipe, out_path: Path, summary: MergeSummary, res
                       force: bool) -> bool:
     """``resume`` onto a committed output: True (nothing to do) when it records this very run; another run's
     output is refused unless ``force`` replaces it."""
-    from .io.manifest import _difference
+    from .io.manifest import identity_difference
 
     marker = output.read_marker(out_path) if out_path.is_dir() else None
     if marker is None:
@@ -290,44 +289,10 @@ def _already_complete(recipe: Recipe, out_path: Path, summary: MergeSummary, res
         return True
     if force:
         return False
-    why = _difference(marker["identity"], identity) if isinstance(marker.get("identity"), dict) else \
+    why = identity_difference(marker["identity"], identity) if isinstance(marker.get("identity"), dict) else \
         "it records no recipe"
     raise InputError(f"--resume: {out_path} already holds a complete merge of another run ({why}); pass --force "
                      "to replace it, or choose another output folder")
-
-
-def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False, weights: bool = True
-                   ) -> tuple[dict, list[str]]:
-    """Every input of ``recipe`` as a :class:`ResolvedModel` (base first), and notes on what was inferred.
-
-    ``base: auto`` takes the base each SFT names in its metadata (:func:`infer_base`); they must agree.
-    ``weights=False`` leaves Hub weights pending (:func:`open_model` reads their headers, :func:`download_weights`
-    fetches them).
-    """
-    from .io.resolve import check_distinct, infer_base
-
-    if not isinstance(recipe, Recipe):  # a mergekit recipe: its models by key, nothing inferred
-        refs = recipe.input_refs()
-        resolved = {k: resolve_model(ref, "base_model" if k == "base" else "model", token=token, progress=progress,
-                                     weights=weights)
-                    for k, ref in refs.items()}
-        check_distinct(resolved)
-        return resolved, [f"mergekit ignores {k} (so does this run)" for k in recipe.unknown_keys()]
-    sfts = {f"sft{i}": resolve_model(s.model, "SFT", token=token, progress=progress, weights=weights)
-            for i, s in enumerate(recipe.sft)}
-    notes = []
-    base_ref = recipe.base
-    if base_ref.strip().lower() == "auto":
-        found = {sft.ref: infer_base(sft) for sft in sfts.values()}
-        names = {ref for ref, _ in found.values()}
-        if len(names) > 1:
-            listing = ", ".join(f"{sft} -> {ref}" for sft, (ref, _) in found.items())
-            raise InputError(f"--base auto: the SFTs name different bases ({listing}); pass --base")
-        base_ref, source = next(iter(found.values()))
-        notes.append(f"base: auto chose {base_ref} (from the SFT's {source})")
-    base = resolve_model(base_ref, "base", token=token, progress=progress, weights=weights)
-    check_distinct({"base": base, **sfts})
-    return {"base": base, **sfts}, notes
 
 
 def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, resolved: dict, models: dict,
@@ -342,8 +307,8 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
     import errno
     import shutil
 
+    from .integrity import VerifyError, check_files
     from .io.manifest import Journal
-    from .integrity import VerifyError, _check_files
 
     stage = output.staging_dir(out_path)
     identity = _identity(recipe, summary, resolved, plan)
@@ -363,7 +328,7 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
         output.write_marker(stage, identity)  # what makes this folder ours (replaceable with --force)
         journal.remove()
         try:
-            _check_files(stage)
+            check_files(stage)
         except MergeError as e:
             raise VerifyError(f"the merged folder failed verification before it was committed: {e}") from None
         output.commit(stage, out_path)
@@ -385,54 +350,6 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
 def _pinned(recipe: Recipe, summary: MergeSummary) -> Recipe:
     """The recipe with inputs named by their resolved location (what the card records) and no ``out``."""
     return recipe.pinned({k: m.pinned for k, m in summary.inputs.items()})
-
-
-def open_model(resolved: ResolvedModel, label: str, all_resolved: dict, *, token=None):
-    """A lazily-read tensor source for one input; a LoRA adapter folder is computed over the recipe's base.
-
-    A Hub model whose weights are still pending opens from their headers alone (for planning, not reading).
-    """
-    base = all_resolved.get("base")
-    if resolved is not base and is_adapter(resolved.path):
-        if base is None:
-            raise InputError(f"{label}: is a LoRA adapter folder; give the model it was trained on as the base")
-        return LoraAdapter(resolved.path, _checkpoint(base, "base", token) if base.pending else base.path,
-                           role=label)
-    return _checkpoint(resolved, label, token)
-
-
-def _checkpoint(resolved: ResolvedModel, label: str, token):
-    """The input's checkpoint (FP8 dequantised, other quantised formats refused); with weights pending on the
-    Hub, a view of their headers (read remotely)."""
-    if not resolved.pending:
-        return open_checkpoint(resolved.path, role=label)
-    from .hub import read_headers
-    from .io.remote import HeaderCheckpoint
-
-    headers = read_headers(resolved.repo_id, resolved.revision, resolved.pending, label, token=token)
-    return open_checkpoint(resolved.path, role=label,
-                           checkpoint=HeaderCheckpoint(resolved.path, headers, role=label))
-
-
-def download_weights(resolved: dict, models: dict, labels: dict, stack: ExitStack, *, token=None,
-                     progress: bool = False) -> tuple[dict, dict]:
-    """Download the pending Hub weights of a planned merge and reopen the models planned from their headers.
-
-    Each reopened model must hold the tensors its headers announced, so the plan stays valid.
-    """
-    from .io.remote import same_tensors
-    from .io.resolve import fetch_pending
-
-    if not any(m.pending for m in resolved.values()):
-        return resolved, models
-    fetched = {k: fetch_pending(m, labels[k], token=token, progress=progress) for k, m in resolved.items()}
-    reopened = dict(models)
-    for k, m in resolved.items():
-        base_pending = isinstance(models[k], LoraAdapter) and bool(resolved["base"].pending)
-        if m.pending or base_pending:
-            reopened[k] = stack.enter_context(open_model(fetched[k], labels[k], fetched))
-            same_tensors(models[k], reopened[k], labels[k])
-    return fetched, reopened
 
 
 def execute(plan: Plan, models: dict, stage: Path, device: str, threads: int | None, progress: bool,

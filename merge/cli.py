@@ -167,7 +167,9 @@ class OneLineErrors(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-@click.group(cls=OneLineErrors, help=f"mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n{T_CONVENTION}")
+@click.group(cls=OneLineErrors,
+             help="mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n"
+                  + T_CONVENTION)
 @click.version_option(__version__, prog_name="mergeback")
 def main() -> None:
     pass
@@ -507,7 +509,8 @@ def demo(out, force):
 @click.option("--holdout", type=float, help="Score only the report part of each task: the documents whose "
                                             "content hash puts them in this fraction (as `merge sweep`).")
 @click.option("--no-cache", is_flag=True, help="Evaluate again even when a cached result exists.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Result cache (default $XDG_CACHE_HOME/mergeback/eval).")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Result cache (default $XDG_CACHE_HOME/mergeback/eval).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for evaluation (default: torch's).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")

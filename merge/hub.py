@@ -8,7 +8,6 @@ Tokens are passed to the client only; they are never printed, logged or written 
 from __future__ import annotations
 
 import glob
-import re
 import shlex
 from contextlib import contextmanager
 from functools import lru_cache
@@ -17,7 +16,6 @@ from pathlib import Path
 from .errors import InputError, MergeError
 from .io.output import SIDE_FILES
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # Files fetched next to the weights: config, generation config, every tokenizer file, the card (for --base auto).
 EXTRA_FILES = frozenset(SIDE_FILES) | {"config.json", "README.md", "adapter_config.json"}
 # Weights of an earlier push that this push did not write are deleted, so the repo never mixes two merges.
@@ -30,8 +28,16 @@ class PushError(MergeError):
 
 
 def is_repo_id(name: str) -> bool:
-    """``namespace/name`` as the Hub spells repo ids (no revision)."""
-    return bool(REPO_ID.match(name)) and ".." not in name and not name.endswith((".git", "."))
+    """``namespace/name`` (no revision) that huggingface_hub's own validator accepts."""
+    if not isinstance(name, str) or name.count("/") != 1:
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def check_repo_id(repo_id: str, what: str) -> None:

@@ -40,7 +40,7 @@ def verify(out, load: bool = False) -> VerifyReport:
     if not folder.is_dir():
         raise VerifyError(f"{folder}: no such folder")
     try:
-        report = _check_files(folder)
+        report = check_files(folder)
     except InputError as e:
         raise VerifyError(str(e)) from None
     if load:
@@ -49,13 +49,16 @@ def verify(out, load: bool = False) -> VerifyReport:
     return report
 
 
-def _check_files(folder: Path) -> VerifyReport:
+def check_files(folder: Path) -> VerifyReport:
+    """The shards and index of ``folder`` agree (every shard parses, every tensor is listed once, in the shard
+    the index names, and total_size matches); raises :class:`VerifyError` naming the first problem."""
     index_path = folder / SAFE_INDEX
     present = {p.name for p in folder.glob("*.safetensors")}
     if index_path.exists():
         index = read_json(index_path)
         weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        if (not isinstance(weight_map, dict) or not weight_map
+                or not all(isinstance(v, str) for v in weight_map.values())):
             raise VerifyError(f"{index_path}: weight_map is missing, empty or malformed")
         files = list(dict.fromkeys(weight_map.values()))
         for rel in files:
@@ -63,7 +66,8 @@ def _check_files(folder: Path) -> VerifyReport:
                 raise VerifyError(f"{index_path}: names shard {rel!r}, which is missing")
         stray = sorted(present - set(files))
         if stray:
-            raise VerifyError(f"{folder / stray[0]}: a shard the index does not name (left from another run?); delete it")
+            raise VerifyError(f"{folder / stray[0]}: a shard the index does not name (left from another run?); "
+                              "delete it")
     elif SAFE_SINGLE in present and len(present) == 1:
         weight_map, files = None, [SAFE_SINGLE]
     elif present:
@@ -88,7 +92,8 @@ def _check_files(folder: Path) -> VerifyReport:
                 raise VerifyError(f"{index_path}: lists tensor {name!r} in {rel!r}, but that shard does not hold it")
         unlisted = sorted(set(tensors) - set(weight_map))
         if unlisted:
-            raise VerifyError(f"{folder / tensors[unlisted[0]]}: holds tensor {unlisted[0]!r}, which the index does not list")
+            raise VerifyError(f"{folder / tensors[unlisted[0]]}: holds tensor {unlisted[0]!r}, "
+                              "which the index does not list")
         declared = (index.get("metadata") or {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
         if declared is not None and declared != total:
             raise VerifyError(f"{index_path}: total_size is {declared} but the shards hold {total} tensor bytes")

@@ -18,7 +18,9 @@ from typing import NamedTuple
 GROUPS = ("embed", "lm_head", "norm", "attn", "mlp", "router", "projector")
 STACKS = ("vision", "text")
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+# The start of a layer of a stack (``layers.``, ``h.``...): the index follows. Every layer pattern derives from it.
+LAYER_PREFIX = r"(?:^|\.)(?:layers|layer|h|blocks|block)\."
+_LAYER = re.compile(LAYER_PREFIX + r"(\d+)(?:\.|$)")
 PROJECTOR = re.compile(r"(?:^|\.)(?:multi_modal_projector|mm_projector|connector|visual\.merger)(?:\.|$)")
 VISION = re.compile(r"(?:^|\.)(?:vision_tower|vision_model|visual|vision_encoder)(?:\.|$)")
 _BEFORE_VISION_LAYERS = re.compile(r"(?:^|\.)pre_\w*(?:\.|$)")  # CLIP's pre_layrnorm sits before the layers
@@ -105,7 +107,7 @@ class Structure:
         self.counts = dict(counts)
 
     @classmethod
-    def of(cls, config: dict, names: list[str]) -> "Structure":
+    def of(cls, config: dict, names: list[str]) -> Structure:
         """The stacks ``names`` show; the text stack's count is :func:`num_layers` (as for any model)."""
         config = config or {}
         by_stack: dict[str, list[str]] = {}
@@ -122,7 +124,7 @@ class Structure:
         return cls(counts)
 
     @classmethod
-    def coerce(cls, value: "Structure | int") -> "Structure":
+    def coerce(cls, value: Structure | int) -> Structure:
         """A :class:`Structure` as is; a layer count as a single-stack model with that many layers."""
         return value if isinstance(value, Structure) else cls({"text": int(value)})
 

@@ -285,7 +285,7 @@ class HubHandler(BaseHTTPRequestHandler):
         return identity
 
     def _base_url(self) -> str:
-        return f"http://{self.headers.get('Host') or '127.0.0.1:%d' % self.server.server_port}"
+        return f"http://{self.headers.get('Host') or f'127.0.0.1:{self.server.server_port}'}"
 
     def _dispatch(self) -> None:
         split = urlsplit(self.path)

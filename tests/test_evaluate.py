@@ -50,7 +50,7 @@ def test_plain_text_documents_are_split_on_blank_lines_and_every_token_is_scored
     enc = encode_document(probes.documents[0], tokenizer)
     assert _tokens(tokenizer, enc.ids) == ["<s>", "hello", "world", "again"]
     assert enc.scored == (False, True, True, True)
-    assert enc.num_bytes == len("hello world\nagain".encode())
+    assert enc.num_bytes == len(b"hello world\nagain")
 
 
 def test_alpaca_record_scores_only_the_response_tokens(tmp_path, tokenizer):

@@ -236,7 +236,8 @@ def test_as_adapter_refuses_dora_unless_t_is_0(pairs, tmp_path):
     model = get_peft_model(make_model("llama", 0, torch.float32),
                            LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
     model.save_pretrained(tmp_path / "dora")
-    result = _cli("linear", "--sft", tmp_path / "dora", "--base", base, "--t", 0.5, "--as-adapter", "-o", tmp_path / "o")
+    result = _cli("linear", "--sft", tmp_path / "dora", "--base", base, "--t", 0.5, "--as-adapter",
+                  "-o", tmp_path / "o")
     assert result.exit_code == 2 and "DoRA" in result.output and not (tmp_path / "o").exists()
     assert _cli("linear", "--sft", tmp_path / "dora", "--base", base, "--t", 0, "--as-adapter",
                 "-o", tmp_path / "o").exit_code == 0

@@ -29,8 +29,9 @@ NAMES = ["model.norm.weight", "model.embed_tokens.weight", "lm_head.weight", "mo
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 300),
                          st.floats(allow_nan=True), st.text(max_size=8),
                          st.sampled_from(["F32", "F16", "BF16", "I64", "BOOL", "F8_E4M3", "U64", "F12"]))
-json_values = st.recursive(json_scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
-                           max_leaves=6)
+json_values = st.recursive(
+    json_scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+    max_leaves=6)
 
 
 @pytest.fixture(scope="module")

@@ -303,7 +303,8 @@ NO_EFFECT = {
                                     "--sign-consensus: elects signs across several SFTs"),
     "private without push": (["linear", "--t", "0.3", "--private"], "--private: only applies with --push-to-hub"),
     "revision without push": (["linear", "--t", "0.3", "--revision", "b"], "--revision: only applies"),
-    "resume with dry run": (["linear", "--t", "0.3", "--dry-run", "--resume"], "--resume: has no effect with --dry-run"),
+    "resume with dry run": (["linear", "--t", "0.3", "--dry-run", "--resume"],
+                            "--resume: has no effect with --dry-run"),
     "force with dry run": (["linear", "--t", "0.3", "--dry-run", "--force"], "--force: has no effect with --dry-run"),
     "gpu memory on the cpu": (["linear", "--t", "0.3", "--device", "cpu", "--gpu-memory", "1GB"],
                               "--gpu-memory: has no effect with --device cpu"),
@@ -497,3 +498,19 @@ def test_a_sweep_refuses_a_non_finite_candidate(pairs, tmp_path):
     result = _sweep_cli(base, sft, tmp_path, "--t-values", "0.5,1e308")
     assert_clean_refusal(result, tmp_path, tmp_path / "out", "sweep: candidate tensor '")
     assert "the merge overflowed" in result.stderr
+
+
+@pytest.mark.parametrize("repo_id", ["a--b/med", "me/med..v2", "me/med.git", "-me/med", "med", "me/med/v2"])
+def test_a_push_target_that_is_not_a_hub_repo_id_is_refused(pairs, tmp_path, repo_id):
+    base, sft = pairs("llama", torch.float32)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["linear", "--sft", str(sft), "--base", str(base), "--t", "0.3", "-o", str(out),
+                                       "--push-to-hub", repo_id])
+    assert_clean_refusal(result, tmp_path, out, f"--push-to-hub {repo_id!r}: not a Hub repo id")
+
+
+def test_repo_ids_follow_the_hub_clients_rules():
+    from merge.hub import is_repo_id
+
+    assert all(is_repo_id(r) for r in ("me/med-recovered", "Qwen/Qwen2.5-0.5B", "org_1/name.v2"))
+    assert not any(is_repo_id(r) for r in ("gpt2", "a/b/c", "a--b/c", "a/b..c", "a/b.git", "a/b.", ".a/b", "a/-b"))

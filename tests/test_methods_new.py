@@ -13,8 +13,19 @@ import pytest
 import torch
 
 from merge.methods import arcee_fusion as fusion
-from merge.methods import della, extract_lora, karcher, model_stock, multislerp, nearswap, nuslerp, passthrough, ram
-from merge.methods import sce, spectral
+from merge.methods import (
+    della,
+    extract_lora,
+    karcher,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    sce,
+    spectral,
+)
 
 mergekit_methods = pytest.importorskip("mergekit.merge_methods")
 

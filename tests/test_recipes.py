@@ -72,7 +72,8 @@ def test_bottom_k_takes_the_first_layers_from_the_base_and_the_rest_per_t():
 
 
 def test_gradients_and_rules_resolve_per_group():
-    text = "method: linear\nbase: b\nsft: s\nt:\n  - {match: attn, value: [0.6, 0.0]}\n  - {match: 're:mlp\\.down', value: 0.9}\n  - {value: 0.3}\n"
+    text = ("method: linear\nbase: b\nsft: s\nt:\n  - {match: attn, value: [0.6, 0.0]}\n"
+            "  - {match: 're:mlp\\.down', value: 0.9}\n  - {value: 0.3}\n")
     got = resolved(text)
     assert got["attn0"] == 0.6 and got["attn3"] == 0.0 and got["mlp3"] == 0.9 and got["mlp0"] == 0.3
 
@@ -218,4 +219,5 @@ def test_every_shipped_recipe_runs_and_reproduces(example_models, recipe):
     result = runner.invoke(main, ["run", "out/merge_recipe.yaml", "-o", "again", "-q"])
     assert result.exit_code == 0, result.output
     assert file_bytes(example_models / "out") == file_bytes(example_models / "again")
-    assert (example_models / "out/merge_recipe.yaml").read_text() == (example_models / "again/merge_recipe.yaml").read_text()
+    recipe = "merge_recipe.yaml"
+    assert (example_models / "out" / recipe).read_text() == (example_models / "again" / recipe).read_text()

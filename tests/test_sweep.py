@@ -139,8 +139,8 @@ def test_schedule_search_reports_on_held_out_probes(pairs, tmp_path):
 def test_memory_estimate_counts_inputs_parameters_and_work_space(pairs):
     base, sft = pairs("llama")
     recipe, models, labels = _open(sft, base)
-    from merge.recover.inplace import NO_SHARDING
     from merge.plan import make_plan
+    from merge.recover.inplace import NO_SHARDING
 
     plan = make_plan(models, labels, "sft0", operations_for(recipe, 3), None, NO_SHARDING)
     numel = sum(j.numel for j in plan.jobs)

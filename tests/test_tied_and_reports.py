@@ -47,7 +47,8 @@ def _head(tensors: dict) -> torch.Tensor:
     return tensors.get(HEAD, tensors[EMBED])
 
 
-def _logits(model, ids=torch.arange(12).unsqueeze(0)) -> torch.Tensor:
+def _logits(model) -> torch.Tensor:
+    ids = torch.arange(12).unsqueeze(0)
     with torch.no_grad():
         return model(ids).logits
 

@@ -60,7 +60,8 @@ def test_direct_and_buffered_writes_give_identical_files(tmp_path):
     direct, _ = _write_all(tmp_path / "direct", direct=True, placed=True, seed=2)
     assert plain.direct_bytes == 0
     for shard in shards:
-        assert (tmp_path / "direct" / shard.filename).read_bytes() == (tmp_path / "buffered" / shard.filename).read_bytes()
+        direct_file, buffered_file = tmp_path / "direct" / shard.filename, tmp_path / "buffered" / shard.filename
+        assert direct_file.read_bytes() == buffered_file.read_bytes()
         loaded = load_file(tmp_path / "direct" / shard.filename)
         for t in shard.tensors:
             assert torch.equal(loaded[t.name], TENSORS[t.name]), t.name

@@ -8,8 +8,8 @@ fine-tuned on arithmetic-tutor chats until it forgot much of its English) and it
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import InputError
 
@@ -59,14 +59,15 @@ def run_demo(out: str | Path = DEFAULT_OUT, force: bool = False, echo: Callable[
         output.check_output(out, force)
         stage = output.fresh_staging(out)  # built aside; an old demo folder is replaced only once this is done
         output.write_marker(stage, kind="demo", files=DEMO_FILES)
-        say(f"mergeback demo: a tiny base model (English), its SFT (arithmetic tutor chats) - the SFT forgot "
-            f"English;\nmerging back with t = share of the base, 11 values from 0 (SFT) to 1 (base)\n")
+        say("mergeback demo: a tiny base model (English), its SFT (arithmetic tutor chats) - the SFT forgot "
+            "English;\nmerging back with t = share of the base, 11 values from 0 (SFT) to 1 (base)\n")
         try:
             result = sweep(str(paths["sft"]), str(paths["base"]), paths["domain"], paths["general"],
                            out=stage / "recovered", general_report=paths["general_report"],
                            domain_report=paths["domain_report"], plot=stage / "tradeoff.png",
                            command=f"merge demo -o {out}", echo=say, max_tokens=None,
-                           threads=1, **demo_tasks())  # the model is tiny: one thread beats OpenMP's overhead on its small matrices
+                           # the model is tiny: one thread beats OpenMP's overhead on its small matrices
+                           threads=1, **demo_tasks())
             (stage / "sweep.json").write_text((stage / "recovered" / "sweep.json").read_text())
             output.commit(stage, out)
         except BaseException:

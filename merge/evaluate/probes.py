@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import InputError
 
@@ -47,7 +47,7 @@ class ProbeSet:
     name: str
     documents: tuple[Document, ...]
 
-    def split(self, fraction: float) -> tuple["ProbeSet", "ProbeSet"]:
+    def split(self, fraction: float) -> tuple[ProbeSet, ProbeSet]:
         """(selection, report): a document goes to the report part when the SHA-256 of its content, read as a
         number in [0, 1), is below ``fraction`` - deterministic and independent of the documents' order."""
         report = [d for d in self.documents if _unit_hash(d.key) < fraction]

@@ -9,8 +9,8 @@ for any model, so two models with equal parameters get bit-identical scores.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

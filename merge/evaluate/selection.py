@@ -14,8 +14,9 @@ score. Ties go to the earlier candidate (candidates are ordered from the SFT tow
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 RULES = ("keep-domain", "score")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
 import torch
 
 from ..errors import InputError
@@ -169,7 +170,8 @@ class Checkpoint:
         for name, rel in self._index.items():
             f = self._where.get(name)
             if f is None or f.path.name != Path(rel).name:
-                raise InputError(f"{self.path}: the index lists tensor {name!r} in {rel!r}, but that shard does not hold it")
+                raise InputError(f"{self.path}: the index lists tensor {name!r} in {rel!r}, "
+                                 "but that shard does not hold it")
 
     # -- queries ---------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -193,19 +195,8 @@ class Checkpoint:
         """Copy flat elements [start, start + out.numel()) of ``name`` (stored dtype) into ``out``."""
         return self._where[name].read_into(name, start, out)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The whole tensor, shaped, as a zero-copy view (for small tensors and tests)."""
-        info = self.info(name)
-        return self.view(name).reshape(info.shape)
-
     def release(self, name: str) -> None:
         self._where[name].release(name)
-
-    def weight_bytes(self) -> int:
-        return sum(f.tensors[n].nbytes for f in self.files for n in f.tensors)
-
-    def weight_paths(self) -> list[Path]:
-        return [f.path for f in self.files]
 
     def close(self) -> None:
         for f in self.files:

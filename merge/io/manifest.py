@@ -17,8 +17,8 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import xxhash
 
@@ -95,8 +95,9 @@ def run_identity(version: str, recipe: dict, inputs: Mapping[str, Path], shards)
     }
 
 
-def _difference(old: dict, new: dict) -> str:
-    """A short phrase saying what changed between two identities."""
+def identity_difference(old: dict, new: dict) -> str:
+    """A short phrase saying what changed between two run identities (:func:`run_identity`): the engine
+    version, else the first recipe field, else the first input that differs."""
     if old.get("engine") != new["engine"]:
         return f"mergeback version {old.get('engine')} made it, this is {new['engine']}"
     old_recipe = old.get("recipe") or {}
@@ -131,7 +132,7 @@ class Journal:
 
     # -- opening ---------------------------------------------------------------------------------------------
     @classmethod
-    def start(cls, stage: Path, shards, identity: dict, resume: bool) -> tuple["Journal", str | None]:
+    def start(cls, stage: Path, shards, identity: dict, resume: bool) -> tuple[Journal, str | None]:
         """Prepare ``stage`` and its manifest; returns the journal and a message for the user (or None).
 
         With ``resume``, shards the previous attempt completed are kept if their sha256 still matches;
@@ -145,7 +146,8 @@ class Journal:
         if resume and old is not None:
             if old.get("identity") != identity:
                 raise InputError(
-                    f"--resume: cannot continue the interrupted run in {stage}: {_difference(old.get('identity') or {}, identity)}; "
+                    f"--resume: cannot continue the interrupted run in {stage}: "
+                    f"{identity_difference(old.get('identity') or {}, identity)}; "
                     "run again without --resume to start over")
             recorded = {k: v for k, v in (old.get("complete") or {}).items() if k in identity["plan"]}
             complete = {name: entry for name, entry in recorded.items()

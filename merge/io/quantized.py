@@ -203,12 +203,6 @@ class DequantisedCheckpoint:
         if name in self.quantisation.scales:
             self.checkpoint.release(self.quantisation.scales[name])
 
-    def weight_bytes(self) -> int:
-        return self.checkpoint.weight_bytes()
-
-    def weight_paths(self) -> list[Path]:
-        return self.checkpoint.weight_paths()
-
     def close(self) -> None:
         self.checkpoint.close()
 

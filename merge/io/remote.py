@@ -9,9 +9,9 @@ before any weight byte is fetched; the weights are downloaded only for execution
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Mapping
 
 from ..errors import InputError
 from .checkpoint import Checkpoint

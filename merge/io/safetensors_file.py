@@ -8,8 +8,8 @@ of any element range of a tensor without ever materialising the whole file.
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import mmap
 import os
 import struct
@@ -107,7 +107,7 @@ def parse_header(raw: bytes, size: int, where) -> tuple[dict[str, TensorInfo], d
     for name, entry in header.items():
         tensors[name] = _parse_entry(where, name, entry, data_start, data_len)
     ranges = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
-    for (s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:]):
+    for (_s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:]):
         if s1 < e0:
             raise _fail(where, f"tensors {n0!r} and {n1!r} overlap")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
@@ -137,7 +137,8 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_len
     if not 0 <= begin <= end <= data_len:
         raise _fail(path, f"tensor {name!r} has data_offsets {offsets} outside the data section ({data_len} bytes)")
     if end - begin != numel * dtype.itemsize:
-        raise _fail(path, f"tensor {name!r} has {end - begin} bytes but shape {shape} of {code} needs {numel * dtype.itemsize}")
+        raise _fail(path, f"tensor {name!r} has {end - begin} bytes but shape {shape} of {code} "
+                          f"needs {numel * dtype.itemsize}")
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
@@ -172,7 +173,8 @@ class SafetensorsFile:
         count = stop - start
         if count <= 0:
             return torch.empty(0, dtype=info.dtype)
-        return torch.frombuffer(self._map(), dtype=info.dtype, count=count, offset=info.start + start * info.dtype.itemsize)
+        offset = info.start + start * info.dtype.itemsize
+        return torch.frombuffer(self._map(), dtype=info.dtype, count=count, offset=offset)
 
     def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """Copy flat elements [start, start + out.numel()) of ``name`` into ``out`` (contiguous, CPU, the stored

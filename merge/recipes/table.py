@@ -8,7 +8,7 @@ COLUMNS = ("attn", "mlp", "norm", "other")
 _OUTSIDE = ("embed", "final norm", "lm_head", "other")
 
 
-def parameter_table(plan, op_for, n_layers: "int | Structure") -> str:
+def parameter_table(plan, op_for, n_layers: int | Structure) -> str:
     """Rows: embed, each layer, final norm, lm_head (and other non-layer tensors); columns: attn, mlp, norm
     (and other in-layer tensors). A cell shows the value its tensors get (several when they differ).
 

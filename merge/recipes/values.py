@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 from ..tensor_names import GROUPS, STACKS, Structure, group_of, stack_of
 
@@ -21,7 +21,7 @@ def interpolate(values: Gradient, position: float) -> float:
     return float(values[i] + (values[i + 1] - values[i]) * frac)
 
 
-def depth_position(name: str, n_layers: "int | Structure") -> float:
+def depth_position(name: str, n_layers: int | Structure) -> float:
     """Where a tensor sits in depth in its own stack, in [0, 1]: layer l of the stack's L is ``l / (L - 1)``;
     embeddings (and a vision-language projector) sit at 0, everything after the layers (final norm, lm_head)
     at 1. ``n_layers`` is a :class:`~merge.tensor_names.Structure` or, for a single-stack model, its L."""
@@ -40,7 +40,7 @@ def matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def value_for(value: Union[float, Gradient, list], name: str, n_layers: "int | Structure") -> float | None:
+def value_for(value: float | Gradient | list, name: str, n_layers: int | Structure) -> float | None:
     """The number ``name`` gets from ``value``; None when rules are given and none matches."""
     if isinstance(value, (int, float)):
         return float(value)

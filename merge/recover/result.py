@@ -225,7 +225,7 @@ class SweepResult:
                  + f"{'gen_recovered':>13} {'dom_retained':>12} {'score':>6}"]
         for r in self.report:
             lines.append(f"{r.label:{width}} " + (f"{_bpb(r.general, 11)} {_bpb(r.domain, 10)}  " if probes else "")
-                         + 
+                         +
                          f"{_f(r.recovery.general_recovered):>13} {_f(r.recovery.domain_retained):>12} "
                          f"{_f(r.recovery.score):>6}")
         return "\n".join(lines)
@@ -395,7 +395,7 @@ def probe_fraction(side: str, c, base, sft) -> float | None:
     return r.general_recovered if side == "general" else r.domain_retained
 
 
-def side_value(probe: float | None, tasks: "SideScore | None") -> float:
+def side_value(probe: float | None, tasks: SideScore | None) -> float:
     """A side's number: the mean of its probe fraction and its tasks' fractions, leaving out parts that
     measure nothing (a NaN probe fraction, tasks left out); NaN when nothing is left. Probes only: exactly the
     probe fraction."""

@@ -12,13 +12,12 @@ clipped to [0, 1], with at most ``budget`` evaluations; it only moves to strictl
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..recipes.schema import Recipe
-from ..tensor_names import VISION, Structure
+from ..tensor_names import LAYER_PREFIX, VISION, Structure
 
 STEPS = (0.2, 0.1, 0.05)
-LAYER_PREFIX = r"re:(?:^|\.)(?:layers|layer|h|blocks|block)\."
 
 
 def lines_recipe(template: Recipe, lam_first: float, lam_last: float) -> Recipe:
@@ -41,11 +40,11 @@ def _block_rules(scope: str, ts: Sequence[float], n_layers: int) -> list[dict]:
     rules = []
     for layers, t in zip(block_ranges(n_layers, len(ts))[:-1], ts[:-1]):
         alternatives = "|".join(str(i) for i in layers)
-        rules.append({"match": f"re:{scope}{LAYER_PREFIX[3:]}(?:{alternatives})\\.", "value": round(t, 6)})
+        rules.append({"match": f"re:{scope}{LAYER_PREFIX}(?:{alternatives})\\.", "value": round(t, 6)})
     return rules
 
 
-def blocks_recipe(template: Recipe, ts: Sequence[float], n_layers: "int | Structure") -> Recipe:
+def blocks_recipe(template: Recipe, ts: Sequence[float], n_layers: int | Structure) -> Recipe:
     """``template`` with ``t`` rules: one regex rule per block but the last, embeddings with the first block,
     everything else (last block, final norm, lm_head) the default.
 
@@ -69,14 +68,11 @@ def blocks_recipe(template: Recipe, ts: Sequence[float], n_layers: "int | Struct
 
 
 def coordinate_search(start: Sequence[float], evaluate: Callable[[tuple], object], key: Callable[[object], tuple],
-                      budget: int, start_result=None) -> tuple[tuple, object, int]:
-    """Maximise ``key(evaluate(point))`` over points in [0, 1]^n; returns (best point, its result, evaluations).
-
-    ``start_result`` (the start point's result, when already known) saves one evaluation.
-    """
+                      budget: int) -> tuple[tuple, object, int]:
+    """Maximise ``key(evaluate(point))`` over points in [0, 1]^n; returns (best point, its result, evaluations)."""
     best = tuple(round(x, 4) for x in start)
-    best_result = start_result if start_result is not None else evaluate(best)
-    used = 0 if start_result is not None else 1
+    best_result = evaluate(best)
+    used = 1
     seen = {best}
     for step in STEPS:
         improved = True

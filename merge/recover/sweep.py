@@ -11,22 +11,24 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 from ..errors import InputError
 from ..evaluate import ProbeScore, encode, load_probes, objective, select
+from ..evaluate.harness import EvalSettings
 from ..evaluate.probes import ProbeSet
 from ..evaluate.scoring import score
+from ..evaluate.tasks import split_specs
+from ..inputs import open_inputs
+from ..keys import BASE, PRIMARY
 from .inplace import InPlaceModel
 from .result import Candidate, Reported, ScheduleOutcome, SweepResult, plot_tradeoff, with_recovery
 from .search import blocks_recipe, coordinate_search, lines_recipe
 from .sweep_tasks import build_tasks, check_task_options
-from ..evaluate.harness import EvalSettings
-from ..evaluate.tasks import split_specs
 
 DEFAULT_T = tuple(round(i / 10, 1) for i in range(11))
 DEFAULT_MAX_TOKENS = 20_000
@@ -144,14 +146,11 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
                                  "device": device})
     extra_recipes = [(label, _candidate_recipe(label, fields, base, sft, device))
                      for label, fields in grid if isinstance(fields, dict)]
-    resolved, _ = api.resolve_inputs(template, token=token)
-    labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
-    if out_path is not None:
-        output.check_target(out_path, {labels[k]: m.path for k, m in resolved.items()})
     dev = resolve_device(device)
     with ExitStack() as stack:
-        models = {k: stack.enter_context(api.open_model(m, labels[k], resolved)) for k, m in resolved.items()}
-        tokenizer = load_tokenizer(models["sft0"], models["base"])
+        inputs = open_inputs(template, stack, token=token, out=out_path)
+        models, labels, resolved = inputs.models, inputs.labels, inputs.resolved
+        tokenizer = load_tokenizer(models[PRIMARY], models[BASE])
         encoded = {k: encode(p.documents, tokenizer, max_tokens) for k, p in probes.items() if p is not None}
         for k, docs in encoded.items():
             if sum(d.num_scored for d in docs) == 0:
