@@ -1,0 +1,240 @@
+"""Merges on a real two-node Ray cluster (separate raylets on this machine): byte-identical to the local
+executor, surviving a killed worker and a killed driver, and refusing a staging folder some node cannot see.
+
+Worker pids come from the tasks themselves: with MERGEBACK_TEST_HOLD set, each task appends its pid to
+``<hold>/<unit>.pids`` and waits until the test creates ``go-all`` or ``go-<unit>``, so kills land while a
+task is known to be running (no sleeps, whatever the machine's load).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import LoraConfig, get_peft_model
+
+import merge
+from merge.cli import main
+from merge.errors import InputError
+from merge.io.manifest import MANIFEST_NAME
+from merge.io.output import staging_dir
+from tests.checkpoints import make_model
+from tests.helpers import file_bytes
+
+ray = pytest.importorskip("ray")
+
+SHARD = "16KB"  # the tiny float32 llama (~136 KB): 12 shards
+KEPT = ("config.json", "merge_recipe.yaml", "model.safetensors.index.json", "tokenizer.json")
+MEMORY = "64MB"  # per task, plus merge.distributed.TASK_OVERHEAD
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    """Every file whose bytes must not depend on where the merge ran (the card holds run times)."""
+    return {**file_bytes(folder), **{n: (folder / n).read_bytes() for n in KEPT if (folder / n).exists()}}
+
+
+def _processes(node) -> list:
+    return [p.process for procs in node.all_processes.values() for p in procs if p.process is not None]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One head and one worker node, one CPU each; connected in this process; everything stopped after."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    procs = []
+    try:
+        yield c
+    finally:
+        procs = [p for n in [c.head_node, *c.worker_nodes] for p in _processes(n)]
+        ray.shutdown()
+        c.shutdown()
+    left = [p.pid for p in procs if p.poll() is None]
+    assert not left, f"Ray processes left behind: {left}"
+
+
+def _wait_for(condition, what: str, timeout: float = 120):
+    """Poll a condition the test is waiting on (not a timing assumption: it fails only after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _local(tmp_path: Path, name: str, **kw) -> dict[str, bytes]:
+    out = tmp_path / f"local-{name}"
+    merge.merge(out=out, **kw)
+    return _outputs(out)
+
+
+def test_sharded_slerp_via_cli_equals_local(cluster, pairs, tmp_path):
+    base, sft = pairs("llama", torch.float32)
+    reference = _local(tmp_path, "slerp", method="slerp", sft=sft, base=base, t=0.3, max_shard_size=SHARD)
+    out = tmp_path / "ray"
+    result = CliRunner().invoke(main, ["slerp", "--sft", str(sft), "--base", str(base), "--t", "0.3", "-o", str(out),
+                                       "--max-shard-size", SHARD, "--memory", MEMORY, "--ray"])  # --ray alone: auto
+    assert result.exit_code == 0, result.output
+    assert _outputs(out) == reference
+    assert len(file_bytes(out)) == 12
+    assert "ray: 12 task(s)" in result.output and "of 2 node(s)" in result.output
+    assert "ray: 12 task(s)" in (out / "README.md").read_text()  # the card records the cluster run
+
+
+def test_single_file_ties_is_split_across_workers(cluster, pairs, tmp_path):
+    base, sft = pairs("llama", torch.float32)
+    kw = dict(method="task_arithmetic", sft=sft, base=base, scale=0.7, sparsify="magnitude", density=0.3)
+    reference = _local(tmp_path, "ties", **kw)
+    out = tmp_path / "ray"
+    summary = merge.merge(out=out, ray="auto", workers=2, memory=MEMORY, **kw)
+    assert list(file_bytes(out)) == ["model.safetensors"]
+    assert summary.cluster.units == 4  # one file, cut into tensor ranges: 2 per worker
+    assert _outputs(out) == reference
+
+
+def test_lora_sft_equals_local(cluster, pairs, tmp_path):
+    base, _ = pairs("llama", torch.float32)
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(make_model("llama", 0, torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(adapter)
+    kw = dict(method="linear", sft=adapter, base=base, t=0.25, max_shard_size="40KB")
+    reference = _local(tmp_path, "lora", **kw)
+    out = tmp_path / "ray"
+    merge.merge(out=out, ray="auto", memory=MEMORY, **kw)
+    assert _outputs(out) == reference
+
+
+def test_killed_worker_is_retried_and_output_identical(cluster, pairs, tmp_path, monkeypatch):
+    base, sft = pairs("llama", torch.float32)
+    kw = dict(method="slerp", sft=sft, base=base, t=0.6, max_shard_size=SHARD)
+    reference = _local(tmp_path, "kill-worker", **kw)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv("MERGEBACK_TEST_HOLD", str(hold))
+    out = tmp_path / "ray"
+    outcome = {}
+
+    def drive():
+        try:
+            outcome["summary"] = merge.merge(out=out, ray="auto", memory=MEMORY, **kw)
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            outcome["error"] = e
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    try:
+        _wait_for(lambda: any(hold.glob("*.pids")), "a running task")
+        victim = next(hold.glob("*.pids"))
+        pid = int(victim.read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: len(victim.read_text().split()) == 2, "the killed unit's retry")
+    finally:
+        (hold / "go-all").touch()
+        driver.join(300)
+    assert "error" not in outcome, outcome.get("error")
+    retried = victim.read_text().split()
+    assert retried[0] == str(pid) and retried[1] != str(pid)  # the unit ran again, in another worker process
+    assert _outputs(out) == reference
+
+
+DRIVER = """
+import sys
+from merge.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_killed_driver_resumes_from_the_journal(cluster, pairs, tmp_path):
+    base, sft = pairs("llama", torch.float32)
+    kw = dict(method="linear", sft=sft, base=base, t=0.3, max_shard_size=SHARD)
+    reference = _local(tmp_path, "kill-driver", **kw)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    out = tmp_path / "ray"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MERGEBACK_TEST_HOLD": str(hold)}
+    args = ["linear", "--sft", str(sft), "--base", str(base), "--t", "0.3", "-o", str(out), "--max-shard-size",
+            SHARD, "--memory", MEMORY, "--ray", cluster.address]
+    child = subprocess.Popen([sys.executable, "-c", DRIVER, *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    manifest = staging_dir(out.resolve()) / MANIFEST_NAME
+
+    def journaled() -> int:
+        try:
+            return len(json.loads(manifest.read_text())["complete"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    try:
+        _wait_for(lambda: any(hold.glob("*.pids")) or child.poll() is not None, "a running task")
+        assert child.poll() is None, child.communicate()
+        first = next(hold.glob("*.pids")).name.removesuffix(".pids")
+        (hold / f"go-{first}").touch()
+        _wait_for(lambda: journaled() >= 1, "the first journaled shard")
+        child.send_signal(signal.SIGKILL)
+        child.wait(60)
+    finally:
+        (hold / "go-all").touch()  # tasks of the dead driver may still be waiting
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert not out.exists() and journaled() == 1
+    summary = merge.merge(out=out, ray=cluster.address, memory=MEMORY, resume=True, **kw)
+    assert any("reusing 1 of 12 shard(s)" in w for w in summary.warnings)
+    assert summary.cluster.units == 11  # finished shards are never redone
+    assert _outputs(out) == reference
+
+
+def test_staging_invisible_to_a_node_is_one_clear_error(cluster, pairs, tmp_path):
+    """A third node whose probe sees ``tmp_path`` mounted elsewhere (MERGEBACK_SIMULATED_MOUNT in that raylet's
+    environment, inherited by its workers) stands for a node that does not mount the output's storage."""
+    base, sft = pairs("llama", torch.float32)
+    blind = cluster.add_node(num_cpus=1, env_vars={"MERGEBACK_SIMULATED_MOUNT": f"{tmp_path}={tmp_path}-elsewhere"})
+    cluster.wait_for_nodes()
+    out = tmp_path / "ray"
+    try:
+        with pytest.raises(InputError, match=r"^--ray: node \S+ cannot see .* put -o on storage every node mounts"):
+            merge.merge("linear", sft=sft, base=base, t=0.3, out=out, ray="auto", memory=MEMORY)
+    finally:
+        cluster.remove_node(blind)
+        cluster.wait_for_nodes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no probe files left
+
+
+def test_ray_missing_is_one_line(pairs, tmp_path):
+    base, sft = pairs("llama", torch.float32)
+    blocker = ("import sys\n"
+               "class NoRay:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'ray' or name.startswith('ray.'):\n"
+               "            raise ImportError('No module named ' + repr(name))\n"
+               "sys.meta_path.insert(0, NoRay())\n" + DRIVER)
+    out = tmp_path / "out"
+    args = ["slerp", "--sft", str(sft), "--base", str(base), "--t", "0.3", "-o", str(out), "--ray"]
+    run = subprocess.run([sys.executable, "-c", blocker, *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == ("error: --ray: Ray is not installed; install it with: pip install "
+                                  "'mergeback[ray]' (or pip install ray)")
+    assert not out.exists()
+
+
+def test_workers_without_ray_and_ray_with_dry_run_are_errors(pairs, tmp_path):
+    base, sft = pairs("llama", torch.float32)
+    with pytest.raises(InputError, match="^--workers needs --ray"):
+        merge.merge("linear", sft=sft, base=base, t=0.3, out=tmp_path / "a", workers=2)
+    with pytest.raises(InputError, match="^--ray has no effect with --dry-run"):
+        merge.merge("linear", sft=sft, base=base, t=0.3, out=tmp_path / "b", ray="local", dry_run=True)
+    assert not any(tmp_path.iterdir())
