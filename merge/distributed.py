@@ -268,7 +268,7 @@ class Cluster:
             self.close()
             raise InputError(f"--ray {address}: the cluster has no alive node with a CPU to run merge tasks")
         cpus = int(sum(n["Resources"]["CPU"] for n in self.nodes))
-        self.workers = workers or max(1, cpus)
+        self.workers = workers or max(1, cpus // self.cpus)
         self.stats = ClusterStats(address, len(self.nodes))
 
     def connect(self) -> None:
