@@ -79,21 +79,26 @@ class Unit:
 
 
 def plan_units(shards, skip_files, workers: int) -> list["Unit"]:
-    """Units for every shard not in ``skip_files``, largest first: a shard bigger than ``remaining bytes /
-    (2 * workers)`` is cut into contiguous tensor ranges of about that size, so that work balances by bytes
-    and even a one-file output keeps every worker busy."""
+    """Units for every shard not in ``skip_files``, largest first: a shard of ``size`` bytes is cut into
+    ``round(size / target)`` contiguous tensor ranges of near-equal bytes, ``target = remaining bytes /
+    (2 * workers)``, so that work balances by bytes and even a one-file output keeps every worker busy."""
+    import bisect
+    from itertools import accumulate
+
     todo = [s for s in shards if s.filename not in skip_files]
-    total = sum(s.size for s in todo)
-    target = max(1, total // max(1, 2 * workers))
+    target = max(1, sum(s.size for s in todo) / max(1, 2 * workers))
     units = []
     for shard in todo:
-        first, size = 0, 0
-        for i, t in enumerate(shard.tensors):
-            size += t.nbytes
-            if size >= target and i + 1 < len(shard.tensors):
-                units.append(Unit(shard.filename, first, i + 1, size))
-                first, size = i + 1, 0
-        units.append(Unit(shard.filename, first, len(shard.tensors), size))
+        ends = list(accumulate(t.nbytes for t in shard.tensors))  # ends[i]: bytes of tensors [0, i]
+        parts = max(1, min(len(ends), round(shard.size / target)))
+        cuts = {0, len(ends)}
+        for k in range(1, parts):  # the tensor boundary nearest each k/parts of the shard's bytes
+            i = bisect.bisect_left(ends, k * ends[-1] / parts)
+            nearer = i if i == 0 or ends[i] - k * ends[-1] / parts < k * ends[-1] / parts - ends[i - 1] else i - 1
+            cuts.add(min(len(ends) - 1, nearer + 1))
+        bounds = sorted(cuts)
+        for first, stop in zip(bounds, bounds[1:]):
+            units.append(Unit(shard.filename, first, stop, ends[stop - 1] - (ends[first - 1] if first else 0)))
     return sorted(units, key=lambda u: -u.nbytes)
 
 

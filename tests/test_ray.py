@@ -238,3 +238,22 @@ def test_workers_without_ray_and_ray_with_dry_run_are_errors(pairs, tmp_path):
     with pytest.raises(InputError, match="^--ray has no effect with --dry-run"):
         merge.merge("linear", sft=sft, base=base, t=0.3, out=tmp_path / "b", ray="local", dry_run=True)
     assert not any(tmp_path.iterdir())
+
+
+def test_units_tile_every_pending_shard_and_balance_by_bytes():
+    from merge.distributed import plan_units
+    from merge.io.writer import PlannedTensor, layout_shards
+
+    tensors = [PlannedTensor(f"t{i}", torch.float32, (100 + 37 * i,)) for i in range(40)]
+    (one,) = layout_shards(tensors, 10**9)
+    units = plan_units([one], set(), workers=4)
+    spans = sorted((u.first, u.stop) for u in units)
+    assert spans[0][0] == 0 and spans[-1][1] == 40 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    target = one.size // 8
+    largest = max(t.nbytes for t in tensors)
+    assert len(units) == 8 and all(u.nbytes < target + largest for u in units)
+    assert sum(u.nbytes for u in units) == one.size - len(one.header)
+    shards = layout_shards(tensors, 20_000)
+    units = plan_units(shards, {shards[0].filename}, workers=2)
+    assert {u.filename for u in units} == {s.filename for s in shards[1:]}
+    assert [u.nbytes for u in units] == sorted((u.nbytes for u in units), reverse=True)  # largest first
