@@ -257,3 +257,20 @@ def test_units_tile_every_pending_shard_and_balance_by_bytes():
     units = plan_units(shards, {shards[0].filename}, workers=2)
     assert {u.filename for u in units} == {s.filename for s in shards[1:]}
     assert [u.nbytes for u in units] == sorted((u.nbytes for u in units), reverse=True)  # largest first
+
+
+def test_hub_inputs_are_fetched_at_the_pinned_commit_by_the_workers(cluster, hub_server, pairs, tmp_path):
+    from huggingface_hub import HfApi
+
+    base, sft = pairs("llama", torch.float32)
+    api = HfApi(token=hub_server.write_token)
+    base_id = hub_server.new_repo_id("ray-base")
+    api.create_repo(base_id)
+    commit = api.upload_folder(repo_id=base_id, folder_path=base, commit_message="base").oid
+    kw = dict(method="slerp", sft=sft, t=0.3, max_shard_size=SHARD)
+    reference = tmp_path / "local"
+    merge.merge(out=reference, base=base, **kw)
+    out = tmp_path / "ray"
+    summary = merge.merge(out=out, base=base_id, ray="auto", memory=MEMORY, **kw)
+    assert summary.inputs["base"].revision == commit and summary.cluster.units == 12
+    assert file_bytes(out) == file_bytes(reference)
