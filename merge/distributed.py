@@ -257,6 +257,19 @@ class ClusterStats:
                 f"planning; {self.probe_seconds:.1f}s probing the staging folder from every node")
 
 
+def _check_reachable(target: str, option: str) -> None:
+    """Fail in seconds, in one line, where Ray itself would retry a dead address for minutes."""
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--ray {option}: {target!r} is not an address; give auto, local, HOST:PORT (the head's "
+                         "GCS, e.g. 10.0.0.1:6379) or ray://HOST:PORT (Ray Client, e.g. ray://head:10001)")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise InputError(f"--ray {option}: nothing answers at {host}:{port} ({e.strerror or e}); start the cluster "
+                         "(ray start --head) or fix the address") from None
+
+
 class Cluster:
     """A connection to a Ray cluster (shut down on exit if this run started it) that runs planned merges."""
 
@@ -282,6 +295,9 @@ class Cluster:
         ray, address = self.ray, self.address
         if ray.is_initialized():  # already connected (a notebook, a test): use that cluster
             return
+        given = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+        if given not in ("", "auto", "local"):
+            _check_reachable(given, address)
         try:
             if address == "auto":  # ray.init()'s own rules: RAY_ADDRESS, a running local cluster, or a new one
                 ray.init(logging_level=logging.WARNING)

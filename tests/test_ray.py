@@ -274,3 +274,21 @@ def test_hub_inputs_are_fetched_at_the_pinned_commit_by_the_workers(cluster, hub
     summary = merge.merge(out=out, base=base_id, ray="auto", memory=MEMORY, **kw)
     assert summary.inputs["base"].revision == commit and summary.cluster.units == 12
     assert file_bytes(out) == file_bytes(reference)
+
+
+def test_an_address_where_no_cluster_answers_is_one_line(pairs, tmp_path):
+    import socket
+
+    base, sft = pairs("llama", torch.float32)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    args = ["linear", "--sft", str(sft), "--base", str(base), "--t", "0.3", "-o", str(out), "--ray", f"127.0.0.1:{port}"]
+    run = subprocess.run([sys.executable, "-c", DRIVER, *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [f"error: --ray 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port} "
+                                               "(Connection refused); start the cluster (ray start --head) or fix "
+                                               "the address"]
+    assert not out.exists()
