@@ -168,12 +168,12 @@ def _host() -> str:
 
 
 def _hold(unit_id: str) -> None:
-    """Tests only (``MERGEBACK_TEST_HOLD``): record this task's pid, then wait for ``go-all`` or ``go-<unit>``."""
+    """Tests only (``MERGEBACK_TEST_HOLD``): record this task's pid and node, then wait for ``go-all`` or ``go-<unit>``."""
     folder = os.environ.get(HOLD_ENV)
     if not folder:
         return
     with open(Path(folder) / f"{unit_id}.pids", "a") as f:
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{os.getpid()} {_node_id()}\n")
     while not ((Path(folder) / "go-all").exists() or (Path(folder) / f"go-{unit_id}").exists()):
         time.sleep(0.01)
 

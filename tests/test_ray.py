@@ -2,7 +2,7 @@
 executor, surviving a killed worker and a killed driver, and refusing a staging folder some node cannot see.
 
 Worker pids come from the tasks themselves: with MERGEBACK_TEST_HOLD set, each task appends its pid to
-``<hold>/<unit>.pids`` and waits until the test creates ``go-all`` or ``go-<unit>``, so kills land while a
+``<hold>/<unit>.pids`` (with its node id) and waits until the test creates ``go-all`` or ``go-<unit>``, so kills land while a
 task is known to be running (no sleeps, whatever the machine's load).
 """
 
@@ -63,6 +63,11 @@ def cluster():
         c.shutdown()
     left = [p.pid for p in procs if p.poll() is None]
     assert not left, f"Ray processes left behind: {left}"
+
+
+def _attempts(pids_file: Path) -> list[tuple[int, str]]:
+    """(pid, node id) of every attempt of one unit so far."""
+    return [(int(pid), node) for pid, node in (line.split() for line in pids_file.read_text().splitlines())]
 
 
 def _wait_for(condition, what: str, timeout: float = 120):
@@ -138,15 +143,54 @@ def test_killed_worker_is_retried_and_output_identical(cluster, pairs, tmp_path,
     try:
         _wait_for(lambda: any(hold.glob("*.pids")), "a running task")
         victim = next(hold.glob("*.pids"))
-        pid = int(victim.read_text().split()[0])
+        pid = _attempts(victim)[0][0]
         os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda: len(victim.read_text().split()) == 2, "the killed unit's retry")
+        _wait_for(lambda: len(_attempts(victim)) == 2, "the killed unit's retry")
     finally:
         (hold / "go-all").touch()
         driver.join(300)
     assert "error" not in outcome, outcome.get("error")
-    retried = victim.read_text().split()
-    assert retried[0] == str(pid) and retried[1] != str(pid)  # the unit ran again, in another worker process
+    retried = [p for p, _ in _attempts(victim)]
+    assert retried[0] == pid and retried[1] != pid  # the unit ran again, in another worker process
+    assert _outputs(out) == reference
+
+
+def test_lost_node_its_units_rerun_elsewhere_and_output_identical(cluster, pairs, tmp_path, monkeypatch):
+    """A third node holds one of three running units when it is removed (its raylet and workers killed)."""
+    base, sft = pairs("llama", torch.float32)
+    kw = dict(method="linear", sft=sft, base=base, t=0.4, max_shard_size=SHARD)
+    reference = _local(tmp_path, "lose-node", **kw)
+    doomed = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv("MERGEBACK_TEST_HOLD", str(hold))
+    out = tmp_path / "ray"
+    outcome = {}
+
+    def drive():
+        try:
+            outcome["summary"] = merge.merge(out=out, ray="auto", memory=MEMORY, **kw)
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            outcome["error"] = e
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    removed = False
+    try:
+        running = lambda: [(f, a) for f in hold.glob("*.pids") for a in _attempts(f)]  # noqa: E731
+        _wait_for(lambda: len(running()) == 3, "three running units, one per node")
+        (victim, _), = [(f, a) for f, a in running() if a[1] == doomed.node_id]
+        cluster.remove_node(doomed, allow_graceful=False)
+        removed = True  # (the retry needs a CPU that a held unit frees: release them all now)
+    finally:
+        (hold / "go-all").touch()
+        driver.join(300)
+        if not removed:
+            cluster.remove_node(doomed)
+    assert "error" not in outcome, outcome.get("error")
+    first, again = _attempts(victim)
+    assert first[1] == doomed.node_id and again[1] != doomed.node_id  # it ran again on a surviving node
     assert _outputs(out) == reference
 
 
