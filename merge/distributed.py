@@ -336,9 +336,16 @@ class Cluster:
         local = [str(m.path) for m in inputs.values() if not m.repo_id]
         task = self.ray.remote(probe)
         try:
-            refs = [task.options(num_cpus=0, max_retries=MAX_RETRIES, scheduling_strategy=NodeAffinitySchedulingStrategy(
-                n["NodeID"], soft=False)).remote(str(probe_file), token, local) for n in self.nodes]
-            for answer in self._get(refs):
+            refs = {n["NodeID"]: task.options(num_cpus=0, max_retries=MAX_RETRIES,
+                                              scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                                              ).remote(str(probe_file), token, local) for n in self.nodes}
+            gone = set()
+            for node, ref in refs.items():
+                try:
+                    answer = self._get([ref])[0]
+                except ClusterError:  # the node died since the cluster listed it: no task will run there
+                    gone.add(node)
+                    continue
                 host = answer["host"]
                 back = Path(f"{probe_file}.{answer['node']}")
                 if not answer["sees_stage"] or not back.is_file() or back.read_text() != token:
@@ -350,6 +357,10 @@ class Cluster:
         finally:
             for p in out.parent.glob(f"{probe_file.name}*"):
                 p.unlink(missing_ok=True)
+        self.nodes = [n for n in self.nodes if n["NodeID"] not in gone]
+        self.stats.nodes = len(self.nodes)
+        if not self.nodes:
+            raise InputError(f"--ray {self.address}: every node of the cluster died before the merge could start")
         self.stats.probe_seconds = time.perf_counter() - started
 
     # -- running a plan ------------------------------------------------------------------------------------

@@ -188,6 +188,7 @@ def test_lost_node_its_units_rerun_elsewhere_and_output_identical(cluster, pairs
         driver.join(300)
         if not removed:
             cluster.remove_node(doomed)
+        cluster.wait_for_nodes()
     assert "error" not in outcome, outcome.get("error")
     first, again = _attempts(victim)
     assert first[1] == doomed.node_id and again[1] != doomed.node_id  # it ran again on a surviving node
@@ -223,7 +224,7 @@ def test_killed_driver_resumes_from_the_journal(cluster, pairs, tmp_path):
 
     try:
         _wait_for(lambda: any(hold.glob("*.pids")) or child.poll() is not None, "a running task")
-        assert child.poll() is None, child.communicate()
+        assert child.poll() is None, child.communicate()[1].decode()[-3000:]
         first = next(hold.glob("*.pids")).name.removesuffix(".pids")
         (hold / f"go-{first}").touch()
         _wait_for(lambda: journaled() >= 1, "the first journaled shard")
