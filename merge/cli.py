@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import shlex
 import sys
 
@@ -79,8 +80,9 @@ def merge_options(fn):
         click.option("-o", "--out", "out", type=click.Path(file_okay=False), help="Output model folder."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Where to compute."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
-                     help="Output dtype (default: the SFT's)."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64", "fp8"]),
+                     help="Output dtype (default: the SFT's; bfloat16 for FP8 inputs). fp8: FP8 block-scaled "
+                          "weights with *_scale_inv, as DeepSeek-V3."),
         click.option("--max-shard-size", default="5GB", show_default=True,
                      help="Largest output shard, transformers' syntax (5GB, 500MB, 2GiB)."),
         click.option("--force", is_flag=True, help="Replace an earlier mergeback output at OUT (never other files)."),
@@ -94,7 +96,9 @@ def merge_options(fn):
         click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
         click.option("--resume", is_flag=True,
                      help="Continue an interrupted run into the same OUT, reusing its verified finished shards."),
-        click.option("--check-finite", is_flag=True, help="Fail if any output tensor has NaN or Inf."),
+        click.option("--allow-nonfinite", is_flag=True,
+                     help="Write NaN/Inf outputs instead of failing (by default any NaN/Inf fails the run, naming "
+                          "the tensor and the input that holds it)."),
         click.option("-v", "--verbose", is_flag=True, help="Print one line per finished tensor on stderr."),
         click.option("--push-to-hub", metavar="REPO",
                      help="Upload OUT to this Hub model repo (created if needed; OUT defaults to ./NAME). Token: "
@@ -141,7 +145,31 @@ def interpolation_options(fn):
     return click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))(fn)
 
 
-@click.group(help=f"mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n{T_CONVENTION}")
+class OneLineErrors(click.Group):
+    """Usage mistakes (unknown option, bad value) as one ``error:`` line and exit 2, like every user error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `merge`: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, help=f"mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n{T_CONVENTION}")
 @click.version_option(__version__, prog_name="mergeback")
 def main() -> None:
     pass
@@ -177,9 +205,9 @@ def slerp(sft, base, t, quiet, **kwargs):
               help="Scale of each delta: one for all SFTs or one per --sft.")
 @click.option("--sparsify", type=click.Choice(["magnitude", "random", "breadcrumbs"]))
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Fraction of each delta kept.")
-@click.option("--gamma", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True,
-              help="breadcrumbs: fraction of largest entries dropped.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random dropping.")
+@click.option("--gamma", type=click.FloatRange(0, 1, max_open=True),
+              help="breadcrumbs: fraction of largest entries dropped (default 0.01).")
+@click.option("--seed", type=int, help="--sparsify random: seed of random dropping (default 0).")
 @click.option("--sign-consensus", is_flag=True, help="TIES sign election across several SFTs.")
 @merge_options
 @user_errors
@@ -227,6 +255,11 @@ def _recipe_with_overrides(path: str, dtype, device, max_shard_size):
     if isinstance(recipe, MergekitRecipe):
         recipe = recipe.with_options(**{k: values[k] for k in given - {"dtype"}})
         if "dtype" in given:
+            if dtype == "fp8":
+                from .errors import InputError
+
+                raise InputError(f"--dtype fp8: {path} is a mergekit recipe, whose out_dtype has no FP8; convert it "
+                                 "with `merge convert` and run that recipe with --dtype fp8")
             recipe = recipe.model_copy(update={"out_dtype": dtype})
         return recipe
     return recipe.model_copy(update={k: values[k] for k in given})
@@ -237,6 +270,8 @@ def _recipe_with_overrides(path: str, dtype, device, max_shard_size):
                           "reproduces it byte for byte.\n\n" + RECIPE_HELP)
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @merge_options
+@click.option("--allow-unmatched", is_flag=True,
+              help="Warn instead of failing when a recipe rule (match/filter) matches no tensor.")
 @user_errors
 def run_recipe(recipe, quiet, dtype, device, max_shard_size, **kwargs):
     import warnings
@@ -255,8 +290,10 @@ def run_recipe(recipe, quiet, dtype, device, max_shard_size, **kwargs):
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False), help="Output folder to check (optional).")
 @click.option("--threads", type=click.IntRange(1, 64), help="Worker threads the estimate assumes.")
+@click.option("--allow-unmatched", is_flag=True,
+              help="Warn instead of failing when a recipe rule (match/filter) matches no tensor.")
 @user_errors
-def plan(recipe, out, threads):
+def plan(recipe, out, threads, allow_unmatched):
     import warnings
 
     from . import api
@@ -264,7 +301,8 @@ def plan(recipe, out, threads):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = api.run(load_recipe(recipe), out=out, threads=threads, dry_run=True)
+        summary = api.run(load_recipe(recipe), out=out, threads=threads, dry_run=True,
+                          allow_unmatched=allow_unmatched)
     _report(summary, False)
 
 
@@ -331,9 +369,12 @@ def _t_list(ctx, param, value):
     if value is None:
         return None
     try:
-        return [float(x) for x in value.split(",") if x.strip()]
+        values = [float(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r}: give comma-separated numbers, e.g. 0,0.1,0.2,...,1") from None
+    if not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"{value!r}: every t must be a finite number")
+    return values
 
 
 @main.command(help="Evaluate base, SFT and merges at several t on general and domain probes, pick t by a stated "
@@ -359,11 +400,11 @@ def _t_list(ctx, param, value):
 @click.option("--select", "select_rule", type=click.Choice(["keep-domain", "score"]), default="keep-domain",
               show_default=True, help="keep-domain: largest general_recovered with domain_retained >= --keep-domain "
                                       "(else best score); score: largest harmonic mean.")
-@click.option("--keep-domain", type=float, default=0.9, show_default=True, help="Domain gain to keep, 0..1.")
+@click.option("--keep-domain", type=float, help="Domain gain to keep, 0..1 (default 0.9; keep-domain rule).")
 @click.option("--schedule", type=click.Choice(["lines", "blocks"]),
               help="Also search per-layer schedules: LiNeS alpha/beta, or one t per block of layers.")
-@click.option("--blocks", type=int, default=3, show_default=True, help="Blocks for --schedule blocks.")
-@click.option("--budget", type=int, default=16, show_default=True, help="Most evaluations of the schedule search.")
+@click.option("--blocks", type=int, help="Blocks for --schedule blocks (default 3).")
+@click.option("--budget", type=int, help="Most evaluations of the schedule search (default 16).")
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Scored tokens per probe set, at most.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for evaluation (default: torch's).")
@@ -410,6 +451,53 @@ def demo(out, force):
     click.echo(result.summary())
     click.echo(f"\neverything is in {result.out.parent}: recovered/ (the model; its README.md has the Recovery "
                "table), tradeoff.png, sweep.json")
+
+
+
+@main.command("evaluate", help="Evaluate written models (folders, Hub ids, aliases; e.g. a mergekit output) on "
+                               "lm-evaluation-harness tasks and print each task's primary metric, "
+                               "general_recovered = (G_m - G_sft)/(G_base - G_sft) and domain_retained = "
+                               "(D_m - D_base)/(D_sft - D_base) when --base and --sft are given, and per-item "
+                               "forgetting (general: against the base; domain: against the SFT). Tasks: "
+                               "comma-separated task or group names, task YAML files or folders. Needs "
+                               "`pip install mergeback[eval]`.")
+@click.argument("models", nargs=-1)
+@click.option("--general-tasks", help="General tasks (what the SFT may have forgotten), comma-separated.")
+@click.option("--domain-tasks", help="Domain tasks (what the SFT is for), comma-separated.")
+@click.option("--base", help=MODEL_REF_HELP.format("The base model (reference; also evaluated)"))
+@click.option("--sft", help=MODEL_REF_HELP.format("The SFT model (reference; also evaluated)"))
+@click.option("--limit", type=float, help="Documents per task (the first N; a fraction below 1 is a share).")
+@click.option("--num-fewshot", type=int, help="Few-shot examples (lm-eval's --num_fewshot).")
+@click.option("--batch-size", default="1", show_default=True, help="Batch size, or `auto` (GPU).")
+@click.option("--seed", type=int, help="Seed for python, numpy, torch and few-shot sampling (default: lm-eval's).")
+@click.option("--apply-chat-template/--no-apply-chat-template", default=None,
+              help="Render prompts with the chat template (default: on when the SFT's tokenizer has one).")
+@click.option("--gen-kwargs", help="Generation arguments for generate_until tasks, e.g. max_gen_toks=64,temperature=0.")
+@click.option("--tasks-path", multiple=True, type=click.Path(file_okay=False), help="More task folders (repeatable).")
+@click.option("--metric", "metrics", multiple=True, metavar="TASK=METRIC[,FILTER]",
+              help="Use this metric of a task instead of its first (repeatable).")
+@click.option("--holdout", type=float, help="Score only the report part of each task: the documents whose "
+                                            "content hash puts them in this fraction (as `merge sweep`).")
+@click.option("--no-cache", is_flag=True, help="Evaluate again even when a cached result exists.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Result cache (default $XDG_CACHE_HOME/mergeback/eval).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for evaluation (default: torch's).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
+@user_errors
+def evaluate(models, limit, batch_size, json_out, **kwargs):
+    import json
+    from pathlib import Path
+
+    import merge
+
+    if limit is not None and limit >= 1:
+        limit = int(limit) if limit == int(limit) else limit
+    result = merge.evaluate(models, limit=limit, batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
+                            echo=click.echo, **kwargs)
+    click.echo("")
+    click.echo(result.table())
+    if json_out:
+        Path(json_out).write_text(json.dumps(result.to_dict(), indent=2))
 
 
 if __name__ == "__main__":

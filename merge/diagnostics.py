@@ -18,6 +18,7 @@ import torch
 
 from . import methods
 from .execute import CHUNK_ELEMENTS, chunk_ranges
+from .io.quantized import dequantised_of
 from .tensor_names import Structure, group_of
 
 IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "architectures_version"}
@@ -192,6 +193,11 @@ def inspect(sft: str, base: str, t: float = 0.5, *, plot: str | Path | None = No
         report.tied = {"SFT": _tied(s), "base": _tied(b)}
         report.dtypes = {"SFT": _dominant_dtype(s), "base": _dominant_dtype(b)}
         report.config_diff = _config_diff(s.config, b.config)
+        for role, model in (("SFT", s), ("base", b)):
+            fp8 = dequantised_of(model)
+            if fp8 is not None:
+                report.notes.append(f"{role}: {fp8.quantisation.describe()}, dequantised on read "
+                                    f"({len(fp8.quantisation.scales)} weights; drift is of the dequantised weights)")
         report.added_tokens = _added_tokens(Path(getattr(s, "side_files_path", s.path)),
                                             Path(getattr(b, "side_files_path", b.path)))
     if plot is not None:

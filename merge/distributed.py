@@ -116,7 +116,10 @@ def plan_fingerprint(plan) -> str:
 
 def plan_recipe(recipe, models: dict, labels: dict):
     """The plan of ``recipe`` over opened ``models``, as :func:`merge.api.run` makes it."""
+    import torch
+
     from .api import DTYPES
+    from .io.quantized import fp8_output_plan
     from .io.writer import parse_size
     from .plan import make_plan
     from .recipes.operations import operations_for
@@ -124,9 +127,11 @@ def plan_recipe(recipe, models: dict, labels: dict):
 
     primary = recipe.primary
     n_layers = Structure.of(models[primary].config, models[primary].names())
-    out_dtype = DTYPES[recipe.output_dtype] if recipe.output_dtype else None
-    return make_plan(models, labels, primary, operations_for(recipe, n_layers), out_dtype,
+    fp8_out = recipe.output_dtype == "fp8"  # bfloat16, then the FP8 weights re-quantised
+    out_dtype = torch.bfloat16 if fp8_out else DTYPES[recipe.output_dtype] if recipe.output_dtype else None
+    plan = make_plan(models, labels, primary, operations_for(recipe, n_layers), out_dtype,
                      parse_size(recipe.max_shard_size))
+    return fp8_output_plan(plan, models, primary, parse_size(recipe.max_shard_size)) if fp8_out else plan
 
 
 # -- on the workers -------------------------------------------------------------------------------------------

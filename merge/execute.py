@@ -22,7 +22,8 @@ import torch
 
 from . import methods
 from .errors import MergeError
-from .io.writer import ALIGN, ShardWriter
+from .io.quantized import fp8_block_amax, fp8_quantise_chunk, fp8_scale_inv
+from .io.writer import ALIGN, ShardWriter, format_size
 from .plan import Plan, TensorJob, TensorSource
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per input buffer: big enough for cheap calls, small enough for caches
@@ -117,13 +118,15 @@ class Executor:
     """Runs plans on one device with ``threads`` workers."""
 
     def __init__(self, device: torch.device, threads: int = 2, chunk_elements: int = CHUNK_ELEMENTS,
-                 check_finite: bool = False, memory: int = DEFAULT_MEMORY, gpu_memory: int = DEFAULT_GPU_MEMORY):
+                 check_finite: bool = True, memory: int = DEFAULT_MEMORY, gpu_memory: int = DEFAULT_GPU_MEMORY):
         self.device = device
-        self.check_finite = check_finite  # fail on the first NaN/Inf written (one extra pass over each chunk)
+        self.check_finite = check_finite  # fail on the first NaN/Inf written (one cached reduction per chunk)
         self.threads = max(1, threads)
         self.chunk = max(1, chunk_elements)
         self.memory, self.gpu_memory = memory, gpu_memory
         self._buffers = _Buffers()
+        self._scales: dict[str, torch.Tensor] = {}  # FP8 output scales computed for one of weight/scale job
+        self._scales_lock = threading.Lock()
 
     # -- public --------------------------------------------------------------------------------------------
     def run(self, plan: Plan, models: Mapping[str, TensorSource], writer: ShardWriter,
@@ -186,26 +189,63 @@ class Executor:
             if op.kind == "copy":
                 self._copy(job, models[op.inputs[0]], job.source_name(op.inputs[0]), 0, job.numel, writer)
                 return None
-            compute = torch.float64 if any(models[k].info(job.source_name(k)).dtype == torch.float64
-                                           for k in op.inputs) else torch.float32
-            working = _working_dtype(job, models)
-            if working is not None:  # mergekit semantics: task arithmetic computes in it, others upcast
-                compute = working if op.kind == "task_arithmetic" else (
-                    torch.float64 if working == torch.float64 else torch.float32)
-            loader = _Loader(self, job, models, compute, round_to=working)
-            kernel = _KERNELS[op.kind]
-            state = kernel.prepare(job, loader)
+            if op.kind == "fp8_scales":  # the scale_inv tensor of an FP8 output weight
+                self._write(job, 0, self._fp8_scales(op.params["weight"], models).reshape(-1), writer)
+                return None
+            block = op.params.get("fp8_block")
+            scales = self._fp8_scales(job, models) if block else None
+            state, chunks = self._merged_chunks(job, models)
+            for start, stop, result in chunks:
+                if block:
+                    result = fp8_quantise_chunk(result, scales, start, stop, job.shape, block)
+                try:
+                    self._write(job, start, result, writer)
+                except _NonFinite as bad:
+                    raise self._nonfinite_error(job, models, start, stop, bad.first) from None
+            if job.merged_numel < job.numel:
+                self._copy(job, models[job.primary], job.source_name(job.primary), job.merged_numel, job.numel, writer)
+            if op.kind == "slerp":
+                coeffs = state
+        return coeffs
+
+    def _merged_chunks(self, job: TensorJob, models: Mapping[str, TensorSource]):
+        """The kernel's state (after its statistics passes) and an iterator of ``(start, stop, result)`` over
+        the merged elements, chunk by chunk."""
+        op = job.op
+        compute = torch.float64 if any(models[k].info(job.source_name(k)).dtype == torch.float64
+                                       for k in op.inputs) else torch.float32
+        working = _working_dtype(job, models)
+        if working is not None:  # mergekit semantics: task arithmetic computes in it, others upcast
+            compute = working if op.kind == "task_arithmetic" else (
+                torch.float64 if working == torch.float64 else torch.float32)
+        loader = _Loader(self, job, models, compute, round_to=working)
+        kernel = _KERNELS[op.kind]
+        state = kernel.prepare(job, loader)
+
+        def chunks():
             for index, start, stop in chunk_ranges(job.merged_numel, self.chunk):
                 xs = loader.load(index, start, stop)
                 result = kernel.apply(job, xs, state, start, stop, self)
                 if working is not None and result.dtype != working:
                     result = result.to(working)
-                self._write(job, start, result, writer)
-            if job.merged_numel < job.numel:
-                self._copy(job, models[job.primary], job.name, job.merged_numel, job.numel, writer)
-            if op.kind == "slerp":
-                coeffs = state
-        return coeffs
+                yield start, stop, result
+
+        return state, chunks()
+
+    def _fp8_scales(self, job: TensorJob, models: Mapping[str, TensorSource]) -> torch.Tensor:
+        """``scale_inv`` of an FP8 output weight, ``amax(|block|) / 448`` per block of its merged values, from
+        one extra pass; computed once for the weight and its scale tensor (whichever job runs first)."""
+        with self._scales_lock:
+            if job.name in self._scales:
+                return self._scales.pop(job.name)
+        block = job.op.params["fp8_block"]
+        amax = None
+        for start, stop, result in self._merged_chunks(job, models)[1]:
+            amax = fp8_block_amax(result, start, stop, job.shape, block, amax)
+        scales = fp8_scale_inv(amax)
+        with self._scales_lock:
+            self._scales[job.name] = scales
+        return scales
 
     def _copy(self, job: TensorJob, model: TensorSource, name: str, start: int, stop: int,
               writer: ShardWriter) -> None:
@@ -214,7 +254,11 @@ class Executor:
             out = self._out_buffer(writer, job, start + s, e - s)
             data = model.read_into(name, start + s, out) if same else self._raw(model, name, start + s, start + e, "copy")
             if self.check_finite:
-                _require_finite(job, start + s, data)
+                first = first_nonfinite(data)
+                if first is not None:
+                    raise MergeError(f"{_label(model)}: tensor {name!r} already holds NaN/Inf (first at flat element "
+                                     f"{start + s + first}), copied unchanged to the output; repair that "
+                                     "checkpoint, or pass --allow-nonfinite (allow_nonfinite=True) to write it as is")
             if data.data_ptr() != out.data_ptr():
                 data = out.copy_(data)
             writer.write(job.name, start + s, data)
@@ -247,9 +291,26 @@ class Executor:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(result)
-        if self.check_finite:
-            _require_finite(job, start, out)  # after the cast: overflow to the output dtype counts too
+        if self.check_finite:  # after the cast: overflow to the output dtype counts too
+            first = first_nonfinite(out)
+            if first is not None:
+                raise _NonFinite(job, start, first)
         writer.write(job.name, start, out)
+
+    def _nonfinite_error(self, job: TensorJob, models: Mapping[str, TensorSource], start: int, stop: int,
+                         first: int) -> MergeError:
+        """The error for a non-finite output chunk [start, stop): an input already non-finite there is named as
+        the cause, else the merge itself overflowed (parameters or output dtype)."""
+        where = f"output tensor {job.name!r} has NaN/Inf (first at flat element {start + first})"
+        fix = "or pass --allow-nonfinite (allow_nonfinite=True) to write it anyway"
+        for slot, key in enumerate(job.op.inputs):
+            name = job.source_name(key)
+            bad = first_nonfinite(self._raw(models[key], name, start, stop, f"check{slot}"))
+            if bad is not None:
+                return MergeError(f"{where}: its input {_label(models[key])} tensor {name!r} already holds NaN/Inf "
+                                  f"(first at flat element {start + bad}); repair that checkpoint, {fix}")
+        return MergeError(f"{where}, from finite inputs: the merge overflowed {str(job.out_dtype)[6:]}; use "
+                          f"smaller t/scale values or a wider --dtype, {fix}")
 
     def load_into(self, slot: str, model: TensorSource, name: str, start: int, stop: int, dtype: torch.dtype,
                   round_to: torch.dtype | None = None) -> torch.Tensor:
@@ -289,16 +350,45 @@ def _reads_files(model: TensorSource) -> bool:
     return hasattr(model, "read_into")
 
 
-def _require_finite(job: TensorJob, start: int, values: torch.Tensor) -> None:
-    """``--check-finite``: refuse NaN/Inf in an output chunk, naming the tensor and the first bad element."""
-    if not values.dtype.is_floating_point:
-        return
-    finite = torch.isfinite(values)
-    if bool(finite.all()):
-        return
-    first = start + int((~finite).nonzero()[0])
-    raise MergeError(f"--check-finite: output tensor {job.name!r} has NaN/Inf (first at flat element {first}); "
-                     "check the inputs of that tensor or the merge parameters")
+class _NonFinite(MergeError):
+    """An output chunk of ``job`` from ``start`` holds NaN/Inf at chunk element ``first`` (the chunk loop turns
+    it into an error naming the cause)."""
+
+    def __init__(self, job: TensorJob, start: int, first: int):
+        super().__init__(f"output tensor {job.name!r} has NaN/Inf (first at flat element {start + first}); pass "
+                         "--allow-nonfinite (allow_nonfinite=True) to write it anyway")
+        self.first = first
+
+
+_SUMMABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def first_nonfinite(values: torch.Tensor) -> int | None:
+    """The flat index of the first NaN/Inf in ``values``, or None when all are finite (non-float: None).
+
+    Fast path: one sum over the chunk, just written and still in cache. IEEE arithmetic makes a sum NaN/Inf
+    whenever any term is (inf + finite = inf, inf - inf = nan, nan + x = nan), so a finite sum proves every
+    element finite. A non-finite sum may also be an overflow of large finite values (a float16 sum passes
+    65504 easily), so it is summed again in float64, which no chunk of 16/32-bit values can overflow; only
+    when that is not finite either (or for float64 values) is each element tested.
+    """
+    if not values.dtype.is_floating_point or values.numel() == 0:
+        return None
+    if values.dtype not in _SUMMABLE:  # FP8 codes and the like: torch sums and tests them as float32
+        values = values.float()
+    if math.isfinite(float(values.sum())) or (
+            values.dtype != torch.float64 and math.isfinite(float(values.sum(dtype=torch.float64)))):
+        return None
+    bad = ~torch.isfinite(values.reshape(-1))
+    if not bool(bad.any()):
+        return None
+    return int(bad.nonzero()[0])
+
+
+def _label(model: TensorSource) -> str:
+    """How errors name an input: its role and folder (e.g. ``SFT ./med``)."""
+    role = getattr(model, "role", "input")
+    return role if " " in role else f"{role} {getattr(model, 'path', '')}".rstrip()
 
 
 @contextmanager
@@ -533,6 +623,8 @@ def per_worker_bytes(plan: Plan, chunk: int) -> tuple[int, int]:
             continue
         width = 8 if job.out_dtype == torch.float64 else 4
         compute = (len(job.op.inputs) + 1) * elems * width
+        if job.op.params.get("fp8_block"):  # FP8 output: block maxima, then a scale per element of the chunk
+            compute += 2 * (elems + 2 * job.shape[-1]) * 4
         sp = job.op.params.get("sparsify") or {}
         if sp.get("method") in ("magnitude", "breadcrumbs"):  # histograms, keys, trimming masks, sample
             compute += 2 * (1 << 16) * 8 + 4 * elems * 4
@@ -558,9 +650,9 @@ def fit_memory(plan: Plan, threads: int, chunk: int, memory: int, cuda: bool = F
             break
         if chunk <= MIN_CHUNK:
             need, budget, where = (host, memory, "--memory") if host > memory else (device, gpu_memory, "--gpu-memory")
-            least = math.ceil(need / 2**20 * 10) / 10
-            raise MergeError(f"{where} {budget / 2**20:.1f}MiB is too small: one worker needs {least}MiB for this "
-                             f"plan; give {where} {least}MiB or more")
+            least = format_size(need, up=True)
+            raise MergeError(f"{where} {format_size(budget)} is too small: one worker needs {least} for this plan; "
+                             f"give {where} {least} or more")
         chunk = max(MIN_CHUNK, chunk // 2)
     return MemoryFit(threads, chunk, threads * host, threads * device)
 

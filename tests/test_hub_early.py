@@ -245,8 +245,16 @@ def test_a_hub_models_config_is_read_before_its_weights(hub_server, folders, upl
     repo_id = upload(folder, "fp8")
     resolved = resolve_model(repo_id, "SFT", weights=False)
     assert resolved.pending == ("model.safetensors",)
-    with api.open_model(resolved, f"SFT {repo_id}", {"sft0": resolved}) as model:
-        assert isinstance(model, HeaderCheckpoint) and model.config["quantization_config"] == quant
+    from merge.errors import InputError
+
+    # an fp8 config whose headers hold no scale tensors: refused by the quantisation rules from headers alone
+    with pytest.raises(InputError, match="fp8"):
+        api.open_model(resolved, f"SFT {repo_id}", {"sft0": resolved})
+    from merge.hub import read_headers
+
+    headers = read_headers(resolved.repo_id, resolved.revision, resolved.pending, "SFT")
+    with HeaderCheckpoint(resolved.path, headers, role="SFT") as model:
+        assert model.config["quantization_config"] == quant
         assert model.info("lm_head.weight").shape == (96, 128)
         with pytest.raises(RuntimeError, match="only its header was read"):
             model.view("lm_head.weight")

@@ -265,11 +265,14 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def write_config(config: dict, dst: Path, dtype_name: str | None) -> None:
-    """The SFT's config.json with its dtype field saying what was written."""
+def write_config(config: dict, dst: Path, dtype_name: str | None, untied: bool = False) -> None:
+    """The SFT's config.json with its dtype field saying what was written; ``untied``: the output has its own
+    lm_head (tied and untied inputs), so ``tie_word_embeddings`` is false."""
     if not config:
         return
     config = dict(config)
+    if untied:
+        config["tie_word_embeddings"] = False
     if dtype_name:
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
         for k in keys:

@@ -54,6 +54,10 @@ def resolve_model(ref: str, role: str, *, token=None, progress: bool = False, we
     if path.is_dir():
         return ResolvedModel(ref, path.resolve())
     if path.exists():
+        if path.suffix == ".gguf":
+            from .quantized import refuse_unsupported
+
+            refuse_unsupported(path, role, {})
         raise InputError(f"{label}: expected a model folder, got a file")
     if ref.startswith(("/", "./", "../", "~", ".")) or ref.count("/") > 1:
         raise InputError(f"{label}: no such folder")
@@ -86,6 +90,22 @@ def fetch_pending(model: ResolvedModel, label: str, *, token=None, progress: boo
         return model
     hub.fetch_files(model.repo_id, model.revision, model.pending, label, token=token, progress=progress)
     return replace(model, pending=())
+
+
+def check_distinct(resolved: dict[str, ResolvedModel]) -> None:
+    """Every input is a different model: two references that lead to the same folder are an error naming both."""
+    seen: dict[Path, str] = {}
+    for key, model in resolved.items():
+        where = Path(model.path).resolve()
+        if where in seen:
+            first = seen[where]
+
+            def name(k):
+                return f"{'base' if k == 'base' else 'SFT'} {resolved[k].ref}"
+
+            raise InputError(f"{name(first)} and {name(key)} are the same model ({where}); each input must be a "
+                             "different model (give the SFT and the base it was fine-tuned from, each once)")
+        seen[where] = key
 
 
 # ---- --base auto ---------------------------------------------------------------------------------------

@@ -51,10 +51,28 @@ def convert(recipe: MergekitRecipe) -> tuple[Recipe, list[str]]:
         raise InputError("cannot express this mergekit recipe in mergeback's format: " + "; ".join(problems)
                          + " (run it as is with `merge run`)")
     fields = {k: v for k, v in fields.items() if v is not None}
+    from pydantic import ValidationError
+
     try:
         return Recipe.model_validate(fields), notes
-    except Exception as e:  # a value our schema refuses (e.g. breadcrumbs gamma + density > 1)
-        raise InputError(f"cannot express this mergekit recipe in mergeback's format: {e}") from None
+    except ValidationError as e:  # a value our schema refuses (e.g. breadcrumbs gamma + density > 1)
+        raise InputError("cannot express this mergekit recipe in mergeback's format: "
+                         + "; ".join(dict.fromkeys(_problem(err) for err in e.errors()))
+                         + " (run it as is with `merge run`)") from None
+
+
+def _problem(err: dict) -> str:
+    """One pydantic complaint about the converted recipe, in mergekit's words (its parameter names)."""
+    from .loading import error_text, user_path
+
+    path = [str(p) for p in user_path(err["loc"])]
+    if path[:1] == ["sparsify"]:
+        key = "parameters " + ("/".join(path[1:]) if len(path) > 1 else "density/gamma")
+    else:
+        key = ".".join(path) or "recipe"
+    got = err.get("input")
+    shown = f" (got {got!r})" if isinstance(got, (int, float, str)) and len(path) > 1 else ""
+    return f"{key}: {error_text(err)}{shown}"
 
 
 def convert_text(recipe: MergekitRecipe) -> str:
@@ -114,8 +132,11 @@ def _task_arithmetic(recipe: MergekitRecipe, chains, fields: dict, problems: lis
             return
         (density,), (gamma,) = densities, gammas
         if density < 1:
-            fields["sparsify"] = {"method": sparsify, "density": density, "gamma": gamma,
-                                  "seed": recipe.options.seed, "rescale": "l1" if rescale else False}
+            fields["sparsify"] = {"method": sparsify, "density": density, "rescale": "l1" if rescale else False}
+            if sparsify == "breadcrumbs":
+                fields["sparsify"]["gamma"] = gamma
+            if sparsify == "random":
+                fields["sparsify"]["seed"] = recipe.options.seed
             if sparsify == "random":
                 notes.append("DARE masks come from a different random generator than mergekit's: same "
                              "distribution, different entries")

@@ -169,6 +169,15 @@ class MergekitRecipe(_Loose):
                 yield f"slices.{i}.sources.{j}.parameters", src.parameters
 
     def _check_inputs(self) -> None:
+        listed = [(f"models.{i}.model", m.model) for i, m in enumerate(self.models)] if self.models is not None \
+            else [(f"slices.0.sources.{j}.model", s.model) for j, s in enumerate(self.slices[0].sources if self.slices
+                                                                                 else [])]
+        first: dict[str, str] = {}
+        for path, ref in listed:
+            if ref in first:
+                raise ValueError(f"{path}: {ref!r} is listed twice (also {first[ref]}); list each model once "
+                                 "(mergekit refuses duplicate merge inputs)")
+            first[ref] = path
         refs = self.model_refs()
         method = self.merge_method
         if method == "slerp":
@@ -378,8 +387,8 @@ def evaluate_setting(setting, name: str, t: float):
 
 
 def coerce(value, spec: ParamSpec, where: str):
-    """pydantic's lax validation as mergekit applies it: floats from numbers/bools/numeric strings, bools
-    from bools/0/1/'true'/'false'."""
+    """pydantic's lax validation as mergekit applies it: floats from numbers/numeric strings (not from
+    booleans: ``t: true`` is refused), bools from bools/0/1/'true'/'false'."""
     if spec.name in BOOL_PARAMS:
         if isinstance(value, bool):
             return value
@@ -388,8 +397,9 @@ def coerce(value, spec: ParamSpec, where: str):
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
             return value.strip().lower() in ("true", "yes", "on", "1")
         raise InputError(f"{where}: {spec.name} must be true or false, got {value!r}")
-    if isinstance(value, bool):
-        return float(value)
+    if isinstance(value, bool):  # mergekit's pydantic would read true as 1.0: almost surely a slip
+        raise InputError(f"{where}: {spec.name} must be a number, got {str(value).lower()} (a boolean is not a "
+                         "number)")
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -12,20 +12,23 @@
     #   - {value: 0.3}                      # no match = default
     # schedule: {preset: lines, alpha: 0.2, beta: 0.8}   # per-layer delta scale, see values.py
     # schedule: {preset: bottom_k, k: 8}                 # first k layers from the base, the rest per t
-    dtype: bfloat16          # output dtype (default: the SFT's)
+    dtype: bfloat16          # output dtype (default: the SFT's; fp8: FP8 block-scaled weights)
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, field_validator, model_validator
 
-Number = float
-Gradient = list[float]
+Number = Annotated[float, Strict()]  # strict: a boolean (t: true) or a string is not a number; an int is
+Gradient = list[Number]
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
 
 
 class Rule(BaseModel):
@@ -34,6 +37,16 @@ class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     match: Optional[str] = None
     value: Union[Number, Gradient]
+
+    @field_validator("match")
+    @classmethod
+    def _pattern(cls, v):
+        if v is not None and v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as e:
+                raise ValueError(f"{v!r} is not a valid regular expression ({e})") from None
+        return v
 
     @field_validator("value")
     @classmethod
@@ -62,16 +75,21 @@ class Sparsify(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["magnitude", "random", "breadcrumbs"]
-    density: float = Field(gt=0, le=1, description="fraction of each delta's entries kept")
-    gamma: float = Field(0.01, ge=0, lt=1, description="breadcrumbs: fraction of largest entries dropped")
-    seed: int = 0
-    rescale: Union[bool, Literal["l1"]] = Field(
+    density: Number = Field(gt=0, le=1, description="fraction of each delta's entries kept")
+    gamma: Number = Field(0.01, ge=0, lt=1, description="breadcrumbs: fraction of largest entries dropped")
+    seed: Int = 0
+    rescale: Union[Bool, Literal["l1"]] = Field(
         True, description="random (DARE): divide survivors by density; l1: restore each delta's L1 norm")
 
     @model_validator(mode="after")
     def _band(self):
         if self.method == "breadcrumbs" and self.gamma + self.density > 1:
             raise ValueError("breadcrumbs needs gamma + density <= 1")
+        if "gamma" in self.model_fields_set and self.method != "breadcrumbs":
+            raise ValueError(f"gamma: only breadcrumbs drops the largest entries; method {self.method} has no "
+                             "gamma (remove it)")
+        if "seed" in self.model_fields_set and self.method != "random":
+            raise ValueError(f"seed: only method random draws masks; {self.method} is deterministic (remove it)")
         return self
 
 
@@ -80,8 +98,8 @@ class LinesSchedule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     preset: Literal["lines"]
-    alpha: float = Field(allow_inf_nan=False)
-    beta: float = Field(allow_inf_nan=False)
+    alpha: Number = Field(allow_inf_nan=False)
+    beta: Number = Field(allow_inf_nan=False)
 
 
 class BottomKSchedule(BaseModel):
@@ -89,7 +107,7 @@ class BottomKSchedule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     preset: Literal["bottom_k"]
-    k: int = Field(ge=0)
+    k: Int = Field(ge=0)
 
 
 Schedule = Annotated[Union[LinesSchedule, BottomKSchedule], Field(discriminator="preset")]
@@ -113,13 +131,15 @@ class Recipe(BaseModel):
     t: Optional[Value] = Field(None, description="share of the base model: 0 = SFT, 1 = base")
     scale: Optional[Value] = Field(None, description="task arithmetic: default scale of every delta")
     sparsify: Optional[Sparsify] = None
-    sign_consensus: Union[bool, Literal["sum", "count"]] = False
-    normalize: bool = Field(False, description="task arithmetic: divide by the sum of the (kept) scales")
+    sign_consensus: Union[Bool, Literal["sum", "count"]] = False
+    normalize: Bool = Field(False, description="task arithmetic: divide by the sum of the (kept) scales")
     schedule: Optional[Schedule] = Field(None, description="a named per-layer preset (lines, bottom_k)")
-    dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
+    dtype: Optional[Literal["float32", "float16", "bfloat16", "float64", "fp8"]] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
     out: Optional[str] = None
+    _lines: dict = PrivateAttr(default_factory=dict)  # key path -> line in the file it was read from
+    _source: str = PrivateAttr("recipe")
 
     @field_validator("sft", mode="before")
     @classmethod
