@@ -337,3 +337,16 @@ def test_an_address_where_no_cluster_answers_is_one_line(pairs, tmp_path):
                                                "(Connection refused); start the cluster (ray start --head) or fix "
                                                "the address"]
     assert not out.exists()
+
+
+def test_fp8_inputs_and_output_split_across_workers_equal_local(cluster, pairs, tmp_path):
+    from tests.test_quantized import to_fp8
+
+    base, sft = pairs("llama")
+    fp8_base, fp8_sft = to_fp8(base, tmp_path / "fp8-base"), to_fp8(sft, tmp_path / "fp8-sft")
+    kw = dict(method="slerp", sft=fp8_sft, base=fp8_base, t=0.3, dtype="fp8")
+    reference = _local(tmp_path, "fp8", **kw)
+    out = tmp_path / "ray"
+    summary = merge.merge(out=out, ray="auto", workers=2, memory=MEMORY, **kw)
+    assert list(file_bytes(out)) == ["model.safetensors"] and summary.cluster.units == 4
+    assert _outputs(out) == reference
