@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import merge  # noqa: E402
+import merge
 
 
 def _merge(args, out: Path, **extra) -> tuple[float, object]:

@@ -78,12 +78,12 @@ class Unit:
         return f"{self.filename}.{self.first}-{self.stop}"
 
 
-def plan_units(shards, skip_files, workers: int) -> list["Unit"]:
+def plan_units(shards, skip_files, workers: int) -> list[Unit]:
     """Units for every shard not in ``skip_files``, largest first: a shard of ``size`` bytes is cut into
     ``round(size / target)`` contiguous tensor ranges of near-equal bytes, ``target = remaining bytes /
     (2 * workers)``, so that work balances by bytes and even a one-file output keeps every worker busy."""
     import bisect
-    from itertools import accumulate
+    from itertools import accumulate, pairwise
 
     todo = [s for s in shards if s.filename not in skip_files]
     target = max(1, sum(s.size for s in todo) / max(1, 2 * workers))
@@ -97,7 +97,7 @@ def plan_units(shards, skip_files, workers: int) -> list["Unit"]:
             nearer = i if i == 0 or ends[i] - k * ends[-1] / parts < k * ends[-1] / parts - ends[i - 1] else i - 1
             cuts.add(min(len(ends) - 1, nearer + 1))
         bounds = sorted(cuts)
-        for first, stop in zip(bounds, bounds[1:]):
+        for first, stop in pairwise(bounds):
             units.append(Unit(shard.filename, first, stop, ends[stop - 1] - (ends[first - 1] if first else 0)))
     return sorted(units, key=lambda u: -u.nbytes)
 
@@ -168,7 +168,7 @@ def _host() -> str:
         import ray
 
         return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - only a label for messages
+    except Exception:  # noqa: BLE001
         return socket.gethostname()
 
 

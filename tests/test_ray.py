@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,7 @@ def test_killed_worker_is_retried_and_output_identical(cluster, pairs, tmp_path,
     def drive():
         try:
             outcome["summary"] = merge.merge(out=out, ray="auto", memory=MEMORY, **kw)
-        except BaseException as e:  # noqa: BLE001 - reported by the test below
+        except BaseException as e:  # noqa: BLE001
             outcome["error"] = e
 
     driver = threading.Thread(target=drive)
@@ -171,14 +172,14 @@ def test_lost_node_its_units_rerun_elsewhere_and_output_identical(cluster, pairs
     def drive():
         try:
             outcome["summary"] = merge.merge(out=out, ray="auto", memory=MEMORY, **kw)
-        except BaseException as e:  # noqa: BLE001 - reported by the test below
+        except BaseException as e:  # noqa: BLE001
             outcome["error"] = e
 
     driver = threading.Thread(target=drive)
     driver.start()
     removed = False
     try:
-        running = lambda: [(f, a) for f in hold.glob("*.pids") for a in _attempts(f)]  # noqa: E731
+        running = lambda: [(f, a) for f in hold.glob("*.pids") for a in _attempts(f)]
         _wait_for(lambda: len(running()) == 3, "three running units, one per node")
         (victim, _), = [(f, a) for f, a in running() if a[1] == doomed.node_id]
         cluster.remove_node(doomed, allow_graceful=False)
@@ -269,7 +270,7 @@ def test_ray_missing_is_one_line(pairs, tmp_path):
     out = tmp_path / "out"
     args = ["slerp", "--sft", str(sft), "--base", str(base), "--t", "0.3", "-o", str(out), "--ray"]
     run = subprocess.run([sys.executable, "-c", blocker, *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == ("error: --ray: Ray is not installed; install it with: pip install "
                                   "'mergeback[ray]' (or pip install ray)")
@@ -293,7 +294,7 @@ def test_units_tile_every_pending_shard_and_balance_by_bytes():
     (one,) = layout_shards(tensors, 10**9)
     units = plan_units([one], set(), workers=4)
     spans = sorted((u.first, u.stop) for u in units)
-    assert spans[0][0] == 0 and spans[-1][1] == 40 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert spans[0][0] == 0 and spans[-1][1] == 40 and all(a[1] == b[0] for a, b in pairwise(spans))
     target = one.size // 8
     largest = max(t.nbytes for t in tensors)
     assert len(units) == 8 and all(u.nbytes < target + largest for u in units)
@@ -331,11 +332,11 @@ def test_an_address_where_no_cluster_answers_is_one_line(pairs, tmp_path):
     out = tmp_path / "out"
     args = ["linear", "--sft", str(sft), "--base", str(base), "--t", "0.3", "-o", str(out), "--ray", f"127.0.0.1:{port}"]
     run = subprocess.run([sys.executable, "-c", DRIVER, *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 2, run.stderr
-    assert run.stderr.strip().splitlines() == [f"error: --ray 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port} "
-                                               "(Connection refused); start the cluster (ray start --head) or fix "
-                                               "the address"]
+    expected = (f"error: --ray 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port} (Connection refused); start "
+                "the cluster (ray start --head) or fix the address")
+    assert run.stderr.strip().splitlines() == [expected]
     assert not out.exists()
 
 
