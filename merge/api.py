@@ -39,13 +39,14 @@ def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | P
           chunk_elements: int | None = None, resume: bool = False, allow_nonfinite: bool = False,
           allow_unmatched: bool = False, memory: str | int | None = None, gpu_memory: str | int | None = None,
           verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
-          revision: str | None = None, commit_message: str | None = None, token: str | None = None) -> MergeSummary:
+          revision: str | None = None, commit_message: str | None = None, token: str | None = None,
+          ray: str | None = None, workers: int | None = None) -> MergeSummary:
     """Merge an SFT checkpoint back with its base and write a Hugging Face model folder to ``out``.
 
     ``t`` is the share of the base (0 = SFT unchanged, 1 = base). ``method`` is ``linear``, ``slerp`` or
     ``task_arithmetic`` (with ``scale`` per SFT, and optional ``sparsify`` = magnitude|random|breadcrumbs).
     Models are folders, Hub ids (``org/name@rev``) or aliases; ``base="auto"`` reads the SFT's metadata.
-    ``push_to_hub`` uploads the result (see :func:`run`).
+    ``push_to_hub`` uploads the result, ``ray`` runs it on a Ray cluster (see :func:`run`).
     """
     method = method.replace("-", "_")
     sfts = [sft] if isinstance(sft, (str, Path)) else list(sft)
@@ -73,7 +74,7 @@ def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | P
                allow_unmatched=allow_unmatched, verbose=verbose,
                memory=memory, gpu_memory=gpu_memory,
                push_to_hub=push_to_hub, private=private, revision=revision, commit_message=commit_message,
-               token=token)
+               token=token, ray=ray, workers=workers)
 
 
 def check_method_options(method: str, n_sfts: int, *, t, scale, sparsify, density, gamma, seed,
@@ -137,7 +138,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         allow_unmatched: bool = False, verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
         memory: str | int | None = None, gpu_memory: str | int | None = None,
         revision: str | None = None, commit_message: str | None = None, token: str | None = None,
-        card_sections: Sequence[str] = ()) -> MergeSummary:
+        card_sections: Sequence[str] = (), ray: str | None = None, workers: int | None = None) -> MergeSummary:
     """Run a recipe: resolve its models, plan, execute in bounded memory, and write ``out`` atomically.
 
     ``memory`` (default 512MB) bounds the workers' buffers in host memory, ``gpu_memory``
@@ -156,6 +157,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     (``private``, branch ``revision``, ``commit_message``); ``token`` (default: HF_TOKEN or the cached login)
     is used for private inputs and the push. A failed push keeps ``out`` and says how to retry.
     ``card_sections`` are markdown sections added to the model card (e.g. ``merge sweep``'s Recovery table).
+    ``ray`` (``"auto"``, ``"local"`` or an address) runs the output shards as tasks on a Ray cluster, at most
+    ``workers`` at a time (default: the cluster's CPUs), byte-identical to a local run (:mod:`merge.distributed`).
     """
     if isinstance(recipe, (str, Path)):
         from .recipes.loading import load_recipe
@@ -165,6 +168,9 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
                       push_to_hub=push_to_hub, private=private, revision=revision, commit_message=commit_message,
                       gpu_memory=gpu_memory, device=recipe.device)
     primary = recipe.primary
+    from .distributed import check_options
+
+    check_options(ray, workers, dry_run)
     if push_to_hub is not None:
         from .hub import check_repo_id
 
@@ -222,12 +228,18 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
             return summary
         resolved, models = download_weights(resolved, models, labels, stack, token=token, progress=progress)
         summary.inputs = resolved
+        cluster = None
+        if ray is not None:
+            from .distributed import Cluster
+
+            cluster = stack.enter_context(Cluster(ray, workers, threads, _size(memory, DEFAULT_MEMORY)))
+            cluster.check_visible(out_path, resolved)
         with output.output_lock(out_path):
             output.check_output(out_path, force, resume)  # again: a run that held the lock may have finished it
             if not (resume and _already_complete(recipe, out_path, summary, resolved, plan, force)):
                 execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, threads, progress,
                                    command, chunk_elements, resume, not allow_nonfinite, verbose, card_sections,
-                                   memory=memory, gpu_memory=gpu_memory)
+                                   memory=memory, gpu_memory=gpu_memory, cluster=cluster, labels=labels, token=token)
     if push_to_hub is not None:
         from .hub import push
 
@@ -298,7 +310,8 @@ def _already_complete(recipe: Recipe, out_path: Path, summary: MergeSummary, res
 def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, resolved: dict, models: dict,
                        plan: Plan, started: float, threads, progress, command, chunk_elements, resume: bool,
                        check_finite: bool, verbose: bool, card_sections: Sequence[str] = (),
-                       memory: str | int | None = None, gpu_memory: str | int | None = None) -> None:
+                       memory: str | int | None = None, gpu_memory: str | int | None = None, cluster=None,
+                       labels: dict | None = None, token=None) -> None:
     """Stage (journaled, resumable), execute, finish, verify and atomically commit one planned merge.
 
     The staging folder survives interrupts, full disks and crashes for ``resume``; it is removed when a
@@ -315,9 +328,17 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
     keep, journal = True, None
     try:
         journal, message = Journal.start(stage, plan.shards, identity, resume)
-        stats = execute(plan, models, stage, recipe.device, threads, progress, chunk_elements,
-                        journal=journal, check_finite=check_finite, verbose=verbose, memory=memory,
-                        gpu_memory=gpu_memory)
+        if cluster is None:
+            stats = execute(plan, models, stage, recipe.device, threads, progress, chunk_elements,
+                            journal=journal, check_finite=check_finite, verbose=verbose, memory=memory,
+                            gpu_memory=gpu_memory)
+        else:  # the same shards, written by Ray tasks and journaled here as they finish
+            stats = cluster.execute(plan, recipe, resolved, labels, stage, journal, device=recipe.device,
+                                    threads=threads, chunk_elements=chunk_elements, check_finite=check_finite,
+                                    memory=_size(memory, DEFAULT_MEMORY),
+                                    gpu_memory=_size(gpu_memory, DEFAULT_GPU_MEMORY), progress=progress,
+                                    verbose=verbose, token=token)
+            summary.cluster = cluster.stats
         summary.spherical, summary.linear_fallback = stats.spherical, stats.linear_fallback
         summary.max_angle = stats.max_angle
         summary.seconds = time.perf_counter() - started
@@ -339,8 +360,8 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
                 f"planned); {out_path} was not touched and finished shards are kept - free space and rerun "
                 "with --resume (resume=True)") from None
         raise
-    except MergeError:
-        keep = journal is None  # a refused --resume leaves the interrupted run as it was
+    except MergeError as e:
+        keep = journal is None or getattr(e, "resumable", False)  # a refused --resume leaves the run as it was
         raise
     finally:
         if not keep:

@@ -107,6 +107,12 @@ def merge_options(fn):
         click.option("--revision", metavar="BRANCH",
                      help="With --push-to-hub: push to this branch (created if needed)."),
         click.option("--commit-message", help="With --push-to-hub: the commit message."),
+        click.option("--ray", metavar="[ADDRESS]", is_flag=False, flag_value="auto", default=None,
+                     help="Run the output shards as tasks on a Ray cluster: --ray alone or auto (ray.init(): "
+                          "RAY_ADDRESS or a running cluster), local (start one here), or an address "
+                          "(10.0.0.1:6379, ray://head:10001). Needs pip install 'mergeback[ray]'."),
+        click.option("--workers", type=click.IntRange(1, 100_000),
+                     help="With --ray: tasks running at once (default: the cluster's CPUs)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -29,6 +29,7 @@ class MergeSummary:
     peak_bytes: int | None = None  # dry runs: estimated executor memory (merge.execute.estimate_peak_bytes)
     already_complete: bool = False  # resume=True found OUT already written by this same run: nothing written
     settings: list[str] = field(default_factory=list)  # task arithmetic: scales, sparsify, consensus (settings_of)
+    cluster: object | None = None  # a Ray run: merge.distributed.ClusterStats (workers, nodes, where time went)
 
     def method_description(self) -> str:
         t = ""
@@ -73,6 +74,8 @@ class MergeSummary:
             verb = "would write" if self.dry_run else "wrote"
             lines.append(f"{verb} {size} in {self.shards} shard(s){where}"
                          + ("" if self.dry_run else f" in {self.seconds:.1f}s"))
+        if self.cluster is not None:
+            lines.append(self.cluster.line())
         if self.pushed_to:
             lines.append(f"pushed to {self.pushed_to}")
         if self.peak_bytes is not None:

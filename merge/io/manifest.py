@@ -212,6 +212,12 @@ class Journal:
             sums = shard_checksums(self.stage / filename, shard)["xxh3"]
         slerp = {t.name: dataclasses.asdict(self._stats.slerp[t.name]) for t in shard.tensors
                  if t.name in self._stats.slerp}
+        self.record(filename, sums, slerp)
+
+    def record(self, filename: str, sums: list[str], slerp: dict) -> None:
+        """Mark a durable shard complete with its tensors' XXH3-64s and slerp results (also used by a driver
+        whose shards were written by other processes)."""
+        shard = self.shards[filename]
         with self._lock:
             self.complete[filename] = {"header": hashlib.sha256(shard.header).hexdigest(), "xxh3": sums,
                                        "slerp": slerp}

@@ -174,7 +174,10 @@ class ShardWriter:
     from memory, without reading the shard back.
     """
 
-    def __init__(self, folder: Path, shards: list[Shard], skip: set[str] = frozenset(), direct: bool = True):
+    def __init__(self, folder: Path, shards: list[Shard], skip: set[str] = frozenset(), direct: bool = True,
+                 preallocated: bool = False):
+        """``preallocated``: the shard files already hold their headers at full size (:func:`preallocate`), as
+        when several processes write disjoint tensors of one file; nothing is truncated then."""
         self.folder = Path(folder)
         self.shards = shards
         self._fds: dict[str, tuple[int, int | None]] = {}
@@ -185,9 +188,12 @@ class ShardWriter:
             if shard.filename in skip:
                 continue
             path = self.folder / shard.filename
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(fd, shard.header, 0)
-            os.ftruncate(fd, shard.size)
+            if preallocated:
+                fd = os.open(path, os.O_RDWR)
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.pwrite(fd, shard.header, 0)
+                os.ftruncate(fd, shard.size)
             dfd = _open_direct(path) if direct else None
             self._fds[shard.filename] = (fd, dfd)
             for t in shard.tensors:
@@ -275,6 +281,17 @@ class ShardWriter:
             if dfd is not None:
                 os.close(dfd)
         self._fds = {}
+
+
+def preallocate(folder: Path, shard: Shard) -> None:
+    """Create ``shard``'s file at its full planned size with its header in place (the tensor bytes are written
+    later, by any number of writers opened with ``preallocated=True``): the bytes :class:`ShardWriter` makes."""
+    fd = os.open(Path(folder) / shard.filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, shard.header, 0)
+        os.ftruncate(fd, shard.size)
+    finally:
+        os.close(fd)
 
 
 def write_index(folder: Path, shards: list[Shard]) -> None:
