@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import OUTPUT_DTYPES
 from .errors import InputError
 from .inputs import open_inputs, open_model, resolve_inputs
 from .io import output
@@ -57,7 +58,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TARGET_GROUPS = ("attn", "mlp", "router")
 TIED_HEAD = "lm_head"  # the output layer's module name in transformers' *ForCausalLM classes
 WHOLE_GROUPS = ("embed", "lm_head")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -284,8 +284,8 @@ def extract_lora(sft: str | Path, base: str | Path, out: str | Path, *, rank: in
     alpha = float(rank if alpha is None else alpha)
     if not alpha > 0 or not math.isfinite(alpha):
         raise InputError(f"--alpha {alpha:g}: lora_alpha must be a positive number")
-    if dtype is not None and dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise InputError(f"--dtype {dtype}: choose one of {', '.join(OUTPUT_DTYPES)}")
     if svd not in ("auto", "exact", "randomized"):
         raise InputError(f"svd={svd!r}: choose auto, exact or randomized")
     out_path = _out_path(out)
@@ -368,7 +368,7 @@ def _plan_extraction(s, b, rank: int, target_modules, dtype: str | None, allow_u
     tied_head = _tied_embedding(s, b, save_modules, shapes)
     if tied_head is not None:
         save_modules.append(TIED_HEAD)
-    out_dtype = {n: DTYPES[dtype] if dtype else s.info(n).dtype for n in names}
+    out_dtype = {n: OUTPUT_DTYPES[dtype] if dtype else s.info(n).dtype for n in names}
     planned, dtypes, saved = [], {}, []
     for n in targets:
         out_, in_ = shapes[n][::-1] if transposed else shapes[n]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .card import render_card
+from .dtypes import OUTPUT_DTYPES
 from .errors import InputError, MergeError
 from .execute import CHUNK_ELEMENTS, DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, ExecutionStats, Executor, resolve_device
 from .inputs import download_weights, open_inputs, open_model, resolve_inputs  # noqa: F401  (also served here)
@@ -28,7 +29,7 @@ from .recipes.schema import Recipe
 from .summary import MergeSummary, settings_of
 from .tensor_names import Structure
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = OUTPUT_DTYPES  # kept for callers of merge.api
 
 
 def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | Path | None = None, *,

@@ -118,7 +118,7 @@ def plan_recipe(recipe, models: dict, labels: dict):
     """The plan of ``recipe`` over opened ``models``, as :func:`merge.api.run` makes it."""
     import torch
 
-    from .api import DTYPES
+    from .dtypes import OUTPUT_DTYPES as DTYPES
     from .io.quantized import fp8_output_plan
     from .io.writer import parse_size
     from .plan import make_plan
@@ -173,7 +173,8 @@ def _host() -> str:
 
 
 def _hold(unit_id: str) -> None:
-    """Tests only (``MERGEBACK_TEST_HOLD``): record this task's pid and node, then wait for ``go-all`` or ``go-<unit>``."""
+    """Tests only (``MERGEBACK_TEST_HOLD``): record this task's pid and node, then wait for ``go-all`` or
+    ``go-<unit>``."""
     folder = os.environ.get(HOLD_ENV)
     if not folder:
         return
@@ -185,7 +186,7 @@ def _hold(unit_id: str) -> None:
 
 def _open_inputs(common: dict, stack: ExitStack) -> dict:
     """The inputs as this node reaches them: local folders as given, Hub models fetched at the pinned commit."""
-    from .api import open_model
+    from .inputs import open_model
     from .io.resolve import resolve_model
 
     here = {}
@@ -328,8 +329,8 @@ class Cluster:
 
     # -- up-front checks -----------------------------------------------------------------------------------
     def check_visible(self, out: Path, inputs: dict) -> None:
-        """Some node must fit a task, and every node must see the folder the output is staged in (and the local inputs): one probe task per
-        node, pinned to it, reads a file the driver wrote there and writes one back for the driver to read."""
+        """Some node must fit a task, and every node must see the folder the output is staged in (and the local
+        inputs): one probe task per node, pinned to it, reads a file the driver wrote there and writes one back for the driver to read."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self._check_fits(self.cpus, self.task_memory)
@@ -341,9 +342,11 @@ class Cluster:
         local = [str(m.path) for m in inputs.values() if not m.repo_id]
         task = self.ray.remote(probe)
         try:
-            refs = {n["NodeID"]: task.options(num_cpus=0, max_retries=MAX_RETRIES,
-                                              scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-                                              ).remote(str(probe_file), token, local) for n in self.nodes}
+            def on(node_id):
+                return task.options(num_cpus=0, max_retries=MAX_RETRIES,
+                                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+
+            refs = {n["NodeID"]: on(n["NodeID"]).remote(str(probe_file), token, local) for n in self.nodes}
             gone = set()
             for node, ref in refs.items():
                 try:

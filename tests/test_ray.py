@@ -2,8 +2,8 @@
 executor, surviving a killed worker and a killed driver, and refusing a staging folder some node cannot see.
 
 Worker pids come from the tasks themselves: with MERGEBACK_TEST_HOLD set, each task appends its pid to
-``<hold>/<unit>.pids`` (with its node id) and waits until the test creates ``go-all`` or ``go-<unit>``, so kills land while a
-task is known to be running (no sleeps, whatever the machine's load).
+``<hold>/<unit>.pids`` (with its node id) and waits until the test creates ``go-all`` or ``go-<unit>``, so kills
+land while a task is known to be running (no sleeps, whatever the machine's load).
 """
 
 import json
@@ -179,7 +179,9 @@ def test_lost_node_its_units_rerun_elsewhere_and_output_identical(cluster, pairs
     driver.start()
     removed = False
     try:
-        running = lambda: [(f, a) for f in hold.glob("*.pids") for a in _attempts(f)]
+        def running():
+            return [(f, a) for f in hold.glob("*.pids") for a in _attempts(f)]
+
         _wait_for(lambda: len(running()) == 3, "three running units, one per node")
         (victim, _), = [(f, a) for f, a in running() if a[1] == doomed.node_id]
         cluster.remove_node(doomed, allow_graceful=False)
@@ -330,7 +332,8 @@ def test_an_address_where_no_cluster_answers_is_one_line(pairs, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "out"
-    args = ["linear", "--sft", str(sft), "--base", str(base), "--t", "0.3", "-o", str(out), "--ray", f"127.0.0.1:{port}"]
+    args = ["linear", "--sft", str(sft), "--base", str(base), "--t", "0.3", "-o", str(out),
+            "--ray", f"127.0.0.1:{port}"]
     run = subprocess.run([sys.executable, "-c", DRIVER, *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 2, run.stderr
