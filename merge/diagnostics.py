@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import methods
-from .execute import CHUNK_ELEMENTS, chunk_ranges
+from .methods.chunks import CHUNK_ELEMENTS, chunk_ranges
 from .tensor_names import group_of, layer_index, num_layers
 
 IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "architectures_version"}
@@ -206,14 +206,18 @@ def _tensor_drift(s, b, name: str, t: float, chunk: int, report: InspectReport) 
             report.notes.append(f"{name}: shape {list(info_s.shape)} in the SFT but {list(info_b.shape)} in the "
                                 "base; not compared")
             return None
-    delta_sq = base_sq = sft_sq = dot = 0.0
-    for _, start, stop in chunk_ranges(numel, chunk):
-        x = s.view(name, start, stop).double()
-        y = b.view(name, start, stop).double()
-        d = x - y
-        delta_sq += float(torch.dot(d, d))
-        dt, xx, yy = float(torch.dot(x, y)), float(torch.dot(x, x)), float(torch.dot(y, y))
-        dot, sft_sq, base_sq = dot + dt, sft_sq + xx, base_sq + yy
+    delta_sq = 0.0
+
+    def pairs():
+        nonlocal delta_sq
+        for _, start, stop in chunk_ranges(numel, chunk):
+            x, y = s.view(name, start, stop), b.view(name, start, stop)
+            d = x.double() - y.double()
+            delta_sq += float(torch.dot(d, d))
+            yield x, y
+
+    # the merge's own statistics (the slerp kernel's float64 block sums), so the branch shown is the merge's
+    dot, sft_sq, base_sq = methods.slerp_statistics(pairs())
     s.release(name)
     b.release(name)
     coeffs = methods.slerp_coefficients(dot, sft_sq, base_sq, t)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io.resolve import ResolvedModel
+from .methods import registry
 
 
 @dataclass
@@ -34,13 +35,8 @@ class MergeSummary:
             lo, hi = self.t_range
             t = f"t = {lo:g}" if lo == hi else f"t from {lo:g} to {hi:g} across tensors"
             t += " (t is the share of the base model: t=0 keeps the SFT unchanged, t=1 gives the base)."
-        return {
-            "linear": f"Linear interpolation `W = (1-t)*W_sft + t*W_base`, per tensor. {t}",
-            "slerp": ("Spherical interpolation per tensor, from the SFT (t=0) towards the base (t=1), on the raw "
-                      "flattened tensors; it falls back to linear interpolation when the two tensors are nearly "
-                      f"parallel (|cos| > 0.9995) or one is ~0. {t}"),
-            "task_arithmetic": "Task arithmetic `W = W_base + sum_i s_i * sparsify(W_sft_i - W_base)`.",
-        }.get(self.method, f"{self.method} merge.")
+        spec = registry.get(self.method) if self.method in registry.names() else None
+        return spec.describe(t) if spec is not None else f"{self.method} merge."
 
     def report(self) -> str:
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.tensors.items()))
@@ -49,9 +45,9 @@ class MergeSummary:
             lo, hi = self.t_range
             lines.append(f"t (share of base): {lo:g}" if lo == hi else f"t (share of base): {lo:g}..{hi:g}")
         lines.append(f"tensors: {sum(self.tensors.values())} ({counts})")
-        if self.method == "slerp":
-            lines.append(f"slerp: {self.spherical} tensors took the spherical branch, {self.linear_fallback} fell "
-                         f"back to linear; largest angle {self.max_angle:.3f} deg")
+        spec = registry.find(self.method)
+        if spec is not None:
+            lines += spec.report(self)
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"warning: {w}" for w in self.warnings]
         size = f"{self.output_bytes / 1e9:.2f} GB" if self.output_bytes >= 1e8 else f"{self.output_bytes / 1e6:.2f} MB"

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..methods.base import Copy, Operation
 from ..tensor_names import group_of
 from .checkpoint import BinFile, Checkpoint, read_json
 from .safetensors_file import SafetensorsFile, TensorInfo
@@ -411,20 +412,14 @@ def adapter_notes(method: str, models: dict) -> list[str]:
     return notes
 
 
-INTERPOLATIONS = ("linear", "slerp", "task_arithmetic")
-
-
-def copy_when_unchanged(models: dict, op, name: str):
+def copy_when_unchanged(models: dict, op: Operation, name: str) -> Operation:
     """The base's tensor as a plain copy when every input of ``op`` equals it (LoRA leaves the tensor alone).
 
-    Interpolations and task arithmetic of identical tensors give that tensor back; copying it costs no
-    arithmetic and keeps it bit-exact. Unnormalised linear weights not summing to 1 are left alone.
+    Operations that give equal inputs back (``Operation.preserves_equal_inputs``: interpolations, task
+    arithmetic; not unnormalised linear weights summing to other than 1) cost no arithmetic then and stay
+    bit-exact.
     """
-    from ..plan import Operation
-
-    if op.kind not in INTERPOLATIONS:
-        return op
-    if op.kind == "linear" and not op.params.get("normalize") and abs(sum(op.params["weights"]) - 1) > 1e-9:
+    if isinstance(op, Copy) or not op.preserves_equal_inputs():
         return op
     adapters = [k for k in op.inputs if isinstance(models[k], LoraAdapter)]
     if not adapters or any(models[k].changes(name) for k in adapters):
@@ -433,4 +428,4 @@ def copy_when_unchanged(models: dict, op, name: str):
     plain = [k for k in op.inputs if k not in adapters]
     if len(bases) != 1 or any(Path(models[k].path).resolve() not in bases or name not in models[k] for k in plain):
         return op
-    return Operation("copy", (plain[0] if plain else adapters[0],))
+    return Copy((plain[0] if plain else adapters[0],))

@@ -1,17 +1,15 @@
 """Reading recipe files: our format or mergekit's, with errors that name the key and its line.
 
-A file is a mergekit recipe when its top level has ``merge_method``; otherwise it is ours. Validation errors
-come from pydantic as key paths (``sft.0.scale``); the composed YAML node tree maps a path to its line.
+A file is a mergekit recipe when its top level has ``merge_method``; otherwise it is ours. Line numbers come
+from :mod:`.yaml_source`.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import yaml
-
 from ..errors import InputError
+from .yaml_source import describe_error, key_lines, locate_message, parse_yaml, validate, walk  # noqa: F401
 
 
 def load_recipe(path: str | Path):
@@ -29,105 +27,12 @@ def load_recipe(path: str | Path):
 
 def parse_text(text: str, source: str = "recipe"):
     """Parse recipe YAML ``text`` (``source`` names it in errors) into a validated recipe object."""
-    from pydantic import ValidationError
-
-    from .mergekit import MergekitRecipe
+    from .mergekit import MergekitRecipe  # here: reading our format needs no method registry (nor torch)
     from .schema import Recipe
 
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise InputError(f"{source}{where}: not valid YAML ({problem})") from None
-    if not isinstance(data, dict):
-        kind = "an empty file" if data is None else f"a {type(data).__name__}"
-        raise InputError(f"{source}: a recipe is a YAML mapping (method: ..., base: ..., sft: ...), got {kind}")
-    cls: type = MergekitRecipe if "merge_method" in data else Recipe
-    try:
-        recipe = cls.model_validate(data)
-    except ValidationError as e:
-        raise InputError(describe_error(e, node, source)) from None
-    except InputError as e:  # raised by our own checks with a key path: "key.path: message"
-        raise InputError(locate_message(str(e), node, source)) from None
+    node, data = parse_yaml(text, source)
+    recipe = validate(MergekitRecipe if "merge_method" in data else Recipe, data, node, source)
     if isinstance(recipe, MergekitRecipe):
         recipe._source_text = text
         recipe._lines = key_lines(node)
     return recipe
-
-
-def describe_error(error, node, source: str) -> str:
-    """One line for pydantic's first complaint: ``FILE:LINE: key.path: message``."""
-    err = error.errors()[0]
-    found, line = walk(node, err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key (check its spelling)"
-    elif err["type"] == "missing" and len(found) < len(err["loc"]):
-        found = found + [str(err["loc"][-1])]
-    if not found:
-        return locate_message(msg, node, source)
-    return f"{source}:{line}: {'.'.join(found)}: {msg}"
-
-
-def locate_message(msg: str, node, source: str) -> str:
-    """``key: message`` with the line of ``key`` (a dotted path) when the file has it."""
-    m = re.match(r"^([\w.\[\]]+): ", msg)
-    if m:
-        path = [int(p) if p.isdigit() else p for p in m.group(1).split(".")]
-        found, line = walk(node, path)
-        if found:
-            return f"{source}:{line}: {msg}"
-    return f"{source}:{_line(node)}: {msg}"
-
-
-def walk(node, loc) -> tuple[list[str], int]:
-    """Follow ``loc`` through the YAML node tree as far as it goes: (the keys found, the line reached).
-
-    Parts that are not in the file (pydantic's union branch tags such as ``list[float]``) are skipped."""
-    found: list[str] = []
-    line = _line(node)
-    for part in loc:
-        child = _child(node, part)
-        if child is None:
-            continue
-        key_node, node = child
-        found.append(str(part))
-        line = _line(key_node)
-    return found, line
-
-
-def _child(node, part):
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            if isinstance(k, yaml.ScalarNode) and k.value == str(part):
-                return k, v
-    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-        return node.value[part], node.value[part]
-    return None
-
-
-def _line(node) -> int:
-    return node.start_mark.line + 1 if node is not None else 1
-
-
-def key_lines(node) -> dict[tuple, int]:
-    """Every key path of the file -> its line (for errors raised after validation)."""
-    out: dict[tuple, int] = {}
-
-    def visit(n, path):
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                p = path + (k.value,)
-                out[p] = _line(k)
-                visit(v, p)
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                out[path + (i,)] = _line(v)
-                visit(v, path + (i,))
-
-    visit(node, ())
-    return out
-

@@ -17,18 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 from ..errors import InputError
+from ..methods import registry
+from ..methods.base import ParamSpec
 from ..tensor_names import group_of, layer_index
 
-# method -> (sparsification, consensus, default normalize, default rescale)
-TASK_ARITHMETIC_FAMILY = {
-    "task_arithmetic": (None, None, False, False),
-    "ties": ("magnitude", "sum", True, False),
-    "dare_linear": ("random", None, False, True),
-    "dare_ties": ("random", "sum", False, True),
-    "breadcrumbs": ("breadcrumbs", None, False, False),
-    "breadcrumbs_ties": ("breadcrumbs", "sum", False, False),
-}
-SUPPORTED = ("linear", "slerp", *TASK_ARITHMETIC_FAMILY)
+SUPPORTED = registry.mergekit_names()
 KNOWN_UNSUPPORTED = ("della", "della_linear", "model_stock", "nuslerp", "passthrough", "karcher", "sce",
                      "multislerp", "nearswap", "arcee_fusion", "task_adapter")
 DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "float64": "float64",
@@ -39,27 +32,10 @@ TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "modules", "param
              "tokenizer_source", "tokenizer", "chat_template", "mergeback")
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    scope: str  # shared | input | non_base
-    default: Any = None
-    required: bool = False
-
-
 def method_params(method: str) -> list[ParamSpec]:
     """The parameters mergekit reads for ``method`` (all others are ignored, as mergekit does)."""
-    if method == "linear":
-        return [ParamSpec("weight", "input", required=True), ParamSpec("normalize", "shared", True)]
-    if method == "slerp":
-        return [ParamSpec("t", "shared", required=True)]
-    sparsify, _, normalize, rescale = TASK_ARITHMETIC_FAMILY[method]
-    specs = [ParamSpec("weight", "non_base", required=True), ParamSpec("density", "non_base", 1.0),
-             ParamSpec("lambda", "shared", 1.0), ParamSpec("normalize", "shared", normalize),
-             ParamSpec("rescale", "shared", rescale), ParamSpec("int8_mask", "shared", False)]
-    if sparsify == "breadcrumbs":
-        specs.append(ParamSpec("gamma", "non_base", 0.01))
-    return specs
+    _, variant = registry.for_mergekit(method)
+    return list(variant.params)
 
 
 class _Loose(BaseModel):
@@ -170,15 +146,8 @@ class MergekitRecipe(_Loose):
 
     def _check_inputs(self) -> None:
         refs = self.model_refs()
-        method = self.merge_method
-        if method == "slerp":
-            if self.base_model is None:
-                raise ValueError("base_model: slerp needs base_model (t=0 gives base_model)")
-            if len(refs) != 2:
-                raise ValueError(f"models: slerp takes exactly two models (base_model and one other), got "
-                                 f"{len(refs)}")
-        elif method in TASK_ARITHMETIC_FAMILY and self.base_model is None:
-            raise ValueError(f"base_model: {method} needs base_model (the model the deltas are taken from)")
+        spec, variant = registry.for_mergekit(self.merge_method)
+        spec.check_mergekit(variant, self)
         if not refs:
             raise ValueError("models: give at least one model")
 

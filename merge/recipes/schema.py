@@ -24,6 +24,8 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .yaml_source import parse_yaml, validate
+
 Number = float
 Gradient = list[float]
 
@@ -107,7 +109,7 @@ class Recipe(BaseModel):
     """A complete, reproducible description of one merge."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["linear", "slerp", "task_arithmetic"]
+    method: str = Field(description="a registered method (merge.methods.registry): linear, slerp, task_arithmetic")
     base: str
     sft: list[SftModel]
     t: Optional[Value] = Field(None, description="share of the base model: 0 = SFT, 1 = base")
@@ -120,6 +122,15 @@ class Recipe(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
     out: Optional[str] = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v):
+        from ..methods import registry  # here, not at the top: `import merge` must not import torch
+
+        if v not in registry.names():
+            raise ValueError(registry.unknown(v))
+        return v
 
     @field_validator("sft", mode="before")
     @classmethod
@@ -138,25 +149,9 @@ class Recipe(BaseModel):
     def _method_fields(self):
         if not self.sft:
             raise ValueError("sft: give at least one SFT model")
-        lines = isinstance(self.schedule, LinesSchedule)
-        if self.method in ("linear", "slerp"):
-            if self.t is None and not lines:
-                raise ValueError(f"t: required for method {self.method} (share of the base, 0..1)")
-            if lines and self.t is not None and not _is_rules(self.t):
-                raise ValueError("t: with schedule lines, t may only be rules ({match, value}) that override "
-                                 "the schedule for the tensors they match")
-            if len(self.sft) != 1:
-                raise ValueError(f"sft: method {self.method} takes exactly one SFT model")
-            if (self.scale is not None or self.sparsify is not None or self.sign_consensus
-                    or any(s.scale is not None for s in self.sft) or self.normalize):
-                raise ValueError("scale/sparsify/sign_consensus/normalize: only for method task_arithmetic")
-        else:
-            if self.t is not None:
-                raise ValueError("t: task_arithmetic uses scale (the multiplier of each delta), not t")
-            if self.scale is None and any(s.scale is None for s in self.sft) and self.schedule is None:
-                raise ValueError("scale: give a scale (top level or per SFT) for task_arithmetic")
-            if self.sign_consensus and len(self.sft) < 2:
-                raise ValueError("sign_consensus: needs at least two SFT models")
+        from ..methods import registry
+
+        registry.get(self.method).check_recipe(self)
         return self
 
     # -- the interface merge.run uses (shared with MergekitRecipe) -------------------------------------------
@@ -191,13 +186,11 @@ class Recipe(BaseModel):
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> "Recipe":
-        """Parse and validate; errors name the key and its line (see :mod:`merge.recipes.loading`)."""
-        from .loading import parse_text
-
-        recipe = parse_text(text, source)
-        if not isinstance(recipe, cls):
+        """Parse and validate; errors name the key and its line (see :mod:`merge.recipes.yaml_source`)."""
+        node, data = parse_yaml(text, source)
+        if "merge_method" in data:
             raise ValueError(f"{source}: a mergekit recipe; load it with merge.recipes.load_recipe")
-        return recipe
+        return validate(cls, data, node, source)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":

@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..evaluate import ProbeScore, encode, load_probes, objective, recovery, select
 from ..evaluate.probes import ProbeSet
 from ..evaluate.scoring import score
+from ..methods import registry
 from .inplace import InPlaceModel
 from .result import Candidate, Reported, ScheduleOutcome, SweepResult, plot_tradeoff, with_recovery
 from .search import blocks_recipe, coordinate_search, lines_recipe
@@ -261,8 +262,8 @@ def _forgetting_notes(base_row: Candidate, sft_row: Candidate, notes: list[str])
 
 
 def _check_options(method, rule, keep_domain, holdout, schedule, blocks, budget, max_tokens) -> None:
-    if method not in ("linear", "slerp"):
-        raise InputError(f"--method {method}: a sweep evaluates linear or slerp merges")
+    if method not in registry.sweepable():
+        raise InputError(f"--method {method}: a sweep evaluates {' or '.join(registry.sweepable())} merges")
     if rule not in ("keep-domain", "score"):
         raise InputError(f"--select {rule}: use keep-domain or score")
     if not 0 < keep_domain <= 1:
