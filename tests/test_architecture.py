@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 import merge
 from merge.errors import InputError
@@ -123,3 +124,23 @@ def test_kernels_declare_their_buffers_and_passes():
     assert kernel.buffer_bytes(ties, 1000) > 0 == kernel.buffer_bytes(dare, 1000)
     assert registry.kernel_for(Slerp(("sft0", "base"), t=0.5)).passes(Slerp(("sft0", "base"))) == 1
     assert registry.kernel_for(Linear(("sft0", "base"), (0.5, 0.5))).passes(Linear(("a",), (1.0,))) == 0
+
+
+def test_a_new_method_is_one_module_and_its_registration(pairs, tmp_path):
+    from .examples import midpoint
+    from .helpers import load_tensors
+
+    base, sft = pairs("llama", torch.float32)
+    with pytest.raises(ValueError, match="'midpoint' is not a merge method"):
+        merge.Recipe.model_validate({"method": "midpoint", "base": str(base), "sft": str(sft)})
+    registry.register(midpoint.SPEC)
+    try:
+        recipe = merge.Recipe.model_validate({"method": "midpoint", "base": str(base), "sft": str(sft)})
+        summary = merge.run(recipe, out=tmp_path / "o", chunk_elements=1000)
+    finally:
+        registry.unregister("midpoint")
+    b, s, out = load_tensors(base), load_tensors(sft), load_tensors(tmp_path / "o")
+    assert summary.tensors == {"midpoint": len(s)} and "The midpoint" in (tmp_path / "o" / "README.md").read_text()
+    for name in s:
+        assert torch.equal(out[name], (s[name] + b[name]) * 0.5), name
+    assert "midpoint" not in registry.names()

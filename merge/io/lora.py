@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..methods import registry
 from ..methods.base import Copy, Operation
 from ..tensor_names import group_of
 from .checkpoint import BinFile, Checkpoint, read_json
@@ -394,7 +395,8 @@ class LoraAdapter:
 
 
 def adapter_notes(method: str, models: dict) -> list[str]:
-    """Summary notes saying what a merge with LoRA inputs computes."""
+    """Summary notes saying what a merge with LoRA inputs computes (each method's ``lora_note``)."""
+    spec = registry.get(method) if method in registry.names() else None
     notes = []
     for model in models.values():
         if not isinstance(model, LoraAdapter):
@@ -403,12 +405,8 @@ def adapter_notes(method: str, models: dict) -> list[str]:
         if model.use_dora:
             notes.append(f"{model.role}: DoRA tensors are materialised as m * V / ||V|| with V = W_base + s*B@A "
                          "(norm per output feature), then merged")
-        elif method in ("linear", "task_arithmetic"):
-            what = "W_base + (1-t)*s*B@A" if method == "linear" else "W_base + scale_i*s*B@A"
-            notes.append(f"{model.role}: for LoRA-targeted tensors this {method.replace('_', ' ')} merge is exactly "
-                         f"{what}, computed tensor by tensor without materialising the merged model")
-        elif method == "slerp":
-            notes.append(f"{model.role}: SLERP runs on the materialised W_base + s*B@A of each targeted tensor")
+        elif spec is not None and spec.lora_note:
+            notes.append(f"{model.role}: {spec.lora_note}")
     return notes
 
 

@@ -121,6 +121,7 @@ class MethodSpec:
       per-tensor t/scale resolution of :mod:`merge.recipes.operations`); ``legend(recipe)`` heads the plan
       table;
     - ``describe(t_text)``: its sentence in the summary and card; ``report(summary)``: extra summary lines;
+      ``lora_note``: what it computes for LoRA inputs (a summary note);
     - ``mergekit``: the mergekit methods it runs, ``plan_mergekit(variant, recipe, resolver, name)``,
       ``check_mergekit(variant, recipe)`` and ``convert(variant, recipe, chains, fields, problems, notes)``
       (our format's equivalent, for ``merge convert``); ``mergekit_legend``;
@@ -135,6 +136,7 @@ class MethodSpec:
     legend: Callable[[Any], str]
     describe: Callable[[str], str]
     report: Callable[[Any], list[str]] = lambda summary: []
+    lora_note: str = ""
     mergekit: tuple[MergekitVariant, ...] = ()
     plan_mergekit: Callable[..., Planned] | None = None
     check_mergekit: Callable[..., None] = lambda variant, recipe: None

@@ -162,6 +162,8 @@ SPEC = MethodSpec(
     describe=lambda t: f"Linear interpolation `W = (1-t)*W_sft + t*W_base`, per tensor. {t}",
     mergekit=(MergekitVariant("linear", (ParamSpec("weight", "input", required=True),
                                          ParamSpec("normalize", "shared", True))),),
+    lora_note=("for LoRA-targeted tensors this linear merge is exactly W_base + (1-t)*s*B@A, computed "
+              "tensor by tensor without materialising the merged model"),
     plan_mergekit=_plan_mergekit,
     convert=_convert,
     mergekit_legend="mergekit weight of each model ({order})",

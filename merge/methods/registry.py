@@ -30,6 +30,14 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+def unregister(name: str) -> None:
+    """Forget the method ``name`` (its kind and mergekit names too)."""
+    spec = _METHODS.pop(name)
+    _KINDS.pop(spec.operation.kind, None)
+    for variant in spec.mergekit:
+        _MERGEKIT.pop(variant.name, None)
+
+
 for _spec in _BUILTIN:
     register(_spec)
 

@@ -169,6 +169,7 @@ SPEC = MethodSpec(
                         f"parallel (|cos| > 0.9995) or one is ~0. {t}"),
     report=_report,
     mergekit=(MergekitVariant("slerp", (ParamSpec("t", "shared", required=True),)),),
+    lora_note="SLERP runs on the materialised W_base + s*B@A of each targeted tensor",
     plan_mergekit=_plan_mergekit,
     check_mergekit=_check_mergekit,
     convert=_convert,

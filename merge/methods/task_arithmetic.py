@@ -428,6 +428,8 @@ SPEC = MethodSpec(
     legend=lambda recipe: "scale of each SFT's delta" + (" (sft0/sft1/...)" if len(recipe.sft) > 1 else ""),
     describe=lambda t: "Task arithmetic `W = W_base + sum_i s_i * sparsify(W_sft_i - W_base)`.",
     mergekit=tuple(MergekitVariant(name, _mergekit_params(f), f) for name, f in FAMILY.items()),
+    lora_note=("for LoRA-targeted tensors this task arithmetic merge is exactly W_base + scale_i*s*B@A, "
+              "computed tensor by tensor without materialising the merged model"),
     plan_mergekit=_plan_mergekit,
     check_mergekit=_check_mergekit,
     convert=_convert,
