@@ -8,9 +8,9 @@ implementations (the tests' oracle) are in :mod:`.reference`, not exported here.
 
 from .base import Copy, MethodSpec, Operation
 from .linear import Linear, linear, linear_sum_then_divide
-from .selection import RankCut, kth_largest, rank_cut, rank_cuts
+from .selection import RankCut, rank_cut, rank_cuts
 from .slerp import Slerp, SlerpCoefficients, slerp_coefficients, slerp_partial_sums, slerp_statistics
-from .sparsify import breadcrumbs_mask, dare_keep, dare_mask, magnitude_mask, top_k_mask, trim_
+from .sparsify import dare_keep, dare_mask, trim_
 from .task_arithmetic import (Sparsification, TaskArithmetic, elect_signs_mergekit, sign_consensus_mask,
                               task_arithmetic, task_arithmetic_mergekit)
 
@@ -24,14 +24,11 @@ __all__ = [
     "SlerpCoefficients",
     "Sparsification",
     "TaskArithmetic",
-    "breadcrumbs_mask",
     "dare_keep",
     "dare_mask",
     "elect_signs_mergekit",
-    "kth_largest",
     "linear",
     "linear_sum_then_divide",
-    "magnitude_mask",
     "rank_cut",
     "rank_cuts",
     "sign_consensus_mask",
@@ -40,6 +37,5 @@ __all__ = [
     "slerp_statistics",
     "task_arithmetic",
     "task_arithmetic_mergekit",
-    "top_k_mask",
     "trim_",
 ]

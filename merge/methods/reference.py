@@ -13,8 +13,9 @@ from typing import Sequence
 import torch
 
 from .linear import linear
+from .selection import ChunkSource, RankCut, magnitudes, rank_cut
 from .slerp import DOT_THRESHOLD, EPS, SlerpCoefficients, slerp_coefficients, slerp_partial_sums
-from .sparsify import dare_keep
+from .sparsify import dare_keep, keep_top_
 
 
 def lerp(sft: torch.Tensor, base: torch.Tensor, t: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,3 +114,33 @@ def task_arithmetic(base: torch.Tensor, sfts: Sequence[torch.Tensor], weights: S
         divisor = sum(w * m.to(base.dtype) for w, m in zip(weights, masks))
         mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     return base + lam * mixed
+
+
+# -- mask forms of the streaming selection: what in-place trimming (sparsify.trim_) is tested against ----------
+def kth_largest(chunks: ChunkSource, k: int) -> float:
+    """The k-th largest ``|x|`` (1-based) over all chunks (``inf`` for k < 1)."""
+    return rank_cut(chunks, k).threshold
+
+
+def top_k_mask(x: torch.Tensor, cut: RankCut, ties_before: int = 0) -> tuple[torch.Tensor, int]:
+    """Which entries of this chunk are among the top k of the whole tensor (see :class:`RankCut`);
+    ``ties_before`` counts threshold-equal entries in earlier chunks. Returns (mask, ties in this chunk)."""
+    mags = magnitudes(x)
+    ties = keep_top_(mags, cut, ties_before)
+    return mags.reshape(x.shape) != 0, ties
+
+
+def magnitude_mask(delta: torch.Tensor, cut: RankCut, ties_before: int = 0) -> tuple[torch.Tensor, int]:
+    """TIES trimming: keep the ``k = max(1, int(density * n))`` largest-magnitude entries of a delta."""
+    return top_k_mask(delta, cut, ties_before)
+
+
+def breadcrumbs_mask(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tuple[int, int] = (0, 0)
+                     ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Model Breadcrumbs: keep the magnitude ranks in ``[top, top + keep)``: the top ``top = gamma * n``
+    entries are dropped (``upper``), and so is everything below rank ``top + keep`` (``lower``)."""
+    in_lower, t_low = top_k_mask(delta, lower, ties_before[1])
+    if upper.threshold == float("inf"):  # nothing dropped from the top (plain magnitude trimming)
+        return in_lower, (0, t_low)
+    in_upper, t_up = top_k_mask(delta, upper, ties_before[0])
+    return in_lower & ~in_upper, (t_up, t_low)

@@ -238,11 +238,6 @@ def rank_cut(chunks: ChunkSource, k: int, one_pass: bool = True, sample: ChunkSo
     return rank_cuts(chunks, [k], one_pass, sample, total)[0]
 
 
-def kth_largest(chunks: ChunkSource, k: int) -> float:
-    """The k-th largest ``|x|`` (1-based) over all chunks (``inf`` for k < 1)."""
-    return rank_cut(chunks, k).threshold
-
-
 def magnitudes(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``|x|`` as flat float32 (into ``out`` when given): the values magnitude ranks compare."""
     x = x.detach().reshape(-1)

@@ -17,7 +17,7 @@ from .selection import RankCut, keep_rules, magnitudes
 RNG_BLOCK = 1 << 16  # random masks are drawn per fixed block, so they do not depend on the chunk size
 
 
-def _keep_top_(mags: torch.Tensor, cut: RankCut, ties_before: int, ties_here: int | None = None) -> int:
+def keep_top_(mags: torch.Tensor, cut: RankCut, ties_before: int, ties_here: int | None = None) -> int:
     """Turns ``mags`` (float32 ``|x|`` of a chunk) in place into 1.0 for the entries among the top k of the whole
     tensor and 0.0 for the others (a multiplier); returns the threshold-equal entries in this chunk (see
     :func:`keep_rules`). The threshold is a float32 value, so the comparisons are exact."""
@@ -35,33 +35,9 @@ def _keep_top_(mags: torch.Tensor, cut: RankCut, ties_before: int, ties_here: in
     return ties
 
 
-def top_k_mask(x: torch.Tensor, cut: RankCut, ties_before: int = 0) -> tuple[torch.Tensor, int]:
-    """Which entries of this chunk are among the top k of the whole tensor (see :class:`RankCut`);
-    ``ties_before`` counts threshold-equal entries in earlier chunks. Returns (mask, ties in this chunk)."""
-    mags = magnitudes(x)
-    ties = _keep_top_(mags, cut, ties_before)
-    return mags.reshape(x.shape) != 0, ties
-
-
-def magnitude_mask(delta: torch.Tensor, cut: RankCut, ties_before: int = 0) -> tuple[torch.Tensor, int]:
-    """TIES trimming: keep the ``k = max(1, int(density * n))`` largest-magnitude entries of a delta."""
-    return top_k_mask(delta, cut, ties_before)
-
-
-def breadcrumbs_mask(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tuple[int, int] = (0, 0)
-                     ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Model Breadcrumbs: keep the magnitude ranks in ``[top, top + keep)``: the top ``top = gamma * n``
-    entries are dropped (``upper``), and so is everything below rank ``top + keep`` (``lower``)."""
-    in_lower, t_low = top_k_mask(delta, lower, ties_before[1])
-    if upper.threshold == float("inf"):  # nothing dropped from the top (plain magnitude trimming)
-        return in_lower, (0, t_low)
-    in_upper, t_up = top_k_mask(delta, upper, ties_before[0])
-    return in_lower & ~in_upper, (t_up, t_low)
-
-
 def trim_(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tuple[int, int] = (0, 0),
           scratch: torch.Tensor | None = None, chunk: int | None = None) -> tuple[int, int]:
-    """:func:`breadcrumbs_mask` applied in place: ``delta`` keeps its magnitude ranks in the band and is zero
+    """:func:`~.reference.breadcrumbs_mask` applied in place: ``delta`` keeps its magnitude ranks in the band and is zero
     elsewhere (``scratch``: a 4-byte buffer of delta's size; ``chunk``: this chunk's index in the pass that
     found the cuts, to use their ``ties_by_chunk``). Returns the ties seen, as ``breadcrumbs_mask``.
 
@@ -80,11 +56,11 @@ def trim_(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tupl
 
 def _trim_by_mask_(delta, upper, lower, ties_before, scratch, chunk) -> tuple[int, int]:
     keep = magnitudes(delta, None if scratch is None else scratch.view(torch.float32))
-    t_low = _keep_top_(keep, lower, ties_before[1], _ties_in(lower, chunk))
+    t_low = keep_top_(keep, lower, ties_before[1], _ties_in(lower, chunk))
     t_up = 0
     if upper.threshold != float("inf"):
         above = magnitudes(delta)
-        t_up = _keep_top_(above, upper, ties_before[0], _ties_in(upper, chunk))
+        t_up = keep_top_(above, upper, ties_before[0], _ties_in(upper, chunk))
         keep.sub_(above).clamp_(min=0)  # kept by the lower cut and not among the top ones
     delta.mul_(keep.view(delta.shape))
     return t_up, t_low
