@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 import torch
+from pydantic import BaseModel
 
 from .chunks import Chunk
 
@@ -111,11 +112,17 @@ class MergekitVariant:
     settings: Any = None
 
 
+class NoParams(BaseModel):
+    """A method without parameters of its own in our recipe format."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """Everything about one merge method, in one place (see :mod:`merge.methods.registry`).
 
     - ``operation``/``kernel``: the typed operation it plans and the streaming kernel that runs it;
+    - ``params``: its parameters in our recipe format, a pydantic model: the recipe schema's branch for the
+      method is ``Recipe`` plus this model (:mod:`merge.recipes.schema`);
     - ``check_recipe(recipe)`` raises ``ValueError`` for one of our recipes it cannot run (the fields it
       takes, the number of SFTs); ``plan(recipe, values, name)`` gives a :class:`Planned` (``values``: the
       per-tensor t/scale resolution of :mod:`merge.recipes.operations`); ``legend(recipe)`` heads the plan
@@ -135,6 +142,7 @@ class MethodSpec:
     plan: Callable[[Any, Any, str], Planned]
     legend: Callable[[Any], str]
     describe: Callable[[str], str]
+    params: type[BaseModel] = NoParams
     report: Callable[[Any], list[str]] = lambda summary: []
     lora_note: str = ""
     mergekit: tuple[MergekitVariant, ...] = ()

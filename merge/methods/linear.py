@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
+from pydantic import BaseModel, Field, field_validator
+
+from ..params import Value, finite_value
 
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 
@@ -84,9 +87,20 @@ class LinearKernel(KernelBase):
         return combine(job.op, xs)
 
 
+class InterpolationParams(BaseModel):
+    """Our recipe's parameter of an interpolation of one SFT with its base (linear, slerp)."""
+
+    t: Optional[Value] = Field(None, description="share of the base model: 0 = SFT, 1 = base")
+
+    @field_validator("t")
+    @classmethod
+    def _finite(cls, v):
+        return finite_value(v)
+
+
 def check_interpolation(recipe) -> None:
     """Our recipe's rules for an interpolation of one SFT with its base (linear, slerp): ``t`` or a lines
-    schedule, one SFT, no task-arithmetic fields."""
+    schedule, and one SFT without a scale of its own."""
     method = recipe.method
     lines = getattr(recipe.schedule, "preset", None) == "lines"
     if recipe.t is None and not lines:
@@ -96,9 +110,8 @@ def check_interpolation(recipe) -> None:
                          "the schedule for the tensors they match")
     if len(recipe.sft) != 1:
         raise ValueError(f"sft: method {method} takes exactly one SFT model")
-    if (recipe.scale is not None or recipe.sparsify is not None or recipe.sign_consensus
-            or any(s.scale is not None for s in recipe.sft) or recipe.normalize):
-        raise ValueError("scale/sparsify/sign_consensus/normalize: only for method task_arithmetic")
+    if recipe.sft[0].scale is not None:
+        raise ValueError("sft.0.scale: only for method task_arithmetic")
 
 
 def _is_rules(value) -> bool:
@@ -156,6 +169,7 @@ SPEC = MethodSpec(
     name="linear",
     operation=Linear,
     kernel=LinearKernel(),
+    params=InterpolationParams,
     check_recipe=check_interpolation,
     plan=_plan,
     legend=lambda recipe: INTERPOLATION_LEGEND,

@@ -9,7 +9,7 @@ from typing import ClassVar, Iterable
 import torch
 
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
-from .linear import INTERPOLATION_LEGEND, check_interpolation, linear
+from .linear import INTERPOLATION_LEGEND, InterpolationParams, check_interpolation, linear
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -161,6 +161,7 @@ SPEC = MethodSpec(
     name="slerp",
     operation=Slerp,
     kernel=SlerpKernel(),
+    params=InterpolationParams,
     check_recipe=check_interpolation,
     plan=_plan,
     legend=lambda recipe: INTERPOLATION_LEGEND,

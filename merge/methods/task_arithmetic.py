@@ -11,9 +11,12 @@ ties, dare_linear, dare_ties, breadcrumbs and breadcrumbs_ties are this method w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar, Literal, Optional, Sequence, Union
 
 import torch
+from pydantic import BaseModel, Field, field_validator
+
+from ..params import Sparsify, Value, finite_value
 
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 from .chunks import Chunk, sample_ranges
@@ -304,9 +307,27 @@ class TaskArithmeticKernel(KernelBase):
         return combine(op, base, deltas)
 
 
+class TaskArithmeticParams(BaseModel):
+    """Our recipe's parameters of task arithmetic: each SFT's scale (``scale`` is the default; an SFT may
+    give its own), pruning, TIES sign consensus and normalisation."""
+
+    scale: Optional[Value] = Field(None, description="task arithmetic: default scale of every delta")
+    sparsify: Optional[Sparsify] = None
+    sign_consensus: Union[bool, Literal["sum", "count"]] = False
+    normalize: bool = Field(False, description="task arithmetic: divide by the sum of the (kept) scales")
+
+    @field_validator("scale")
+    @classmethod
+    def _finite(cls, v):
+        return finite_value(v)
+
+    def scale_of(self, index: int) -> Value:
+        """SFT ``index``'s scale: its own, else the default ``scale``."""
+        own = self.sft[index].scale
+        return own if own is not None else self.scale
+
+
 def _check_recipe(recipe) -> None:
-    if recipe.t is not None:
-        raise ValueError("t: task_arithmetic uses scale (the multiplier of each delta), not t")
     if recipe.scale is None and any(s.scale is None for s in recipe.sft) and recipe.schedule is None:
         raise ValueError("scale: give a scale (top level or per SFT) for task_arithmetic")
     if recipe.sign_consensus and len(recipe.sft) < 2:
@@ -423,6 +444,7 @@ SPEC = MethodSpec(
     name="task_arithmetic",
     operation=TaskArithmetic,
     kernel=TaskArithmeticKernel(),
+    params=TaskArithmeticParams,
     check_recipe=_check_recipe,
     plan=_plan,
     legend=lambda recipe: "scale of each SFT's delta" + (" (sft0/sft1/...)" if len(recipe.sft) > 1 else ""),

@@ -17,64 +17,16 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from ..errors import InputError
+from ..params import Rule, Sparsify, Value  # noqa: F401  (Rule, Sparsify: re-exported by merge.recipes)
 from .yaml_source import parse_yaml, validate
 
-Number = float
-Gradient = list[float]
-
-
-class Rule(BaseModel):
-    """One rule of a per-tensor value: tensors matching ``match`` get ``value`` (no match = default)."""
-
-    model_config = ConfigDict(extra="forbid")
-    match: Optional[str] = None
-    value: Union[Number, Gradient]
-
-    @field_validator("value")
-    @classmethod
-    def _finite(cls, v):
-        _check_finite(v)
-        return v
-
-
-Value = Union[Number, Gradient, list[Rule]]
-
-
-def _is_rules(v) -> bool:
-    return isinstance(v, list) and bool(v) and isinstance(v[0], Rule)
-
-
-def _check_finite(v) -> None:
-    for x in v if isinstance(v, list) else [v]:
-        if isinstance(x, float) and not math.isfinite(x):
-            raise ValueError("must be a finite number")
-    if isinstance(v, list) and not v:
-        raise ValueError("must not be empty")
-
-
-class Sparsify(BaseModel):
-    """How each task vector is thinned before it is added (task arithmetic only)."""
-
-    model_config = ConfigDict(extra="forbid")
-    method: Literal["magnitude", "random", "breadcrumbs"]
-    density: float = Field(gt=0, le=1, description="fraction of each delta's entries kept")
-    gamma: float = Field(0.01, ge=0, lt=1, description="breadcrumbs: fraction of largest entries dropped")
-    seed: int = 0
-    rescale: Union[bool, Literal["l1"]] = Field(
-        True, description="random (DARE): divide survivors by density; l1: restore each delta's L1 norm")
-
-    @model_validator(mode="after")
-    def _band(self):
-        if self.method == "breadcrumbs" and self.gamma + self.density > 1:
-            raise ValueError("breadcrumbs needs gamma + density <= 1")
-        return self
 
 
 class LinesSchedule(BaseModel):
@@ -106,22 +58,33 @@ class SftModel(BaseModel):
 
 
 class Recipe(BaseModel):
-    """A complete, reproducible description of one merge."""
+    """A complete, reproducible description of one merge: the fields every method shares.
+
+    A recipe is one branch of a union keyed by ``method``: validating (``Recipe.model_validate``,
+    ``from_yaml``) gives an instance of the method's own class, ``Recipe`` plus the method's parameter model
+    (``MethodSpec.params``: ``t`` for linear/slerp; ``scale``, ``sparsify``, ``sign_consensus``, ``normalize``
+    for task arithmetic). A field of another method is a one-line error naming the methods that take it.
+    """
 
     model_config = ConfigDict(extra="forbid")
     method: str = Field(description="a registered method (merge.methods.registry): linear, slerp, task_arithmetic")
     base: str
     sft: list[SftModel]
-    t: Optional[Value] = Field(None, description="share of the base model: 0 = SFT, 1 = base")
-    scale: Optional[Value] = Field(None, description="task arithmetic: default scale of every delta")
-    sparsify: Optional[Sparsify] = None
-    sign_consensus: Union[bool, Literal["sum", "count"]] = False
-    normalize: bool = Field(False, description="task arithmetic: divide by the sum of the (kept) scales")
     schedule: Optional[Schedule] = Field(None, description="a named per-layer preset (lines, bottom_k)")
     dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
     out: Optional[str] = None
+
+    @classmethod
+    def model_validate(cls, obj, *args, **kwargs):
+        """Validate ``obj`` as the recipe class of its ``method`` (the union's branch)."""
+        if cls is Recipe and isinstance(obj, dict):
+            branch = _branch(obj.get("method"))
+            if branch is not None:
+                _refuse_foreign_fields(obj, branch)
+                return branch.model_validate(obj, *args, **kwargs)
+        return super().model_validate(obj, *args, **kwargs)
 
     @field_validator("method")
     @classmethod
@@ -137,13 +100,6 @@ class Recipe(BaseModel):
     def _sft_list(cls, v):
         items = v if isinstance(v, list) else [v]
         return [{"model": x} if isinstance(x, str) else x for x in items]
-
-    @field_validator("t", "scale")
-    @classmethod
-    def _finite(cls, v):
-        if v is not None and not (isinstance(v, list) and v and isinstance(v[0], Rule)):
-            _check_finite(v)
-        return v
 
     @model_validator(mode="after")
     def _method_fields(self):
@@ -179,8 +135,11 @@ class Recipe(BaseModel):
 
     # -- YAML ------------------------------------------------------------------------------------------------
     def to_yaml(self) -> str:
+        """The recipe as YAML: method, base, sft, the method's parameters, then the shared settings."""
         data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-        data = {"method": self.method, **data}
+        head = {"method": self.method, **{k: data.pop(k) for k in ("base", "sft") if k in data}}
+        params = {k: data.pop(k) for k in list(data) if k not in Recipe.model_fields}
+        data = {**head, **params, **data}
         data["sft"] = [s["model"] if set(s) == {"model"} else s for s in data["sft"]]
         return yaml.safe_dump(data, sort_keys=False)
 
@@ -196,6 +155,33 @@ class Recipe(BaseModel):
     def load(cls, path: str | Path) -> "Recipe":
         return cls.from_yaml(Path(path).read_text(), str(path))
 
-    def scale_of(self, index: int) -> Value:
-        own = self.sft[index].scale
-        return own if own is not None else self.scale
+
+
+_BRANCHES: dict[object, type[Recipe]] = {}
+
+
+def _branch(method) -> type[Recipe] | None:
+    """The recipe class of a registered ``method`` (None for an unknown one: ``Recipe`` refuses it)."""
+    from ..methods import registry
+
+    if not isinstance(method, str) or method not in registry.names():
+        return None
+    spec = registry.get(method)
+    if spec not in _BRANCHES:
+        name = "".join(part.title() for part in method.split("_")) + "Recipe"
+        _BRANCHES[spec] = create_model(name, __base__=(Recipe, spec.params), __module__=__name__,
+                                       method=(Literal[method], Field(description=f"the method: {method}")))
+    return _BRANCHES[spec]
+
+
+def _refuse_foreign_fields(data: dict, branch: type[Recipe]) -> None:
+    """A key that only other methods take: one line naming them (rather than pydantic's "unknown key")."""
+    from ..methods import registry
+
+    for key in data:
+        if key in branch.model_fields:
+            continue
+        takers = [n for n in registry.names() if key in _branch(n).model_fields]
+        if takers:
+            raise InputError(f"{key}: only for method {' or '.join(takers)} (method {data['method']} does not "
+                             "take it)")

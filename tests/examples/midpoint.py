@@ -27,8 +27,8 @@ class MidpointKernel(KernelBase):
 
 
 def _check(recipe) -> None:
-    if recipe.t is not None or recipe.scale is not None or len(recipe.sft) != 1:
-        raise ValueError("midpoint: one SFT, no t or scale")
+    if len(recipe.sft) != 1 or recipe.sft[0].scale is not None:
+        raise ValueError("sft: method midpoint takes one SFT model, without a scale")
 
 
 SPEC = MethodSpec(
