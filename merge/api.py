@@ -16,16 +16,17 @@ import torch
 from .card import render_card
 from .errors import InputError, MergeError
 from .execute import CHUNK_ELEMENTS, DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, ExecutionStats, Executor, resolve_device
+from .fp8_output import fp8_output_plan
 from .io import output
-from .io.checkpoint import Checkpoint
 from .io.lora import LoraAdapter, adapter_notes, is_adapter
+from .io.quantized import fp8_config, open_checkpoint, quantisation_notes
 from .io.resolve import ResolvedModel, resolve_model
 from .io.writer import ShardWriter, parse_size, write_index
 from .plan import Plan, make_plan
 from .recipes.operations import operations_for
 from .recipes.schema import Recipe
-from .summary import MergeSummary
-from .tensor_names import num_layers
+from .summary import MergeSummary, settings_of
+from .tensor_names import Structure
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PRIMARY = "sft0"
@@ -134,20 +135,30 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     if out_path is not None:
         out_path = out_path.resolve()
         if not dry_run:
-            output.check_output(out_path, force)
+            refs = {f"{'base' if k == 'base' else 'SFT'} {ref}": ref for k, ref in recipe.input_refs().items()}
+            output.check_target(out_path, output.local_inputs(refs))
+            output.check_output(out_path, force, resume)
     started = time.perf_counter()
-    resolved, resolve_notes = resolve_inputs(recipe, token=token, progress=progress)
+    # Hub weights stay on the Hub until every check has passed on their headers (and for dry runs, for good).
+    resolved, resolve_notes = resolve_inputs(recipe, token=token, progress=progress, weights=False)
     labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
+    if out_path is not None and not dry_run:
+        output.check_target(out_path, {labels[k]: m.path for k, m in resolved.items()})
     with ExitStack() as stack:
-        models = {k: stack.enter_context(open_model(m, labels[k], resolved)) for k, m in resolved.items()}
-        n_layers = num_layers(models[primary].config, models[primary].names())
+        models = {k: stack.enter_context(open_model(m, labels[k], resolved, token=token)) for k, m in resolved.items()}
+        n_layers = Structure.of(models[primary].config, models[primary].names())
         op_for = operations_for(recipe, n_layers)
         t_values = op_for.t_values
-        out_dtype = DTYPES[recipe.output_dtype] if recipe.output_dtype else None
+        fp8_out = recipe.output_dtype == "fp8"  # bfloat16, then the FP8 weights re-quantised
+        out_dtype = torch.bfloat16 if fp8_out else DTYPES[recipe.output_dtype] if recipe.output_dtype else None
         plan = make_plan(models, labels, primary, op_for, out_dtype, parse_size(recipe.max_shard_size))
-        notes = resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
+        if fp8_out:
+            plan = fp8_output_plan(plan, models, primary, parse_size(recipe.max_shard_size))
+        notes = (resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
+                 + quantisation_notes(models, recipe.output_dtype))
         summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
-                               shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run)
+                               shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run,
+                               settings=settings_of(plan.jobs, resolved))
         if t_values:
             summary.t_range = (min(t_values), max(t_values))
             outside = sorted({v for v in t_values if not 0 <= v <= 1})
@@ -164,11 +175,14 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
             summary.peak_bytes = estimate_peak_bytes(plan, threads or default_threads(),
                                                      chunk_elements or CHUNK_ELEMENTS, _size(memory, DEFAULT_MEMORY))
             return summary
+        resolved, models = download_weights(resolved, models, labels, stack, token=token, progress=progress)
+        summary.inputs = resolved
         with output.output_lock(out_path):
-            output.check_output(out_path, force)  # again: a run that held the lock may have finished it
-            execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, threads, progress,
-                               command, chunk_elements, resume, check_finite, verbose, card_sections,
-                               memory=memory, gpu_memory=gpu_memory)
+            output.check_output(out_path, force, resume)  # again: a run that held the lock may have finished it
+            if not (resume and _already_complete(recipe, out_path, summary, resolved, plan, force)):
+                execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, threads, progress,
+                                   command, chunk_elements, resume, check_finite, verbose, card_sections,
+                                   memory=memory, gpu_memory=gpu_memory)
     if push_to_hub is not None:
         from .hub import push
 
@@ -177,18 +191,55 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     return summary
 
 
-def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False) -> tuple[dict, list[str]]:
+def _identity(recipe: Recipe, summary: MergeSummary, resolved: dict, plan: Plan) -> dict:
+    """What the output bytes depend on (:func:`merge.io.manifest.run_identity`), for resuming."""
+    from . import __version__
+    from .io.manifest import run_identity
+
+    inputs = {k: Path(m.path) for k, m in resolved.items()}
+    return run_identity(__version__, _pinned(recipe, summary).model_dump(mode="json"), inputs, plan.shards)
+
+
+def _already_complete(recipe: Recipe, out_path: Path, summary: MergeSummary, resolved: dict, plan: Plan,
+                      force: bool) -> bool:
+    """``resume`` onto a committed output: True (nothing to do) when it records this very run; another run's
+    output is refused unless ``force`` replaces it."""
+    from .io.manifest import _difference
+
+    marker = output.read_marker(out_path) if out_path.is_dir() else None
+    if marker is None:
+        return False
+    identity = _identity(recipe, summary, resolved, plan)
+    if marker.get("identity") == identity:
+        summary.already_complete = True
+        return True
+    if force:
+        return False
+    why = _difference(marker["identity"], identity) if isinstance(marker.get("identity"), dict) else \
+        "it records no recipe"
+    raise InputError(f"--resume: {out_path} already holds a complete merge of another run ({why}); pass --force "
+                     "to replace it, or choose another output folder")
+
+
+def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False, weights: bool = True
+                   ) -> tuple[dict, list[str]]:
     """Every input of ``recipe`` as a :class:`ResolvedModel` (base first), and notes on what was inferred.
 
     ``base: auto`` takes the base each SFT names in its metadata (:func:`infer_base`); they must agree.
+    ``weights=False`` leaves Hub weights pending (:func:`open_model` reads their headers, :func:`download_weights`
+    fetches them).
     """
-    from .io.resolve import infer_base
+    from .io.resolve import check_distinct, infer_base
 
     if not isinstance(recipe, Recipe):  # a mergekit recipe: its models by key, nothing inferred
         refs = recipe.input_refs()
-        return {k: resolve_model(ref, "base_model" if k == "base" else "model", token=token, progress=progress)
-                for k, ref in refs.items()}, [f"mergekit ignores {k} (so does this run)" for k in recipe.unknown_keys()]
-    sfts = {f"sft{i}": resolve_model(s.model, "SFT", token=token, progress=progress) for i, s in enumerate(recipe.sft)}
+        resolved = {k: resolve_model(ref, "base_model" if k == "base" else "model", token=token, progress=progress,
+                                     weights=weights)
+                    for k, ref in refs.items()}
+        check_distinct(resolved)
+        return resolved, [f"mergekit ignores {k} (so does this run)" for k in recipe.unknown_keys()]
+    sfts = {f"sft{i}": resolve_model(s.model, "SFT", token=token, progress=progress, weights=weights)
+            for i, s in enumerate(recipe.sft)}
     notes = []
     base_ref = recipe.base
     if base_ref.strip().lower() == "auto":
@@ -199,7 +250,8 @@ def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False) -> tup
             raise InputError(f"--base auto: the SFTs name different bases ({listing}); pass --base")
         base_ref, source = next(iter(found.values()))
         notes.append(f"base: auto chose {base_ref} (from the SFT's {source})")
-    base = resolve_model(base_ref, "base", token=token, progress=progress)
+    base = resolve_model(base_ref, "base", token=token, progress=progress, weights=weights)
+    check_distinct({"base": base, **sfts})
     return {"base": base, **sfts}, notes
 
 
@@ -215,13 +267,11 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
     import errno
     import shutil
 
-    from . import __version__
-    from .io.manifest import Journal, run_identity
+    from .io.manifest import Journal
     from .integrity import VerifyError, _check_files
 
     stage = output.staging_dir(out_path)
-    inputs = {k: Path(m.path) for k, m in resolved.items()}
-    identity = run_identity(__version__, _pinned(recipe, summary).model_dump(mode="json"), inputs, plan.shards)
+    identity = _identity(recipe, summary, resolved, plan)
     keep, journal = True, None
     try:
         journal, message = Journal.start(stage, plan.shards, identity, resume)
@@ -235,6 +285,7 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
         if message:  # after the card is written: it is about this run, not about the model
             summary.warnings.append(message)
             warnings.warn(message, stacklevel=3)
+        output.write_marker(stage, identity)  # what makes this folder ours (replaceable with --force)
         journal.remove()
         try:
             _check_files(stage)
@@ -261,14 +312,52 @@ def _pinned(recipe: Recipe, summary: MergeSummary) -> Recipe:
     return recipe.pinned({k: m.pinned for k, m in summary.inputs.items()})
 
 
-def open_model(resolved: ResolvedModel, label: str, all_resolved: dict):
-    """A lazily-read tensor source for one input; a LoRA adapter folder is computed over the recipe's base."""
+def open_model(resolved: ResolvedModel, label: str, all_resolved: dict, *, token=None):
+    """A lazily-read tensor source for one input; a LoRA adapter folder is computed over the recipe's base.
+
+    A Hub model whose weights are still pending opens from their headers alone (for planning, not reading).
+    """
     base = all_resolved.get("base")
     if resolved is not base and is_adapter(resolved.path):
         if base is None:
             raise InputError(f"{label}: is a LoRA adapter folder; give the model it was trained on as the base")
-        return LoraAdapter(resolved.path, base.path, role=label)
-    return Checkpoint(resolved.path, role=label)
+        return LoraAdapter(resolved.path, _checkpoint(base, "base", token) if base.pending else base.path,
+                           role=label)
+    return _checkpoint(resolved, label, token)
+
+
+def _checkpoint(resolved: ResolvedModel, label: str, token):
+    """The input's checkpoint (FP8 dequantised, other quantised formats refused); with weights pending on the
+    Hub, a view of their headers (read remotely)."""
+    if not resolved.pending:
+        return open_checkpoint(resolved.path, role=label)
+    from .hub import read_headers
+    from .io.remote import HeaderCheckpoint
+
+    headers = read_headers(resolved.repo_id, resolved.revision, resolved.pending, label, token=token)
+    return open_checkpoint(resolved.path, role=label,
+                           checkpoint=HeaderCheckpoint(resolved.path, headers, role=label))
+
+
+def download_weights(resolved: dict, models: dict, labels: dict, stack: ExitStack, *, token=None,
+                     progress: bool = False) -> tuple[dict, dict]:
+    """Download the pending Hub weights of a planned merge and reopen the models planned from their headers.
+
+    Each reopened model must hold the tensors its headers announced, so the plan stays valid.
+    """
+    from .io.remote import same_tensors
+    from .io.resolve import fetch_pending
+
+    if not any(m.pending for m in resolved.values()):
+        return resolved, models
+    fetched = {k: fetch_pending(m, labels[k], token=token, progress=progress) for k, m in resolved.items()}
+    reopened = dict(models)
+    for k, m in resolved.items():
+        base_pending = isinstance(models[k], LoraAdapter) and bool(resolved["base"].pending)
+        if m.pending or base_pending:
+            reopened[k] = stack.enter_context(open_model(fetched[k], labels[k], fetched))
+            same_tensors(models[k], reopened[k], labels[k])
+    return fetched, reopened
 
 
 def execute(plan: Plan, models: dict, stage: Path, device: str, threads: int | None, progress: bool,
@@ -340,7 +429,10 @@ def finish_folder(stage: Path, summary: MergeSummary, recipe: Recipe, models: di
     """Config, tokenizer files, the reproducible recipe and the card, next to the weights."""
     primary = models[recipe.primary]
     dtype_name = recipe.output_dtype or _dominant_dtype(plan)
-    output.write_config(primary.config, stage, dtype_name)
+    config = primary.config
+    if dtype_name == "fp8":
+        dtype_name, config = "bfloat16", fp8_config(models, recipe.primary)
+    output.write_config(config, stage, dtype_name, untied=plan.untied)
     output.copy_side_files(Path(getattr(primary, "side_files_path", primary.path)), stage)
     recipe_yaml = _pinned(recipe, summary).to_yaml()
     (stage / "merge_recipe.yaml").write_text(recipe_yaml)

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import yaml
-
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def render_card(summary, recipe_yaml: str, command: str, extra_sections: list[str] = ()) -> str:
     """Markdown with ``base_model`` (Hub inputs), ``base_model_relation: merge``, the method, t's meaning,
     the inputs, the merge summary, the exact command and the recipe."""
-    hub_inputs = [m.repo_id for m in summary.inputs.values() if m.repo_id]
-    hub_inputs += [m.ref for m in summary.inputs.values() if not m.repo_id and _REPO_ID.match(m.ref)
-                   and m.ref not in hub_inputs and not m.ref.startswith((".", "/"))]
+    hub_inputs = [m.repo_id for m in summary.inputs.values() if m.repo_id]  # only inputs fetched from the Hub
     front = {"library_name": "transformers", "tags": ["merge", "mergeback"], "base_model_relation": "merge"}
     if hub_inputs:
         front["base_model"] = list(dict.fromkeys(hub_inputs))
@@ -25,7 +19,11 @@ def render_card(summary, recipe_yaml: str, command: str, extra_sections: list[st
              "lost, by merging the fine-tuned (SFT) checkpoint back with its base model.", "",
              "## Method", "", summary.method_description(), "", "## Inputs", "",
              "| role | model |", "| --- | --- |"]
-    lines += [f"| {role} | `{model.pinned}` |" for role, model in summary.inputs.items()]
+    lines += [f"| {role} | `{model.pinned}` ({'Hub' if model.repo_id else 'local folder'}) |"
+              for role, model in summary.inputs.items()]
+    if any(not m.repo_id for m in summary.inputs.values()):
+        lines += ["", "Local folders are paths on the machine that made this merge, not Hub models, so the front "
+                  "matter's `base_model` does not list them."]
     lines += ["", "## Summary", "", "```", summary.report(), "```", ""]
     lines += list(extra_sections)
     lines += ["## Reproduce", "", "```bash", command, "```", "", "Recipe (`merge_recipe.yaml`):", "",

@@ -26,7 +26,10 @@ def _command_line() -> str:
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         source = ctx.get_parameter_source(param.name)
-        if value in (None, False, ()) or source != click.core.ParameterSource.COMMANDLINE:
+        if value is None or value is False or value == () or source != click.core.ParameterSource.COMMANDLINE:
+            continue  # (not `value in (...)`: 0 == False would drop `--t 0`)
+        if isinstance(param, click.Argument):
+            parts += [shlex.quote(str(v)) for v in (value if isinstance(value, (list, tuple)) else [value])]
             continue
         flag = max(param.opts, key=len)
         if getattr(param, "is_flag", False):
@@ -37,12 +40,12 @@ def _command_line() -> str:
     return " ".join(parts)
 
 
-def _resume_command() -> str:
-    """The command that was run, with --resume."""
-    try:
-        command = _command_line()
-    except RuntimeError:  # no click context
-        command = "merge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _resume_command() -> str | None:
+    """The command that was run, with --resume; None for a command that cannot resume (or a dry run)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or not any(p.name == "resume" for p in ctx.command.params) or ctx.params.get("dry_run"):
+        return None
+    command = _command_line()
     return command if " --resume" in command else command + " --resume"
 
 
@@ -54,12 +57,13 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MergeError as e:
-            extra = f"; continue with: {_resume_command()}" if getattr(e, "resumable", False) else ""
-            click.echo(f"error: {e}{extra}", err=True)
+            resume = _resume_command() if getattr(e, "resumable", False) else None
+            click.echo(f"error: {e}" + (f"; continue with: {resume}" if resume else ""), err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
+            resume = _resume_command()
             click.echo("interrupted: the output folder was not touched; finished shards are kept - continue "
-                       f"with: {_resume_command()}", err=True)
+                       f"with: {resume}" if resume else "interrupted", err=True)
             sys.exit(130)
         except OSError as e:
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
@@ -75,11 +79,12 @@ def merge_options(fn):
         click.option("-o", "--out", "out", type=click.Path(file_okay=False), help="Output model folder."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Where to compute."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
-                     help="Output dtype (default: the SFT's)."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64", "fp8"]),
+                     help="Output dtype (default: the SFT's; bfloat16 for FP8 inputs). fp8: FP8 block-scaled "
+                          "weights with *_scale_inv, as DeepSeek-V3."),
         click.option("--max-shard-size", default="5GB", show_default=True,
                      help="Largest output shard, transformers' syntax (5GB, 500MB, 2GiB)."),
-        click.option("--force", is_flag=True, help="Replace an existing output folder."),
+        click.option("--force", is_flag=True, help="Replace an earlier mergeback output at OUT (never other files)."),
         click.option("--threads", type=click.IntRange(1, 64), help="Worker threads (default: cores + 1, at most 8)."),
         click.option("--memory", metavar="SIZE",
                      help="Host memory for the workers' buffers (default 512MB; Python and torch "
@@ -217,6 +222,11 @@ def _recipe_with_overrides(path: str, dtype, device, max_shard_size):
     if isinstance(recipe, MergekitRecipe):
         recipe = recipe.with_options(**{k: values[k] for k in given - {"dtype"}})
         if "dtype" in given:
+            if dtype == "fp8":
+                from .errors import InputError
+
+                raise InputError(f"--dtype fp8: {path} is a mergekit recipe, whose out_dtype has no FP8; convert it "
+                                 "with `merge convert` and run that recipe with --dtype fp8")
             recipe = recipe.model_copy(update={"out_dtype": dtype})
         return recipe
     return recipe.model_copy(update={k: values[k] for k in given})
@@ -343,7 +353,7 @@ def _t_list(ctx, param, value):
 @click.option("--domain-report", type=click.Path(dir_okay=False), help="Domain probes to report the choice on.")
 @click.option("--holdout", type=float, help="Split this fraction of each probe set (by content hash) for reporting.")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False), help="Write the chosen merge here.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an earlier mergeback output at OUT (never other files).")
 @click.option("--t-values", callback=_t_list, help="Comma-separated t values (default 0,0.1,...,1).")
 @click.option("--method", type=click.Choice(["linear", "slerp"]), default="linear", show_default=True)
 @click.option("--select", "select_rule", type=click.Choice(["keep-domain", "score"]), default="keep-domain",

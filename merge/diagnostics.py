@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from . import methods
+from .io.quantized import dequantised_of
 from .methods.chunks import CHUNK_ELEMENTS, chunk_ranges
-from .tensor_names import group_of, layer_index, num_layers
+from .tensor_names import Structure, group_of
 
 IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "architectures_version"}
 
@@ -37,6 +38,7 @@ class TensorDrift:
     dot: float
     compared_rows: int | None = None  # resized embeddings: only the shared rows are compared
     slerp: methods.SlerpCoefficients | None = None
+    stack: str = "text"  # the layer stack ``layer`` counts in (vision, projector, text)
 
     @property
     def rel_delta(self) -> float:
@@ -55,6 +57,7 @@ class LayerDrift:
     mlp: float
     other: float
     total: float
+    stack: str = "text"
 
 
 @dataclass
@@ -92,10 +95,13 @@ class InspectReport:
         total_b = sum(d.base_sq for d in self.tensors)
         if total_b:
             lines.append(f"overall relative delta ||D||/||W_base||: {math.sqrt(total_d / total_b):.4%}")
+        multi = any(ld.stack != "text" for ld in self.layers)
+        width = 9 if multi else 5
         lines += ["", "per-layer drift (||D||/||W_base|| per group):",
-                  f"{'layer':>5}  {'attention':>10} {'mlp':>10} {'other':>10} {'total':>10}"]
+                  f"{'layer':>{width}}  {'attention':>10} {'mlp':>10} {'other':>10} {'total':>10}"]
         for ld in self.layers:
-            lines.append(f"{ld.layer:>5}  {_pct(ld.attn):>10} {_pct(ld.mlp):>10} {_pct(ld.other):>10} "
+            label = f"{ld.stack} {ld.layer}" if multi else str(ld.layer)
+            lines.append(f"{label:>{width}}  {_pct(ld.attn):>10} {_pct(ld.mlp):>10} {_pct(ld.other):>10} "
                          f"{_pct(ld.total):>10}")
         outside = [d for d in self.tensors if d.layer is None]
         if outside:
@@ -136,11 +142,14 @@ class InspectReport:
         """A PNG of the per-layer drift (attention, MLP, total) against the layer index."""
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-        xs = [ld.layer for ld in self.layers]
         fig = Figure(figsize=(7, 4))
         ax = fig.subplots()
-        for attr, style in (("attn", "o-"), ("mlp", "s-"), ("total", "k--")):
-            ax.plot(xs, [getattr(ld, attr) for ld in self.layers], style, label=attr)
+        stacks = list(dict.fromkeys(ld.stack for ld in self.layers))
+        for stack in stacks:  # one set of lines per stack (vision tower, text decoder)
+            rows = [ld for ld in self.layers if ld.stack == stack]
+            for attr, style in (("attn", "o-"), ("mlp", "s-"), ("total", "k--")):
+                label = attr if len(stacks) == 1 else f"{stack} {attr}"
+                ax.plot([ld.layer for ld in rows], [getattr(ld, attr) for ld in rows], style, label=label)
         ax.set_xlabel("layer")
         ax.set_ylabel("||W_sft - W_base|| / ||W_base||")
         ax.set_title("Per-layer drift of the SFT from its base")
@@ -170,19 +179,25 @@ def inspect(sft: str, base: str, t: float = 0.5, *, plot: str | Path | None = No
         report = InspectReport(str(sft), str(base), t, [], [])
         names_s, names_b = s.names(), b.names()
         set_b = set(names_b)
+        structure = Structure.of(s.config, names_s)
         for name in names_s:
             if name not in set_b:
                 report.only_in_sft.append(name)
                 continue
-            drift = _tensor_drift(s, b, name, t, chunk_elements, report)
+            drift = _tensor_drift(s, b, name, t, chunk_elements, report, structure)
             if drift is not None:
                 report.tensors.append(drift)
         set_s = set(names_s)
         report.only_in_base = [n for n in names_b if n not in set_s]
-        report.layers = _layer_table(report.tensors, num_layers(s.config, names_s))
+        report.layers = _layer_table(report.tensors, structure)
         report.tied = {"SFT": _tied(s), "base": _tied(b)}
         report.dtypes = {"SFT": _dominant_dtype(s), "base": _dominant_dtype(b)}
         report.config_diff = _config_diff(s.config, b.config)
+        for role, model in (("SFT", s), ("base", b)):
+            fp8 = dequantised_of(model)
+            if fp8 is not None:
+                report.notes.append(f"{role}: {fp8.quantisation.describe()}, dequantised on read "
+                                    f"({len(fp8.quantisation.scales)} weights; drift is of the dequantised weights)")
         report.added_tokens = _added_tokens(Path(getattr(s, "side_files_path", s.path)),
                                             Path(getattr(b, "side_files_path", b.path)))
     if plot is not None:
@@ -190,7 +205,8 @@ def inspect(sft: str, base: str, t: float = 0.5, *, plot: str | Path | None = No
     return report
 
 
-def _tensor_drift(s, b, name: str, t: float, chunk: int, report: InspectReport) -> TensorDrift | None:
+def _tensor_drift(s, b, name: str, t: float, chunk: int, report: InspectReport,
+                  structure: Structure) -> TensorDrift | None:
     info_s, info_b = s.info(name), b.info(name)
     if not (info_s.dtype.is_floating_point and info_b.dtype.is_floating_point):
         return None
@@ -221,27 +237,32 @@ def _tensor_drift(s, b, name: str, t: float, chunk: int, report: InspectReport) 
     s.release(name)
     b.release(name)
     coeffs = methods.slerp_coefficients(dot, sft_sq, base_sq, t)
-    return TensorDrift(name, group_of(name), layer_index(name), tuple(info_s.shape), _name(info_s.dtype),
-                       _name(info_b.dtype), delta_sq, base_sq, sft_sq, dot, rows, coeffs)
+    pos = structure.position(name)
+    return TensorDrift(name, group_of(name), pos.layer, tuple(info_s.shape), _name(info_s.dtype),
+                       _name(info_b.dtype), delta_sq, base_sq, sft_sq, dot, rows, coeffs, pos.stack)
 
 
-def _layer_table(tensors: list[TensorDrift], n_layers: int) -> list[LayerDrift]:
-    sums: dict[int, dict[str, list[float]]] = {}
+def _layer_table(tensors: list[TensorDrift], structure: Structure) -> list[LayerDrift]:
+    """One row per layer of each stack (vision tower first, then the text decoder), counted in its stack."""
+    sums: dict[tuple[str, int], dict[str, list[float]]] = {}
     for d in tensors:
         if d.layer is None:
             continue
         group = d.group if d.group in ("attn", "mlp") else "other"
         for key in (group, "total"):
-            acc = sums.setdefault(d.layer, {}).setdefault(key, [0.0, 0.0])
+            acc = sums.setdefault((d.stack, d.layer), {}).setdefault(key, [0.0, 0.0])
             acc[0] += d.delta_sq
             acc[1] += d.base_sq
 
-    def rel(layer: int, key: str) -> float:
-        dsq, bsq = sums.get(layer, {}).get(key, (0.0, 0.0))
+    def rel(at: tuple[str, int], key: str) -> float:
+        dsq, bsq = sums.get(at, {}).get(key, (0.0, 0.0))
         return math.sqrt(dsq / bsq) if bsq > 0 else float("nan")
 
-    layers = sorted(set(sums) | set(range(n_layers)))
-    return [LayerDrift(i, rel(i, "attn"), rel(i, "mlp"), rel(i, "other"), rel(i, "total")) for i in layers]
+    order = {s: i for i, s in enumerate(("vision", "projector", "text"))}
+    rows = set(sums) | {(s, i) for s in structure.layered for i in range(structure.counts[s])}
+    rows = sorted(rows, key=lambda r: (order.get(r[0], 3), r[1]))
+    return [LayerDrift(i, rel((s, i), "attn"), rel((s, i), "mlp"), rel((s, i), "other"), rel((s, i), "total"), s)
+            for s, i in rows]
 
 
 def _tied(model) -> bool:

@@ -22,6 +22,8 @@ import torch
 from . import methods
 from .chunk_io import ChunkIO, reads_files
 from .errors import MergeError
+from .fp8_output import Fp8Scales
+from .io.quantized import fp8_block_amax, fp8_quantise_chunk, fp8_scale_inv
 from .io.writer import ShardWriter
 from .methods import registry
 from .methods.base import Copy
@@ -77,6 +79,8 @@ class Executor:
         self.chunk = max(1, chunk_elements)
         self.memory, self.gpu_memory = memory, gpu_memory
         self.io = ChunkIO(device, self.chunk)
+        self._scales: dict[str, torch.Tensor] = {}  # FP8 output scales computed for one of weight/scale job
+        self._scales_lock = threading.Lock()
 
     def run(self, plan: Plan, models: Mapping[str, TensorSource], writer: ShardWriter,
             skip: set[str] = frozenset(), on_done: Callable[[TensorJob], None] | None = None,
@@ -112,19 +116,50 @@ class Executor:
             if isinstance(op, Copy):
                 self._copy(job, models[op.inputs[0]], job.source_name(op.inputs[0]), 0, job.numel, writer)
                 return None
-            kernel = registry.kernel_for(op)
-            reader = self.io.reader(job, models)
-            state = kernel.prepare(job, reader)
-            for chunk in reader.ranges():
-                xs = reader.load(*chunk)
-                result = kernel.apply(job, xs, state, chunk, reader)
-                if job.round_to is not None and result.dtype != job.round_to:
-                    result = result.to(job.round_to)
+            if isinstance(op, Fp8Scales):  # the scale_inv tensor of an FP8 output weight
+                self._write(job, 0, self._fp8_scales(op.weight, models).reshape(-1), writer)
+                return None
+            block = job.fp8_block
+            scales = self._fp8_scales(job, models) if block else None
+            kernel, state, chunks = self._merged_chunks(job, models)
+            for chunk, result in chunks:
+                if block:
+                    result = fp8_quantise_chunk(result, scales, chunk.start, chunk.stop, job.shape, block)
                 self._write(job, chunk.start, result, writer)
             if job.merged_numel < job.numel:
-                self._copy(job, models[job.primary], job.name, job.merged_numel, job.numel, writer)
+                self._copy(job, models[job.primary], job.source_name(job.primary), job.merged_numel, job.numel, writer)
         value = kernel.report(state)
         return None if value is None else (kernel.statistic, job.name, value)
+
+    def _merged_chunks(self, job: TensorJob, models: Mapping[str, TensorSource]):
+        """``job``'s kernel, its state (after its statistics passes) and an iterator of ``(chunk, result)``
+        over the merged elements: the kernel's result per chunk, rounded to the job's working dtype."""
+        kernel = registry.kernel_for(job.op)
+        reader = self.io.reader(job, models)
+        state = kernel.prepare(job, reader)
+
+        def chunks():
+            for chunk in reader.ranges():
+                result = kernel.apply(job, reader.load(*chunk), state, chunk, reader)
+                if job.round_to is not None and result.dtype != job.round_to:
+                    result = result.to(job.round_to)
+                yield chunk, result
+
+        return kernel, state, chunks()
+
+    def _fp8_scales(self, job: TensorJob, models: Mapping[str, TensorSource]) -> torch.Tensor:
+        """``scale_inv`` of an FP8 output weight, ``amax(|block|) / 448`` per block of its merged values, from
+        one extra pass; computed once for the weight and its scale tensor (whichever job runs first)."""
+        with self._scales_lock:
+            if job.name in self._scales:
+                return self._scales.pop(job.name)
+        amax = None
+        for chunk, result in self._merged_chunks(job, models)[2]:
+            amax = fp8_block_amax(result, chunk.start, chunk.stop, job.shape, job.fp8_block, amax)
+        scales = fp8_scale_inv(amax)
+        with self._scales_lock:
+            self._scales[job.name] = scales
+        return scales
 
     def _copy(self, job: TensorJob, model: TensorSource, name: str, start: int, stop: int,
               writer: ShardWriter) -> None:
@@ -156,6 +191,8 @@ def _require_finite(job: TensorJob, start: int, values: torch.Tensor) -> None:
     """``--check-finite``: refuse NaN/Inf in an output chunk, naming the tensor and the first bad element."""
     if not values.dtype.is_floating_point:
         return
+    if values.dtype.itemsize == 1:  # FP8 codes: torch has no isfinite for them
+        values = values.float()
     finite = torch.isfinite(values)
     if bool(finite.all()):
         return

@@ -11,6 +11,7 @@ import glob
 import re
 import shlex
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import InputError, MergeError
@@ -99,11 +100,15 @@ def _network_errors() -> tuple[type, ...]:
     return tuple(errors)
 
 
-def fetch(repo_id: str, revision: str | None, label: str, *, token=None, progress: bool = False) -> tuple[Path, str]:
-    """Download what a merge needs of ``repo_id@revision`` into the standard cache; return (folder, commit).
+def fetch(repo_id: str, revision: str | None, label: str, *, token=None, progress: bool = False,
+          weights: bool = True) -> tuple[Path, str, tuple[str, ...]]:
+    """Download what a merge needs of ``repo_id@revision`` into the standard cache; return (folder, commit,
+    pending).
 
-    Lists the repo first, then ``snapshot_download`` with exactly those files. Offline (``HF_HUB_OFFLINE=1``)
-    or with the Hub unreachable, a cached snapshot of that revision is used.
+    Lists the repo first, then ``snapshot_download`` with exactly those files. ``weights=False`` leaves the
+    safetensors weight files of a full checkpoint on the Hub (``pending``, those not cached yet): their headers
+    are read with :func:`read_headers` and :func:`fetch_files` downloads them once the inputs are checked.
+    Offline (``HF_HUB_OFFLINE=1``) or with the Hub unreachable, a cached snapshot of that revision is used.
     """
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -111,14 +116,90 @@ def fetch(repo_id: str, revision: str | None, label: str, *, token=None, progres
     try:
         info = HfApi(token=token).model_info(repo_id, revision=revision)
         wanted = choose_files([s.rfilename for s in info.siblings or []], label)
+        later = [] if weights else [n for n in wanted if n.endswith(".safetensors") and n.startswith("model")]
         with _progress_bars(progress):
-            folder = snapshot_download(repo_id, revision=revision, token=token,
-                                       allow_patterns=[glob.escape(n) for n in wanted])
+            folder = Path(snapshot_download(repo_id, revision=revision, token=token,
+                                            allow_patterns=[glob.escape(n) for n in wanted if n not in later]))
     except HfHubHTTPError as e:
         raise InputError(f"{label}: {_download_problem(e, repo_id, revision)}") from None
     except _network_errors() + (LocalEntryNotFoundError,) as e:
-        return _from_cache(repo_id, revision, label, e)
-    return Path(folder), Path(folder).name  # snapshot folders are named by commit hash
+        return (*_from_cache(repo_id, revision, label, e), ())
+    folder.mkdir(parents=True, exist_ok=True)  # a repo of weights alone: the snapshot folder holds nothing yet
+    return folder, folder.name, tuple(n for n in later if not (folder / n).is_file())  # folders are named by commit
+
+
+def fetch_files(repo_id: str, commit: str, files, label: str, *, token=None, progress: bool = False) -> Path:
+    """Download ``files`` of ``repo_id`` at ``commit`` into its cached snapshot folder (the pending weights)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        with _progress_bars(progress):
+            return Path(snapshot_download(repo_id, revision=commit, token=token,
+                                          allow_patterns=[glob.escape(n) for n in files]))
+    except HfHubHTTPError as e:
+        raise InputError(f"{label}: downloading the weights failed: {_download_problem(e, repo_id, commit)}") from None
+    except _network_errors() as e:
+        raise InputError(f"{label}: downloading the weights failed: {_unreachable(e)}; rerun to resume "
+                         "the download") from None
+
+
+# The first request for a header: most safetensors headers fit (huggingface_hub reads the same amount).
+HEADER_PROBE_BYTES = 100_000
+
+
+def read_headers(repo_id: str, commit: str, files, label: str, *, token=None) -> dict[str, tuple[dict, dict]]:
+    """The validated headers (tensors, metadata) of the safetensors ``files`` of ``repo_id@commit``, read with
+    HTTP range requests: the first 100 kB of each file, and the rest of a header that is larger."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    files = list(files)
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:
+            headers = list(pool.map(lambda name: _remote_header(repo_id, commit, name, token), files))
+    except HfHubHTTPError as e:
+        raise InputError(f"{label}: reading the weight headers failed: {_download_problem(e, repo_id, commit)}"
+                         ) from None
+    except _network_errors() as e:
+        raise InputError(f"{label}: reading the weight headers failed: {_unreachable(e)}") from None
+    return dict(zip(files, headers))
+
+
+@lru_cache(maxsize=256)  # a commit's files never change; a LoRA adapter and the run both open its base
+def _remote_header(repo_id: str, commit: str, filename: str, token) -> tuple[dict, dict]:
+    from huggingface_hub import hf_hub_url
+
+    from .io.safetensors_file import header_length, parse_header
+
+    where = f"{repo_id}@{commit}/{filename}"
+    url = hf_hub_url(repo_id, filename, revision=commit)
+    data, size = _read_range(url, 0, HEADER_PROBE_BYTES, token)
+    header_len = header_length(data, size, where)
+    if 8 + header_len > len(data):
+        data += _read_range(url, len(data), 8 + header_len, token)[0]
+    return parse_header(data[8:8 + header_len], size, where)
+
+
+def _read_range(url: str, start: int, stop: int, token) -> tuple[bytes, int]:
+    """Bytes [start, stop) of the file at ``url`` (fewer at its end) and the file's size. A server that ignores
+    the range is read only that far, never to the end."""
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
+
+    headers = {**build_hf_headers(token=token), "Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity"}
+    with http_stream_backoff("GET", url, headers=headers) as r:
+        hf_raise_for_status(r)
+        total = r.headers.get("Content-Range", "").rpartition("/")[2]
+        skip = 0 if r.status_code == 206 else start  # 200: the whole file from byte 0
+        size = int(total) if total.isdigit() else int(r.headers.get("Content-Length") or 0)
+        chunks, have = [], 0
+        for chunk in r.iter_bytes():
+            chunks.append(chunk)
+            have += len(chunk)
+            if have >= skip + stop - start:
+                break
+    return b"".join(chunks)[skip:skip + stop - start], size
 
 
 def _from_cache(repo_id: str, revision: str | None, label: str, error: Exception) -> tuple[Path, str]:
@@ -126,8 +207,7 @@ def _from_cache(repo_id: str, revision: str | None, label: str, error: Exception
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
-           else f"the Hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__})")
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _unreachable(error)
     try:
         # allow_patterns=[]: only locate the snapshot; which files it must hold is checked just below.
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[], local_files_only=True))
@@ -135,9 +215,20 @@ def _from_cache(repo_id: str, revision: str | None, label: str, error: Exception
         at = f"@{revision}" if revision else ""
         raise InputError(f"{label}: {repo_id}{at} is not in the local cache and {why}: download it once with "
                          "network access (HF_HUB_OFFLINE unset), or give a local folder") from None
-    choose_files([p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()],
-                 f"{label} (cached copy in {folder})")
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    if not any(n.endswith((".safetensors", ".bin")) for n in files):
+        at = f"@{revision}" if revision else ""
+        raise InputError(f"{label}: the cached copy of {repo_id}{at} in {folder} holds no weights (a dry run or "
+                         f"`merge plan` reads only their headers) and {why}: run the merge once with network "
+                         "access, or give a local folder")
+    choose_files(files, f"{label} (cached copy in {folder})")
     return folder, folder.name
+
+
+def _unreachable(error: Exception) -> str:
+    from huggingface_hub import constants
+
+    return f"the Hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__})"
 
 
 def _download_problem(e, repo_id: str, revision: str | None) -> str:

@@ -108,7 +108,27 @@ def _check_tiling(path: Path, infos: dict[str, TensorInfo]) -> None:
                           "padded or has gaps")
 
 
+def model_class(config: dict):
+    """The transformers class that loads a checkpoint with ``config``: the class its ``architectures`` names
+    (``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``, ``LlamaForCausalLM``...) when
+    transformers has it, else ``AutoModelForImageTextToText`` for a ``*ForConditionalGeneration``, else
+    ``AutoModelForCausalLM``."""
+    import transformers
+
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
+    if arch.isidentifier() and "For" in arch and isinstance(getattr(transformers, arch, None), type):
+        return getattr(transformers, arch)
+    if arch.endswith("ForConditionalGeneration"):
+        for auto in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
+            if hasattr(transformers, auto):
+                return getattr(transformers, auto)
+    return transformers.AutoModelForCausalLM
+
+
 def _load_and_run(folder: Path) -> None:
+    """Load ``folder`` with the class its config names and run a text-only forward pass (vision-language
+    models too: input ids alone, no image); the logits must be finite."""
     import warnings
 
     import torch
@@ -116,14 +136,14 @@ def _load_and_run(folder: Path) -> None:
     if not (folder / "config.json").exists():
         raise VerifyError(f"{folder}: no config.json, so transformers cannot load it")
     try:
-        from transformers import AutoModelForCausalLM
-
+        cls = model_class(read_json(folder / "config.json"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
-        vocab = int(getattr(model.config, "vocab_size", 8) or 8)
+            model = cls.from_pretrained(folder, use_safetensors=True)
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        vocab = int(getattr(text_config, "vocab_size", None) or getattr(model.config, "vocab_size", 8) or 8)
         with torch.no_grad():
-            logits = model(torch.arange(min(8, vocab)).unsqueeze(0)).logits
+            logits = model(input_ids=torch.arange(min(8, vocab)).unsqueeze(0)).logits
     except Exception as e:  # any failure to load or run is the finding
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise VerifyError(f"{folder}: transformers could not load and run it ({first[:300]})") from None

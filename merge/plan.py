@@ -47,6 +47,7 @@ class TensorJob:
     aliases: Mapping[str, str] = field(default_factory=dict)  # model key -> the name to read there
     compute: torch.dtype = torch.float32  # the dtype chunks are computed in (see merge.methods.precision)
     round_to: torch.dtype | None = None  # inputs and results are rounded to it (mergekit's working dtype)
+    fp8_block: tuple[int, int] | None = None  # written as FP8 codes scaled per block of this shape (--dtype fp8)
 
     @property
     def numel(self) -> int:
@@ -61,6 +62,7 @@ class Plan:
     jobs: list[TensorJob]
     shards: list[Shard]
     notes: list[str]
+    untied: bool = False  # tied and untied inputs: the output has its own lm_head (tie_word_embeddings: false)
 
     @property
     def output_bytes(self) -> int:
@@ -88,16 +90,18 @@ def make_plan(models: Mapping[str, TensorSource], labels: Mapping[str, str], pri
     jobs: list[TensorJob] = []
     notes: list[str] = []
     missing: dict[str, list[str]] = {}
-    for name in names:
-        info = models[primary].info(name)
+    heads, stand_ins = _head_stand_ins(models, labels)
+    for name in names + [h for h in heads if h not in names]:
+        head_of = {k: v[name] for k, v in stand_ins.items() if name in v}  # tied inputs: embedding for head
+        info = models[primary].info(head_of.get(primary, name))
         dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
         if not info.dtype.is_floating_point:
             jobs.append(TensorJob(name, info.shape, info.dtype, Copy((primary,)), 0, primary))
             continue
         op = copy_when_unchanged(models, op_for(name), name)
-        aliases = {}
+        aliases = dict(head_of)
         for key in dict.fromkeys(op.inputs):
-            if key == primary:
+            if key == primary or key in aliases:
                 continue
             if name not in models[key]:
                 alias = _tied_alias(models[key], name, info)
@@ -120,8 +124,53 @@ def make_plan(models: Mapping[str, TensorSource], labels: Mapping[str, str], pri
             f"{', '.join(lacking[:3])}{more}; are both checkpoints of the same model?"
         )
     _check_extra_tensors(models, labels, primary, names)
+    if stand_ins:
+        notes.append(_untied_note(models, labels, heads, stand_ins))
     planned = [PlannedTensor(j.name, j.out_dtype, j.shape) for j in jobs]
-    return Plan(jobs, layout_shards(planned, max_shard_size), notes)
+    return Plan(jobs, layout_shards(planned, max_shard_size), notes, untied=bool(stand_ins))
+
+
+def own_head(model: TensorSource) -> bool:
+    """The model has an lm_head of its own: it stores one and its config does not say it is tied."""
+    return (any(group_of(n) == "lm_head" for n in model.names())
+            and (model.config or {}).get("tie_word_embeddings") is not True)
+
+
+def _head_stand_ins(models, labels) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """When tied and untied inputs meet: the output's head names (the untied models' lm_head tensors) and, per
+    tied model, the input embedding standing in for each head (as mergekit does), so every head is the merge
+    of the heads. Nothing when all inputs are tied, or all untied.
+    """
+    untied = [k for k, m in models.items() if own_head(m)]
+    if not untied or len(untied) == len(models):
+        return [], {}
+    heads: dict[str, TensorInfo] = {}
+    for key in untied:
+        for n in models[key].names():
+            if group_of(n) == "lm_head":
+                heads.setdefault(n, models[key].info(n))
+    out: dict[str, dict[str, str]] = {}
+    for key, model in models.items():
+        if key in untied:
+            continue
+        for name, info in heads.items():
+            alias = _tied_alias(model, name, info) if len(info.shape) == 2 else None
+            if alias is None:
+                raise InputError(
+                    f"{labels[key]} has tied embeddings but no single input embedding of {list(info.shape[1:])} "
+                    f"columns to stand in for {name!r} of {labels[untied[0]]}; are both checkpoints of the same "
+                    "model?")
+            out.setdefault(key, {})[name] = alias
+    return list(heads), out
+
+
+def _untied_note(models, labels, heads, stand_ins) -> str:
+    tied = " and ".join(labels[k] for k in stand_ins)
+    own = " and ".join(labels[k] for k in models if k not in stand_ins)
+    embeds = ", ".join(sorted({e for v in stand_ins.values() for e in v.values()}))
+    return (f"lm_head: {tied} has tied embeddings, {own} its own lm_head; the output's {', '.join(heads)} is the "
+            f"merge of the heads, the tied side's {embeds} standing in for its head (as mergekit does), and the "
+            "output is untied (tie_word_embeddings: false)")
 
 
 def _tied_alias(model: TensorSource, name: str, info: TensorInfo) -> str | None:
@@ -161,7 +210,8 @@ def _check_extra_tensors(models, labels, primary, names) -> None:
     for key, model in models.items():
         if key == primary:
             continue
-        # An lm_head the primary lacks is the other model's untied copy: the output stays tied.
+        # An lm_head the primary lacks is planned from the primary's embedding when tied and untied inputs
+        # meet (_head_stand_ins); when every input is tied, a stored head is a copy and the output stays tied.
         extra = [n for n in model.names() if n not in have and group_of(n) != "lm_head"]
         if extra:
             more = f" (+{len(extra) - 3} more)" if len(extra) > 3 else ""

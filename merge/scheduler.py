@@ -39,7 +39,8 @@ class MemoryFit:
 def per_worker_bytes(plan: Plan, chunk: int) -> tuple[int, int]:
     """(host, compute-device) bytes one worker's reused buffers need at most over ``plan``: per input a compute
     buffer (float32, or float64 for float64 outputs) and a stored-dtype read buffer, an output-dtype buffer,
-    and what the method's kernel declares (``Kernel.buffer_bytes``: e.g. magnitude pruning's histograms)."""
+    what the method's kernel declares (``Kernel.buffer_bytes``: e.g. magnitude pruning's histograms), and for
+    FP8 output the block maxima and per-element scales."""
     host = device = 0
     for job in plan.jobs:
         copy = isinstance(job.op, Copy)
@@ -49,7 +50,9 @@ def per_worker_bytes(plan: Plan, chunk: int) -> tuple[int, int]:
             host = max(host, out)
             continue
         width = 8 if job.out_dtype == torch.float64 else 4
-        compute = (len(job.op.inputs) + 1) * elems * width + registry.kernel_for(job.op).buffer_bytes(job.op, elems)
+        compute = (len(job.op.inputs) + 1) * elems * width + registry.buffer_bytes(job.op, elems)
+        if job.fp8_block:  # FP8 output: block maxima, then a scale per element of the chunk
+            compute += 2 * (elems + 2 * job.shape[-1]) * 4
         staging = len(job.op.inputs) * elems * 4 + out
         host, device = max(host, staging), max(device, compute)
     return host, device

@@ -28,6 +28,8 @@ class MergeSummary:
     pushed_to: str | None = None  # the Hub URL after push_to_hub
     parameter_table: str | None = None  # dry runs: the resolved parameters per layer and tensor group
     peak_bytes: int | None = None  # dry runs: estimated executor memory (merge.execute.estimate_peak_bytes)
+    already_complete: bool = False  # resume=True found OUT already written by this same run: nothing written
+    settings: list[str] = field(default_factory=list)  # task arithmetic: scales, sparsify, consensus (settings_of)
 
     def method_description(self) -> str:
         t = ""
@@ -36,7 +38,10 @@ class MergeSummary:
             t = f"t = {lo:g}" if lo == hi else f"t from {lo:g} to {hi:g} across tensors"
             t += " (t is the share of the base model: t=0 keeps the SFT unchanged, t=1 gives the base)."
         spec = registry.get(self.method) if self.method in registry.names() else None
-        return spec.describe(t) if spec is not None else f"{self.method} merge."
+        what = spec.describe(t) if spec is not None else f"{self.method} merge" + (
+            " (task arithmetic: `W = W_base + lambda * sum_i w_i * sparsify(W_i - W_base)`)." if self.settings
+            else ".")
+        return what + "".join(f" {line[0].upper()}{line[1:]}." for line in self.settings)
 
     def report(self) -> str:
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.tensors.items()))
@@ -45,6 +50,7 @@ class MergeSummary:
             lo, hi = self.t_range
             lines.append(f"t (share of base): {lo:g}" if lo == hi else f"t (share of base): {lo:g}..{hi:g}")
         lines.append(f"tensors: {sum(self.tensors.values())} ({counts})")
+        lines += self.settings
         spec = registry.find(self.method)
         if spec is not None:
             lines += spec.report(self)
@@ -52,8 +58,13 @@ class MergeSummary:
         lines += [f"warning: {w}" for w in self.warnings]
         size = f"{self.output_bytes / 1e9:.2f} GB" if self.output_bytes >= 1e8 else f"{self.output_bytes / 1e6:.2f} MB"
         where = f" -> {self.out}" if self.out else ""
-        verb = "would write" if self.dry_run else "wrote"
-        lines.append(f"{verb} {size} in {self.shards} shard(s){where}" + ("" if self.dry_run else f" in {self.seconds:.1f}s"))
+        if self.already_complete:
+            lines.append(f"already complete (same recipe and inputs; nothing written): {size} in {self.shards} "
+                         f"shard(s){where}")
+        else:
+            verb = "would write" if self.dry_run else "wrote"
+            lines.append(f"{verb} {size} in {self.shards} shard(s){where}"
+                         + ("" if self.dry_run else f" in {self.seconds:.1f}s"))
         if self.pushed_to:
             lines.append(f"pushed to {self.pushed_to}")
         if self.peak_bytes is not None:
@@ -66,3 +77,21 @@ class MergeSummary:
 
     def __str__(self) -> str:
         return self.report()
+
+
+def settings_of(jobs, inputs: dict[str, ResolvedModel]) -> list[str]:
+    """The settings a plan's merge operations use, in words (each method's ``settings``: task arithmetic's
+    scales, lambda, normalize, sparsify, sign consensus); empty when none has any."""
+    def who(key: str) -> str:
+        model = inputs.get(key)
+        return f"SFT {model.ref}" if model is not None else key
+
+    by_kind: dict[str, list] = {}
+    for j in jobs:
+        by_kind.setdefault(j.op.kind, []).append(j.op)
+    lines: list[str] = []
+    for kind, ops in by_kind.items():
+        spec = registry.for_kind(kind)
+        if spec is not None:
+            lines += spec.settings(ops, who)
+    return lines

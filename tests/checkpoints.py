@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (CLIPVisionConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
 
@@ -23,10 +24,28 @@ def tiny_config(arch: str, vocab: int = 96):
                            tie_word_embeddings=False)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=64)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=False)
+    if arch == "mixtral":  # MoE: 3 experts per layer and a router (block_sparse_moe.gate)
+        return MixtralConfig(**text, num_local_experts=3, num_experts_per_tok=2)
+    if arch == "llava":  # CLIP vision tower of 3 layers, projector, Llama decoder of 2 layers
+        vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                  image_size=8, patch_size=4, projection_dim=16)
+        return LlavaConfig(vision_config=vision, text_config=LlamaConfig(**text), image_token_index=vocab - 1,
+                           tie_word_embeddings=False)
+    if arch == "qwen2_vl":  # vision blocks (depth 3), merger, Qwen2 decoder of 2 layers
+        return Qwen2VLConfig(text_config=dict(**text, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+                                              bos_token_id=None, eos_token_id=None),
+                             vision_config=dict(depth=3, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2,
+                                                patch_size=2, temporal_patch_size=1, spatial_merge_size=2),
+                             image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+                             tie_word_embeddings=False)
     raise ValueError(arch)
 
 
-_MODELS = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel}
+_MODELS = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel,
+           "mixtral": MixtralForCausalLM, "llava": LlavaForConditionalGeneration,
+           "qwen2_vl": Qwen2VLForConditionalGeneration}
 
 
 def save_tokenizer(folder: Path, vocab: int) -> None:

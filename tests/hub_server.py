@@ -221,7 +221,10 @@ class HubHandler(BaseHTTPRequestHandler):
     # ---- plumbing -------------------------------------------------------------------------------
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - signature of the base class
-        sys.stderr.write(f"[hub_server] {self.command} {self.path.split('?')[0]} {args[1] if len(args) > 1 else ''}\n")
+        """One line per request: method, path, status and the Range asked for (tests read it back)."""
+        wanted = getattr(self, "headers", None) and self.headers.get("Range")
+        sys.stderr.write(f"[hub_server] {self.command} {self.path.split('?')[0]} {args[1] if len(args) > 1 else ''}"
+                         f"{f' range={wanted}' if wanted else ''}\n")
 
     def _iter_body(self):
         """Request body chunks, for Content-Length and chunked transfer encoding alike."""

@@ -57,9 +57,16 @@ def test_existing_output_refused_unless_force(pairs, tmp_path):
     (out / "keep.txt").write_text("mine")
     assert_user_error(run_cli("linear", "--sft", sft, "--base", base, "--t", "0.5", "-o", out), "--force")
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces only what mergeback wrote: a folder with the user's own files stays as it is
+    assert_user_error(run_cli("linear", "--sft", sft, "--base", base, "--t", "0.5", "-o", out, "--force"),
+                      "keep.txt", "did not write")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert run_cli("linear", "--sft", sft, "--base", base, "--t", "0.3", "-o", out, "-q").exit_code == 0
+    assert_user_error(run_cli("linear", "--sft", sft, "--base", base, "--t", "0.5", "-o", out), "--force")
     r = run_cli("linear", "--sft", sft, "--base", base, "--t", "0.5", "-o", out, "--force", "-q")
     assert r.exit_code == 0 and r.output == ""
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert "t: 0.5" in (out / "merge_recipe.yaml").read_text() and (out / "model.safetensors").exists()
 
 
 def test_failed_run_leaves_existing_output_untouched(pairs, tmp_path, clean_copy):

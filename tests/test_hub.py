@@ -36,7 +36,9 @@ def sha256_of(path: Path) -> str:
 
 
 def folder_digests(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): sha256_of(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    """Every file's sha256, but mergeback's own hidden marker (a push leaves out hidden files)."""
+    return {p.relative_to(folder).as_posix(): sha256_of(p) for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and not p.name.startswith(".mergeback")}
 
 
 def front_matter(card: Path) -> dict:
@@ -211,7 +213,8 @@ def test_base_auto_prefers_the_adapter_config(tmp_path):
 
 
 def test_offline_merge_uses_the_warm_cache(hub_server, hub_models, local_merges, tmp_path):
-    merge.merge("linear", sft=hub_models.sft_id, base=hub_models.base_id, t=0.5, dry_run=True)  # warms the cache
+    # Warms the cache (a dry run would not: it reads only the weights' headers).
+    merge.merge("linear", sft=hub_models.sft_id, base=hub_models.base_id, t=0.5, out=tmp_path / "warm")
     offline = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}  # a dead endpoint: no request may go out
     r = run_merge_exe("linear", "--sft", hub_models.sft_id, "--base", hub_models.base_id, "--t", "0.5",
                       "-o", tmp_path / "o", "-q", **offline)

@@ -202,9 +202,10 @@ def test_mergekit_recipe_reproduces_byte_for_byte_from_merge_recipe_yaml(pairs, 
 # -- the shipped examples --------------------------------------------------------------------------------------
 @pytest.fixture
 def example_models(pairs, tmp_path, monkeypatch):
-    """A folder holding ./base, ./med and ./code (tiny Llamas), as the current directory."""
+    """A folder holding ./base, ./med and ./code (tiny Llamas), and ./merge for the demo assets
+    (recipes/demo-lines.yaml), as the current directory."""
     base, (s0, s1) = pairs("llama", torch.bfloat16, sft_count=2)
-    for name, target in (("base", base), ("med", s0), ("code", s1)):
+    for name, target in (("base", base), ("med", s0), ("code", s1), ("merge", RECIPES.parent / "merge")):
         os.symlink(target, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     return tmp_path

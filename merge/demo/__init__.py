@@ -15,6 +15,7 @@ from ..errors import InputError
 
 ASSETS = Path(__file__).with_name("assets")
 DEFAULT_OUT = "mergeback-demo"
+DEMO_FILES = ("recovered", "tradeoff.png", "sweep.json")  # what a demo folder holds (its marker says so)
 
 
 def assets() -> dict[str, Path]:
@@ -39,18 +40,25 @@ def run_demo(out: str | Path = DEFAULT_OUT, force: bool = False, echo: Callable[
     say = echo or (lambda line: None)
     paths = assets()
     out = Path(out).expanduser().resolve()
+    output.check_target(out, {"the demo models": ASSETS})
     output.check_output(out, force)
-    if out.is_dir() and any(out.iterdir()):  # --force: replace the old demo folder, as merges replace OUT
-        shutil.rmtree(out)
-    elif out.exists() and not out.is_dir():
-        out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = out / "recovered"
-    say(f"mergeback demo: a tiny base model (English), its SFT (arithmetic tutor chats) - the SFT forgot English;\n"
-        f"merging back with t = share of the base, 11 values from 0 (SFT) to 1 (base)\n")
-    result = sweep(str(paths["sft"]), str(paths["base"]), paths["domain"], paths["general"], out=model_dir,
-                   general_report=paths["general_report"], domain_report=paths["domain_report"], force=True,
-                   plot=out / "tradeoff.png", command=f"merge demo -o {out}", echo=say, max_tokens=None,
-                   threads=1)  # the model is tiny: one thread beats OpenMP's overhead on its small matrices
-    (out / "sweep.json").write_text((model_dir / "sweep.json").read_text())
+    with output.output_lock(out):
+        output.check_output(out, force)
+        stage = output.fresh_staging(out)  # built aside; an old demo folder is replaced only once this is done
+        output.write_marker(stage, kind="demo", files=DEMO_FILES)
+        say(f"mergeback demo: a tiny base model (English), its SFT (arithmetic tutor chats) - the SFT forgot "
+            f"English;\nmerging back with t = share of the base, 11 values from 0 (SFT) to 1 (base)\n")
+        try:
+            result = sweep(str(paths["sft"]), str(paths["base"]), paths["domain"], paths["general"],
+                           out=stage / "recovered", general_report=paths["general_report"],
+                           domain_report=paths["domain_report"], plot=stage / "tradeoff.png",
+                           command=f"merge demo -o {out}", echo=say, max_tokens=None,
+                           threads=1)  # the model is tiny: one thread beats OpenMP's overhead on its small matrices
+            (stage / "sweep.json").write_text((stage / "recovered" / "sweep.json").read_text())
+            output.commit(stage, out)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)  # made by this run, and only by it
+            raise
+    result.out, result.plot = out / "recovered", out / "tradeoff.png"
+    result.json_path = out / "recovered" / "sweep.json"
     return result

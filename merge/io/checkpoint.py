@@ -120,6 +120,13 @@ class Checkpoint:
     def _open(self, path: Path):
         return BinFile(path) if path.suffix == ".bin" else SafetensorsFile(path)
 
+    def _present(self, path: Path) -> bool:
+        """Whether the weight file ``path`` exists (a header-only view also counts files still on the Hub)."""
+        return path.is_file()
+
+    def _glob(self, pattern: str) -> list[Path]:
+        return sorted(self.path.glob(pattern))
+
     def _weight_files(self) -> list[Path]:
         p = self.path
         self._index: dict[str, str] | None = None
@@ -138,14 +145,14 @@ class Checkpoint:
                 files = []
                 for rel in dict.fromkeys(weight_map.values()):
                     f = safe_member(p, rel, p / index_name)
-                    if not f.is_file():
+                    if not self._present(f):
                         raise InputError(f"{p / index_name}: names shard {rel!r}, which is missing from {p}")
                     files.append(f)
                 self._index = weight_map
                 return files
-            if (p / single).exists():
+            if self._present(p / single):
                 return [safe_member(p, single, p / single)]
-            found = sorted(p.glob(pattern))
+            found = self._glob(pattern)
             if found:
                 return [safe_member(p, f.name, f) for f in found]
         if any(p.glob("adapter_model.*")) or (p / "adapter_config.json").exists():

@@ -14,6 +14,7 @@ stays bounded by one chunk; each thread caches the factors of the one tensor it 
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 from dataclasses import dataclass, replace
@@ -26,6 +27,7 @@ from ..methods import registry
 from ..methods.base import Copy, Operation
 from ..tensor_names import group_of
 from .checkpoint import BinFile, Checkpoint, read_json
+from .quantized import open_checkpoint
 from .safetensors_file import SafetensorsFile, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,8 +78,8 @@ class LoraAdapter:
         self.role = role
         self.adapter_config = read_json(self.path / ADAPTER_CONFIG)
         self._check_kind()
-        self._owns_base = not isinstance(base, Checkpoint)
-        self.base = Checkpoint(base, role="base") if self._owns_base else base
+        self._owns_base = isinstance(base, (str, os.PathLike))
+        self.base = open_checkpoint(base, role="base") if self._owns_base else base
         self.file = self._open_weights()
         self.targets: dict[str, _Target] = {}
         self.replaced: dict[str, str] = {}  # base tensor name -> adapter tensor name

@@ -24,6 +24,9 @@ class ResolvedModel:
     path: Path
     repo_id: str | None = None
     revision: str | None = None
+    # Weight files of the pinned commit not downloaded yet (``resolve_model(weights=False)``): the model is
+    # opened from their headers (:class:`merge.io.remote.HeaderCheckpoint`) until :func:`fetch_pending`.
+    pending: tuple[str, ...] = ()
 
     @property
     def pinned(self) -> str:
@@ -33,10 +36,12 @@ class ResolvedModel:
         return str(self.path)
 
 
-def resolve_model(ref: str, role: str, *, token=None, progress: bool = False) -> ResolvedModel:
+def resolve_model(ref: str, role: str, *, token=None, progress: bool = False, weights: bool = True) -> ResolvedModel:
     """The local folder for ``ref`` (downloading Hub models); ``role`` names it in errors ("base", "SFT").
 
     ``token`` is for private Hub repos (default: HF_TOKEN or the cached login); ``progress`` shows download bars.
+    ``weights=False`` pins a Hub model and downloads its config, index and tokenizer files only; its
+    safetensors weights stay ``pending`` (see :func:`fetch_pending`).
     """
     from .. import hub
     from .aliases import load_aliases
@@ -49,6 +54,10 @@ def resolve_model(ref: str, role: str, *, token=None, progress: bool = False) ->
     if path.is_dir():
         return ResolvedModel(ref, path.resolve())
     if path.exists():
+        if path.suffix == ".gguf":
+            from .quantized import refuse_unsupported
+
+            refuse_unsupported(path, role, {})
         raise InputError(f"{label}: expected a model folder, got a file")
     if ref.startswith(("/", "./", "../", "~", ".")) or ref.count("/") > 1:
         raise InputError(f"{label}: no such folder")
@@ -67,8 +76,36 @@ def resolve_model(ref: str, role: str, *, token=None, progress: bool = False) ->
     elif not hub.is_repo_id(name):
         raise InputError(f"{label}: no such folder, alias or Hub repo id; give a model folder, a Hub id like "
                          "org/name[@revision], or an alias (`merge aliases` lists them)")
-    folder, commit = hub.fetch(name, revision, label, token=token, progress=progress)
-    return ResolvedModel(ref, folder, name, commit)
+    folder, commit, pending = hub.fetch(name, revision, label, token=token, progress=progress, weights=weights)
+    return ResolvedModel(ref, folder, name, commit, pending)
+
+
+def fetch_pending(model: ResolvedModel, label: str, *, token=None, progress: bool = False) -> ResolvedModel:
+    """``model`` with its pending weight files downloaded (from the pinned commit) into its snapshot folder."""
+    from dataclasses import replace
+
+    from .. import hub
+
+    if not model.pending:
+        return model
+    hub.fetch_files(model.repo_id, model.revision, model.pending, label, token=token, progress=progress)
+    return replace(model, pending=())
+
+
+def check_distinct(resolved: dict[str, ResolvedModel]) -> None:
+    """Every input is a different model: two references that lead to the same folder are an error naming both."""
+    seen: dict[Path, str] = {}
+    for key, model in resolved.items():
+        where = Path(model.path).resolve()
+        if where in seen:
+            first = seen[where]
+
+            def name(k):
+                return f"{'base' if k == 'base' else 'SFT'} {resolved[k].ref}"
+
+            raise InputError(f"{name(first)} and {name(key)} are the same model ({where}); each input must be a "
+                             "different model (give the SFT and the base it was fine-tuned from, each once)")
+        seen[where] = key
 
 
 # ---- --base auto ---------------------------------------------------------------------------------------

@@ -72,33 +72,44 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise _fail(path, f"file is {size} bytes, too short for a safetensors header")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise _fail(path, f"header length {header_len} exceeds the file size {size}")
+            header_len = header_length(f.read(8), size, path)
             raw = f.read(header_len)
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    return parse_header(raw, size, path)
+
+
+def header_length(prefix: bytes, size: int, where) -> int:
+    """The byte length of the JSON header, from the first 8 bytes of a file of ``size`` bytes named ``where``."""
+    if len(prefix) < 8:
+        raise _fail(where, f"file is {size} bytes, too short for a safetensors header")
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise _fail(where, f"header length {header_len} exceeds the file size {size}")
+    return header_len
+
+
+def parse_header(raw: bytes, size: int, where) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate the JSON header ``raw`` of a safetensors file of ``size`` bytes (local or remote, named
+    ``where`` in errors); tensor ranges are absolute: ``8 + len(raw) + data_offsets``."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _fail(path, "header is not valid JSON") from None
+        raise _fail(where, "header is not valid JSON") from None
     if not isinstance(header, dict):
-        raise _fail(path, "header is not a JSON object")
+        raise _fail(where, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
-        raise _fail(path, "__metadata__ is not an object")
-    data_start = 8 + header_len
+        raise _fail(where, "__metadata__ is not an object")
+    data_start = 8 + len(raw)
     data_len = size - data_start
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        tensors[name] = _parse_entry(path, name, entry, data_start, data_len)
+        tensors[name] = _parse_entry(where, name, entry, data_start, data_len)
     ranges = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
     for (s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:]):
         if s1 < e0:
-            raise _fail(path, f"tensors {n0!r} and {n1!r} overlap")
+            raise _fail(where, f"tensors {n0!r} and {n1!r} overlap")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 

@@ -128,7 +128,8 @@ class MethodSpec:
       per-tensor t/scale resolution of :mod:`merge.recipes.operations`); ``legend(recipe)`` heads the plan
       table;
     - ``describe(t_text)``: its sentence in the summary and card; ``report(summary)``: extra summary lines;
-      ``lora_note``: what it computes for LoRA inputs (a summary note);
+      ``settings(ops, who)``: a plan's settings of it in words (summary and card); ``lora_note``: what it
+      computes for LoRA inputs (a summary note);
     - ``mergekit``: the mergekit methods it runs, ``plan_mergekit(variant, recipe, resolver, name)``,
       ``check_mergekit(variant, recipe)`` and ``convert(variant, recipe, chains, fields, problems, notes)``
       (our format's equivalent, for ``merge convert``); ``mergekit_legend``;
@@ -144,6 +145,7 @@ class MethodSpec:
     describe: Callable[[str], str]
     params: type[BaseModel] = NoParams
     report: Callable[[Any], list[str]] = lambda summary: []
+    settings: Callable[[list, Callable[[str], str]], list[str]] = lambda ops, who: []
     lora_note: str = ""
     mergekit: tuple[MergekitVariant, ...] = ()
     plan_mergekit: Callable[..., Planned] | None = None

@@ -75,11 +75,23 @@ def for_mergekit(name: str) -> tuple[MethodSpec, MergekitVariant]:
     return _MERGEKIT[name]
 
 
+def for_kind(kind: str) -> MethodSpec | None:
+    """The method whose operations are of ``kind`` (None: copies, FP8 scales)."""
+    return _KINDS.get(kind)
+
+
 def kernel_for(op: Operation) -> Kernel:
     """The streaming kernel of ``op``'s kind (copies have none: the executor copies bytes itself)."""
     if isinstance(op, Copy):
         raise ValueError("copy operations have no kernel")
     return _KINDS[op.kind].kernel
+
+
+def buffer_bytes(op: Operation, elems: int) -> int:
+    """The compute-device bytes ``op``'s kernel needs beyond the inputs' buffers, for chunks of ``elems``
+    (0 for operations without a kernel of a method: copies, FP8 scales)."""
+    spec = _KINDS.get(op.kind)
+    return 0 if spec is None else spec.kernel.buffer_bytes(op, elems)
 
 
 def sweepable() -> tuple[str, ...]:

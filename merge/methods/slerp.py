@@ -153,6 +153,11 @@ def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: 
 
 
 def _report(summary) -> list[str]:
+    if summary.dry_run:
+        return ["slerp: each tensor's angle between the two inputs is computed while merging; nearly "
+                "parallel tensors (|cos| > 0.9995) will be interpolated linearly, the others spherically "
+                "(the merge reports how many took each branch and the largest angle; `merge inspect --t` "
+                "predicts them)"]
     return [f"slerp: {summary.spherical} tensors took the spherical branch, {summary.linear_fallback} fell "
             f"back to linear; largest angle {summary.max_angle:.3f} deg"]
 

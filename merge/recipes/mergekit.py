@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 from ..errors import InputError
 from ..methods import registry
 from ..methods.base import ParamSpec
-from ..tensor_names import group_of, layer_index
+from ..tensor_names import Structure
 
 SUPPORTED = registry.mergekit_names()
 KNOWN_UNSUPPORTED = ("della", "della_linear", "model_stock", "nuslerp", "passthrough", "karcher", "sce",
@@ -145,6 +145,15 @@ class MergekitRecipe(_Loose):
                 yield f"slices.{i}.sources.{j}.parameters", src.parameters
 
     def _check_inputs(self) -> None:
+        listed = [(f"models.{i}.model", m.model) for i, m in enumerate(self.models)] if self.models is not None \
+            else [(f"slices.0.sources.{j}.model", s.model) for j, s in enumerate(self.slices[0].sources if self.slices
+                                                                                 else [])]
+        first: dict[str, str] = {}
+        for path, ref in listed:
+            if ref in first:
+                raise ValueError(f"{path}: {ref!r} is listed twice (also {first[ref]}); list each model once "
+                                 "(mergekit refuses duplicate merge inputs)")
+            first[ref] = path
         refs = self.model_refs()
         spec, variant = registry.for_mergekit(self.merge_method)
         spec.check_mergekit(variant, self)
@@ -376,11 +385,16 @@ class TensorPosition:
 class Resolver:
     """Parameter values per tensor and input, with mergekit's precedence and gradient positions."""
 
-    def __init__(self, recipe: MergekitRecipe, n_layers: int):
+    def __init__(self, recipe: MergekitRecipe, n_layers: "int | Structure"):
         self.recipe = recipe
-        self.n_layers = n_layers
+        self.structure = Structure.coerce(n_layers)
+        self.n_layers = n_layers = self.structure.counts["text"]
         self.specs = {p.name: p for p in method_params(recipe.merge_method)}
         if recipe.slices is not None:
+            if len(self.structure.layered) > 1:
+                raise InputError("slices: the models have several layer stacks (" +
+                                 ", ".join(f"{s} {self.structure.counts[s]} layers" for s in self.structure.layered)
+                                 + "); mergekit refuses slices there too: use models:")
             self.ranges = [tuple(s.sources[0].layer_range) for s in recipe.slices]
             if self.ranges[-1][1] != n_layers:
                 raise InputError(f"slices: the slices cover layers [0, {self.ranges[-1][1]}) but the models have "
@@ -389,10 +403,14 @@ class Resolver:
             self.ranges = [(0, n_layers)]
 
     def position(self, name: str) -> TensorPosition:
-        layer = layer_index(name)
+        """mergekit's gradient position: layer l of its module's (stack's) L layers is ``l / (L - 1)``, 1 when
+        L = 1; every tensor outside the layers (embeddings, projector, norms, lm_head) is at t=0."""
+        pos = self.structure.position(name)
+        layer = pos.layer
         if layer is None:  # embeddings use the first slice, everything after the stack the last; both at t=0
-            return TensorPosition(0 if group_of(name) == "embed" else len(self.ranges) - 1, 0.0)
-        for i, (start, stop) in enumerate(self.ranges):
+            return TensorPosition(0 if pos.before else len(self.ranges) - 1, 0.0)
+        ranges = self.ranges if pos.stack == "text" else [(0, pos.count)]
+        for i, (start, stop) in enumerate(ranges):
             if start <= layer < stop:
                 size = stop - start
                 return TensorPosition(i, (layer - start) / (size - 1) if size > 1 else 1.0)

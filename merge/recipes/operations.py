@@ -13,7 +13,7 @@ from typing import Callable
 from ..errors import InputError
 from ..methods import registry
 from ..methods.base import Operation, Planned
-from ..tensor_names import group_of, layer_index
+from ..tensor_names import Structure
 from .mergekit import MergekitRecipe, Resolver
 from .schema import BottomKSchedule, LinesSchedule, Recipe
 from .values import matches, value_for
@@ -44,29 +44,29 @@ class OpBuilder:
         return iter((self, self.t_values))
 
 
-def operations_for(recipe, n_layers: int) -> OpBuilder:
-    """The per-tensor operations of ``recipe`` (ours or mergekit's) for a model with ``n_layers`` layers."""
+def operations_for(recipe, n_layers: "int | Structure") -> OpBuilder:
+    """The per-tensor operations of ``recipe`` (ours or mergekit's) for a model of structure ``n_layers``
+    (a :class:`~merge.tensor_names.Structure`, or the layer count of a single-stack model)."""
     if isinstance(recipe, MergekitRecipe):
         return mergekit_operations(recipe, n_layers)
     return our_operations(recipe, n_layers)
 
 
 # -- our format ----------------------------------------------------------------------------------------------
-def delta_scale(schedule, name: str, n_layers: int) -> float | None:
+def delta_scale(schedule, name: str, n_layers: "int | Structure") -> float | None:
     """The share of the delta a preset keeps for ``name``; None where the preset leaves it to ``t``/``scale``.
 
-    lines: layer l of L (1-based) keeps ``alpha + beta*(l-1)/(L-1)``; embeddings (below layer 1) get the
+    Counted per stack (a vision tower and a text decoder each have their own L). lines: layer l of L
+    (1-based) keeps ``alpha + beta*(l-1)/(L-1)``; embeddings (below layer 1, and a projector) get the
     layer-1 value, tensors after the stack (final norm, lm_head) the layer-L value. bottom_k: layers
-    ``0..k-1`` keep nothing (they are the base's); every other tensor (embeddings included) follows t/scale.
+    ``0..k-1`` of each stack keep nothing (they are the base's); every other tensor (embeddings included)
+    follows t/scale.
     """
-    layer = layer_index(name)
+    pos = Structure.coerce(n_layers).position(name)
     if isinstance(schedule, LinesSchedule):
-        if layer is None:
-            layer = 0 if group_of(name) == "embed" else n_layers - 1
-        frac = layer / (n_layers - 1) if n_layers > 1 else 0.0
-        return schedule.alpha + schedule.beta * frac
+        return schedule.alpha + schedule.beta * (pos.depth if pos.count > 1 else 0.0)
     if isinstance(schedule, BottomKSchedule):
-        return 0.0 if layer is not None and layer < schedule.k else None
+        return 0.0 if pos.layer is not None and pos.layer < schedule.k else None
     return None
 
 
@@ -91,7 +91,7 @@ class OurValues:
     """Per-tensor values of our recipe format, for the methods' ``plan``: ``t_of`` (share of the base, presets
     expanded) and ``delta_weights`` (each SFT's scale times the preset's share of the delta)."""
 
-    def __init__(self, recipe: Recipe, n_layers: int):
+    def __init__(self, recipe: Recipe, n_layers: "int | Structure"):
         self.recipe, self.n_layers = recipe, n_layers
 
     def t_of(self, name: str) -> float:
@@ -114,18 +114,19 @@ class OurValues:
         return tuple(weights)
 
 
-def our_operations(recipe: Recipe, n_layers: int) -> OpBuilder:
+def our_operations(recipe: Recipe, n_layers: "int | Structure") -> OpBuilder:
     """Operations of our recipe format (t = share of the base), presets expanded per tensor."""
     schedule = recipe.schedule
-    if isinstance(schedule, BottomKSchedule) and schedule.k > n_layers:
-        raise InputError(f"schedule.k: {schedule.k} is more than the model's {n_layers} layers")
+    n_layers = Structure.coerce(n_layers)
+    if isinstance(schedule, BottomKSchedule) and schedule.k > n_layers.max_layers:
+        raise InputError(f"schedule.k: {schedule.k} is more than the model's {n_layers.max_layers} layers")
     spec = registry.get(recipe.method)
     values = OurValues(recipe, n_layers)
     return OpBuilder(lambda name: spec.plan(recipe, values, name), spec.legend(recipe))
 
 
 # -- mergekit's format ---------------------------------------------------------------------------------------
-def mergekit_operations(recipe: MergekitRecipe, n_layers: int) -> OpBuilder:
+def mergekit_operations(recipe: MergekitRecipe, n_layers: "int | Structure") -> OpBuilder:
     """Operations reproducing mergekit 0.1.5 for ``recipe`` (see docs/mergekit-semantics.md).
 
     Every operation carries ``working_dtype`` (mergekit's ``dtype``, or the inputs' own dtype): inputs are

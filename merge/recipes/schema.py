@@ -12,7 +12,7 @@
     #   - {value: 0.3}                      # no match = default
     # schedule: {preset: lines, alpha: 0.2, beta: 0.8}   # per-layer delta scale, see values.py
     # schedule: {preset: bottom_k, k: 8}                 # first k layers from the base, the rest per t
-    dtype: bfloat16          # output dtype (default: the SFT's)
+    dtype: bfloat16          # output dtype (default: the SFT's; fp8: FP8 block-scaled weights)
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class Recipe(BaseModel):
     base: str
     sft: list[SftModel]
     schedule: Optional[Schedule] = Field(None, description="a named per-layer preset (lines, bottom_k)")
-    dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
+    dtype: Optional[Literal["float32", "float16", "bfloat16", "float64", "fp8"]] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
     out: Optional[str] = None

@@ -6,7 +6,7 @@ import fnmatch
 import re
 from typing import Sequence, Union
 
-from ..tensor_names import GROUPS, group_of, layer_index
+from ..tensor_names import GROUPS, STACKS, Structure, group_of, stack_of
 
 Gradient = Sequence[float]
 
@@ -21,25 +21,26 @@ def interpolate(values: Gradient, position: float) -> float:
     return float(values[i] + (values[i + 1] - values[i]) * frac)
 
 
-def depth_position(name: str, n_layers: int) -> float:
-    """Where a tensor sits in depth, in [0, 1]: layer l of L is ``l / (L - 1)``; embeddings sit at 0,
-    everything after the stack (final norm, lm_head) at 1."""
-    layer = layer_index(name)
-    if layer is None:
-        return 0.0 if group_of(name) == "embed" else 1.0
-    return layer / (n_layers - 1) if n_layers > 1 else 0.0
+def depth_position(name: str, n_layers: "int | Structure") -> float:
+    """Where a tensor sits in depth in its own stack, in [0, 1]: layer l of the stack's L is ``l / (L - 1)``;
+    embeddings (and a vision-language projector) sit at 0, everything after the layers (final norm, lm_head)
+    at 1. ``n_layers`` is a :class:`~merge.tensor_names.Structure` or, for a single-stack model, its L."""
+    return Structure.coerce(n_layers).position(name).depth
 
 
 def matches(pattern: str, name: str) -> bool:
-    """A rule's ``match``: a group name (embed, lm_head, norm, attn, mlp), ``re:REGEX`` (searched), or a glob."""
+    """A rule's ``match``: a group name (embed, lm_head, norm, attn, mlp, router, projector), a stack name
+    (vision, text), ``re:REGEX`` (searched), or a glob."""
     if pattern in GROUPS:
         return group_of(name) == pattern
+    if pattern in STACKS:
+        return stack_of(name) == pattern
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def value_for(value: Union[float, Gradient, list], name: str, n_layers: int) -> float | None:
+def value_for(value: Union[float, Gradient, list], name: str, n_layers: "int | Structure") -> float | None:
     """The number ``name`` gets from ``value``; None when rules are given and none matches."""
     if isinstance(value, (int, float)):
         return float(value)

@@ -25,7 +25,7 @@ from ..methods.chunks import CHUNK_ELEMENTS, chunk_ranges
 from ..methods.slerp import Slerp, coefficients, slerp_statistics
 from ..plan import Plan, TensorJob, make_plan
 from ..recipes.operations import operations_for
-from ..tensor_names import num_layers
+from ..tensor_names import Structure
 
 NO_SHARDING = 1 << 62
 
@@ -37,7 +37,7 @@ class InPlaceModel:
                  eval_dtype: torch.dtype | None = None):
         self.models, self.labels, self.device = models, labels, device
         self.primary = "sft0"
-        self.n_layers = num_layers(models[self.primary].config, models[self.primary].names())
+        self.n_layers = Structure.of(models[self.primary].config, models[self.primary].names())
         layout = self.plan(template_recipe)
         check_memory(layout, models, device)
         self.model = build_model(models[self.primary].config, layout, device, eval_dtype)
@@ -91,7 +91,7 @@ class InPlaceModel:
             result = kernel.apply(job, reader.load(*chunk), state, chunk, reader)
             self._store(flat[chunk.start:chunk.stop], result, job.out_dtype)  # the written values, then eval dtype
         if job.merged_numel < job.numel:  # added vocabulary rows: the SFT's, as the executor copies them
-            rows = self.inputs[(job.primary, job.name)].view(-1)[job.merged_numel:]
+            rows = self.inputs[(job.primary, job.source_name(job.primary))].view(-1)[job.merged_numel:]
             self._store(flat[job.merged_numel:], rows, job.out_dtype)
 
     def _buffer(self, slot: str, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -179,6 +179,8 @@ def build_model(config: dict, layout: Plan, device: torch.device, eval_dtype: to
     from transformers.initialization import no_init_weights
 
     cfg = dict(config)
+    if layout.untied:  # tied and untied inputs: the merge has its own lm_head, as the written config says
+        cfg["tie_word_embeddings"] = False
     model_type = cfg.pop("model_type", None)
     if not model_type:
         raise InputError("sweep: the SFT's config.json has no model_type; cannot build the model to evaluate")
@@ -226,6 +228,9 @@ def _read_itemsize(model, name: str) -> int:
     changes = getattr(model, "changes", None)
     if changes is not None and changes(name):
         return max(4, info.dtype.itemsize)
+    quantised = getattr(model, "is_quantised", None)  # FP8 weights are dequantised to float32
+    if quantised is not None and quantised(name):
+        return 4
     return info.dtype.itemsize
 
 

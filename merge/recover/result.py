@@ -43,6 +43,7 @@ class ScheduleOutcome:
     report: Reported | None = None
     global_report: Reported | None = None
     wins: bool = False  # measured on the report probes only
+    seconds: float = 0.0  # the whole search: setting and evaluating every schedule tried
 
     def verdict(self) -> str:
         if not self.beats_on_selection:
@@ -59,8 +60,9 @@ class ScheduleOutcome:
 
 @dataclass
 class SweepResult:
-    """``rows``: the global-t candidates on the selection probes (t ascending); ``chosen``: the rule's pick;
-    ``report``: base, SFT, the chosen t (and a schedule) on the report probes; ``written``: what ``out`` holds."""
+    """``rows``: the global-t candidates on the selection probes (t ascending); ``chosen``: the rule's pick
+    among them; ``report``: base, SFT, the chosen t (and a schedule) on the report probes; ``written``: the
+    candidate finally picked (a schedule that won on the report probes, else ``chosen``), what ``out`` holds."""
 
     rows: list[Candidate]
     chosen: Candidate
@@ -94,15 +96,38 @@ class SweepResult:
 
     @property
     def seconds_set(self) -> float:
-        return sum(c.seconds_set for c in self._all())
+        """Setting the global-t candidates' parameters (the schedule search is timed on its own)."""
+        return sum(c.seconds_set for c in self.rows)
 
     @property
     def seconds_eval(self) -> float:
-        return sum(c.seconds_eval for c in self._all())
+        """Evaluating the global-t candidates on the selection probes."""
+        return sum(c.seconds_eval for c in self.rows)
 
-    def _all(self) -> list[Candidate]:
-        extra = [self.schedule.best] if self.schedule and self.schedule.best not in self.rows else []
-        return self.rows + extra
+    def time_line(self) -> str:
+        """Where the time went; the parts add up to the total but for bookkeeping."""
+        search = (f", schedule search {self.schedule.seconds:.1f}s ({self.schedule.evaluations} evaluations)"
+                  if self.schedule else "")
+        return (f"time: loading {self.seconds_load:.1f}s, setting parameters {self.seconds_set:.1f}s, "
+                f"evaluating {self.seconds_eval + self.seconds_report:.1f}s{search}, writing "
+                f"{self.seconds_write:.1f}s, total {self.seconds_total:.1f}s")
+
+    def score_notes(self) -> list[str]:
+        """What scores outside [0, 1] mean, when some candidate has one."""
+        out = []
+        for what, key, meaning in (
+                ("general_recovered", "general_recovered",
+                 "the merge scores better than the base on the general probes (G_m < G_base)"),
+                ("domain_retained", "domain_retained",
+                 "the merge scores better than the SFT on the domain probes (D_m < D_sft)")):
+            high = [(getattr(c.recovery, key), c.label) for c in self.rows + [r for r in self.report]
+                    if c.recovery is not None and math.isfinite(getattr(c.recovery, key))
+                    and getattr(c.recovery, key) > 1]
+            if high:
+                top, label = max(high)
+                out.append(f"{what} above 1 (up to {top:.3f}, {label}): {meaning}; the ratio divides by the gap "
+                           "between base and SFT, so a small gap makes it large")
+        return out
 
     # -- text ----------------------------------------------------------------------------------------------
     def forgetting_line(self) -> str:
@@ -147,10 +172,8 @@ class SweepResult:
             lines += ["", "report probes: " + self._probe_names("report"), self.report_table()]
         if self.schedule:
             lines += ["", self.schedule.verdict()]
-        lines += [f"note: {n}" for n in self.notes]
-        lines.append(f"time: loading {self.seconds_load:.1f}s, setting parameters {self.seconds_set:.1f}s, "
-                     f"evaluating {self.seconds_eval + self.seconds_report:.1f}s, writing {self.seconds_write:.1f}s, "
-                     f"total {self.seconds_total:.1f}s")
+        lines += [f"note: {n}" for n in self.notes + self.score_notes()]
+        lines.append(self.time_line())
         if self.out:
             what = f"t = {self.written.t:g}" if self.written and self.written.t is not None else (
                 self.written.label if self.written else "")
@@ -194,6 +217,9 @@ class SweepResult:
                       f"| {_f(r.recovery.domain_retained)} | {_f(r.recovery.score)} |" for r in self.report]
         if self.schedule:
             lines += ["", self.schedule.verdict() + "."]
+        notes = self.score_notes()
+        if notes:
+            lines += [""] + [f"- {n}" for n in notes]
         lines.append("")
         return "\n".join(lines)
 
@@ -211,11 +237,15 @@ class SweepResult:
                "report": [{"label": r.label, "general_bpb": r.general.bpb, "domain_bpb": r.domain.bpb,
                            "general_recovered": r.recovery.general_recovered,
                            "domain_retained": r.recovery.domain_retained, "score": r.recovery.score}
-                          for r in self.report], "notes": self.notes}
+                          for r in self.report], "notes": self.notes + self.score_notes(),
+               "written": (self.written or self.chosen).label,
+               "seconds": {"load": self.seconds_load, "set": self.seconds_set, "eval": self.seconds_eval,
+                           "report": self.seconds_report, "schedule_search": self.schedule.seconds if self.schedule
+                           else 0.0, "write": self.seconds_write, "total": self.seconds_total}}
         if self.schedule:
             out["schedule"] = {"kind": self.schedule.kind, "best": cand(self.schedule.best),
                                "evaluations": self.schedule.evaluations, "wins_on_report": self.schedule.wins,
-                               "verdict": self.schedule.verdict()}
+                               "verdict": self.schedule.verdict(), "seconds": self.schedule.seconds}
         return out
 
     def __str__(self) -> str:
@@ -233,17 +263,32 @@ def with_recovery(c: Candidate, base: Candidate, sft: Candidate) -> Candidate:
 
 
 def plot_tradeoff(result: SweepResult, path: Path) -> Path:
+    """Save :func:`tradeoff_figure` to ``path`` (PNG)."""
+    fig = tradeoff_figure(result)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def tradeoff_figure(result: SweepResult):
     """Two panels: bits per byte against t (base and SFT levels dashed); domain_retained against
-    general_recovered (the trade-off curve), chosen point and any schedule marked."""
+    general_recovered (the trade-off curve). The candidate picked in the end (``written``: a schedule that won,
+    else the chosen t) is the red star labelled "chosen"; a schedule that lost, or the global t a schedule
+    beat, is marked as such."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     rows = result.rows
+    picked = result.written or result.chosen
+    schedule_won = picked is not result.chosen
     ts = [c.t for c in rows]
     fig = Figure(figsize=(11, 4.2))
     left, right = fig.subplots(1, 2)
     left.plot(ts, [c.general.bpb for c in rows], "o-", color="tab:blue", label="general probes")
     left.plot(ts, [c.domain.bpb for c in rows], "s-", color="tab:orange", label="domain probes")
-    left.axvline(result.chosen.t, color="gray", linestyle=":", label=f"chosen t = {result.chosen.t:g}")
+    global_label = (f"best global t = {result.chosen.t:g} (a schedule was chosen)" if schedule_won
+                    else f"chosen t = {result.chosen.t:g}")
+    left.axvline(result.chosen.t, color="gray", linestyle=":", label=global_label)
     left.set_xlabel("t (share of the base: 0 = SFT, 1 = base)")
     left.set_ylabel("bits per byte (lower is better)")
     left.set_title("Probe loss along the interpolation")
@@ -253,12 +298,15 @@ def plot_tradeoff(result: SweepResult, path: Path) -> Path:
     right.plot(gr, dr, "o-", color="tab:green")
     for c, x, y in zip(rows, gr, dr):
         right.annotate(f"{c.t:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    right.plot([result.chosen.recovery.general_recovered], [result.chosen.recovery.domain_retained], "*",
-               markersize=16, color="tab:red", label="chosen")
-    if result.schedule and result.schedule.beats_on_selection:
+    if schedule_won:
+        right.plot([result.chosen.recovery.general_recovered], [result.chosen.recovery.domain_retained], "o",
+                   markersize=12, markerfacecolor="none", color="tab:red", label=f"best global t = {result.chosen.t:g}")
+    elif result.schedule and result.schedule.beats_on_selection:
         s = result.schedule.best.recovery
         right.plot([s.general_recovered], [s.domain_retained], "D", color="tab:purple",
-                   label=f"{result.schedule.kind} schedule")
+                   label=f"{result.schedule.kind} schedule (not chosen)")
+    right.plot([picked.recovery.general_recovered], [picked.recovery.domain_retained], "*", markersize=16,
+               color="tab:red", label=f"chosen: {picked.label}" if schedule_won else "chosen")
     if result.rule == "keep-domain":
         right.axhline(result.keep_domain, color="gray", linestyle="--", linewidth=0.8,
                       label=f"domain_retained = {result.keep_domain:g}")
@@ -267,7 +315,4 @@ def plot_tradeoff(result: SweepResult, path: Path) -> Path:
     right.set_title("Trade-off (labels: t)")
     right.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return fig

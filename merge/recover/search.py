@@ -1,9 +1,10 @@
 """Per-layer schedules and a small derivative-free search over them.
 
-* ``lines``: LiNeS, layer l of L (1-based) keeps ``lam(l) = alpha + beta*(l-1)/(L-1)`` of its delta
+* ``lines``: LiNeS, layer l of L (1-based, L of its own stack) keeps ``lam(l) = alpha + beta*(l-1)/(L-1)`` of its delta
   (``t(l) = 1 - lam(l)``); searched as (lam of the first layer, lam of the last layer), each in [0, 1].
 * ``blocks``: one t per block of consecutive layers (Heterogeneous Model Averaging, 3 blocks by default);
-  embeddings take the first block's t, the final norm and lm_head the last block's.
+  embeddings take the first block's t, the final norm and lm_head the last block's. Counted per stack: with
+  a vision tower, block b holds the b-th run of the tower's layers and the b-th run of the decoder's.
 
 The search is coordinate search on a shrinking step (0.2, 0.1, 0.05) from the best global t, each point
 clipped to [0, 1], with at most ``budget`` evaluations; it only moves to strictly better points.
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from ..recipes.schema import Recipe
+from ..tensor_names import VISION, Structure
 
 STEPS = (0.2, 0.1, 0.05)
 LAYER_PREFIX = r"re:(?:^|\.)(?:layers|layer|h|blocks|block)\."
@@ -34,14 +36,32 @@ def block_ranges(n_layers: int, blocks: int) -> list[range]:
     return [range(edges[b], edges[b + 1]) for b in range(blocks)]
 
 
-def blocks_recipe(template: Recipe, ts: Sequence[float], n_layers: int) -> Recipe:
-    """``template`` with ``t`` rules: one regex rule per block but the last, embeddings with the first block,
-    everything else (last block, final norm, lm_head) the default."""
-    ranges = block_ranges(n_layers, len(ts))
-    rules = [{"match": "embed", "value": round(ts[0], 6)}]
-    for layers, t in zip(ranges[:-1], ts[:-1]):
+def _block_rules(scope: str, ts: Sequence[float], n_layers: int) -> list[dict]:
+    """One regex rule per block but the last of a stack of ``n_layers`` layers; ``scope`` (a regex) goes first."""
+    rules = []
+    for layers, t in zip(block_ranges(n_layers, len(ts))[:-1], ts[:-1]):
         alternatives = "|".join(str(i) for i in layers)
-        rules.append({"match": f"{LAYER_PREFIX}(?:{alternatives})\\.", "value": round(t, 6)})
+        rules.append({"match": f"re:{scope}{LAYER_PREFIX[3:]}(?:{alternatives})\\.", "value": round(t, 6)})
+    return rules
+
+
+def blocks_recipe(template: Recipe, ts: Sequence[float], n_layers: "int | Structure") -> Recipe:
+    """``template`` with ``t`` rules: one regex rule per block but the last, embeddings with the first block,
+    everything else (last block, final norm, lm_head) the default.
+
+    With a vision tower, block b holds the b-th run of each stack's own layers: the vision rules come first
+    (its pre-layer norm with the first block, the rest of the tower with the last), the projector goes with
+    the first block."""
+    structure = Structure.coerce(n_layers)
+    rules = [{"match": "embed", "value": round(ts[0], 6)}]
+    if structure.multi:
+        rules.append({"match": "projector", "value": round(ts[0], 6)})
+    if structure.counts.get("vision"):
+        vision = f"^(?=.*{VISION.pattern}).*"  # a vision name, then the layer part searched as for text
+        rules.append({"match": f"re:{vision}(?:^|\\.)pre_", "value": round(ts[0], 6)})
+        rules += _block_rules(vision, ts, structure.counts["vision"])
+        rules.append({"match": "vision", "value": round(ts[-1], 6)})
+    rules += _block_rules("", ts, structure.counts["text"])
     rules.append({"value": round(ts[-1], 6)})
     data = template.model_dump(mode="json", exclude_none=True)
     data["t"] = rules

@@ -71,6 +71,7 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
     t_values = sorted(set(float(t) for t in (t_values if t_values is not None else DEFAULT_T)) | {0.0, 1.0})
     out_path = Path(out).expanduser().resolve() if out is not None else None
     if out_path is not None:
+        output.check_target(out_path, output.local_inputs({f"SFT {sft}": sft, f"base {base}": base}))
         output.check_output(out_path, force)
     notes: list[str] = []
     probes = _probe_sets(general, domain, general_report, domain_report, holdout, schedule, notes)
@@ -78,6 +79,8 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
                                  "device": device})
     resolved, _ = api.resolve_inputs(template, token=token)
     labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
+    if out_path is not None:
+        output.check_target(out_path, {labels[k]: m.path for k, m in resolved.items()})
     dev = resolve_device(device)
     with ExitStack() as stack:
         models = {k: stack.enter_context(api.open_model(m, labels[k], resolved)) for k, m in resolved.items()}
@@ -130,8 +133,8 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
         say(outcome.verdict())
     result.seconds_report = runner.seconds_report
     writing = time.perf_counter()
+    result.written = written
     if out_path is not None:
-        result.written = written
         _write(result, written, out_path, force, command, plot)
     elif plot is not None:
         result.plot = plot_tradeoff(result, Path(plot))
@@ -185,18 +188,20 @@ class _Runner:
                 label = "blocks(t=" + "/".join(f"{x:g}" for x in point) + ")"
             return with_recovery(self.candidate(label, recipe), base_row, sft_row)
 
-        start = (lam, lam) if kind == "lines" else (chosen.t,) * max(1, min(blocks, n_layers))
+        began = time.perf_counter()
+        start = (lam, lam) if kind == "lines" else (chosen.t,) * max(1, min(blocks, n_layers.max_layers))
         self.say(f"searching {kind} schedules from the chosen t = {chosen.t:g} (at most {budget} evaluations)")
         _, best, used = coordinate_search(start, evaluate, lambda c: objective(c.recovery, rule, keep_domain),
                                           budget)
         better = objective(best.recovery, rule, keep_domain) > objective(chosen.recovery, rule, keep_domain)
-        return ScheduleOutcome(kind, best, used, better)
+        return ScheduleOutcome(kind, best, used, better, seconds=time.perf_counter() - began)
 
 
 def _write(result: SweepResult, written: Candidate, out_path: Path, force: bool, command, plot) -> None:
     import json
 
     from .. import api
+    from ..io import output
 
     api.run(written.recipe, out=out_path, force=force, command=command, card_sections=[result.card_section()])
     result.out = out_path
@@ -207,6 +212,8 @@ def _write(result: SweepResult, written: Candidate, out_path: Path, force: bool,
         result.recipe_path.write_text(f"# {result.schedule.verdict()}\n{text}")
     result.json_path = out_path / "sweep.json"
     result.json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    written_here = [p for p in (result.plot, result.recipe_path, result.json_path) if p is not None]
+    output.add_to_marker(out_path, [Path(p).name for p in written_here if Path(p).resolve().parent == out_path])
 
 
 def load_tokenizer(sft, base):
