@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=tools.BENCH_DIR / "work")
     parser.add_argument("--results", type=Path, default=tools.BENCH_DIR / "results")
     parser.add_argument("--ours-cmd", help="our CLI as a command line (default: find `merge`)")
+    parser.add_argument("--ours-args", default="",
+                        help="extra options appended to each of our merges, e.g. --ours-args=--allow-nonfinite")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic pairs")
     parser.add_argument("--check-tensors", type=int, default=8,
                         help="tensors per output compared with the reference merge")
@@ -121,7 +124,8 @@ class Bench:
         if self.prefix.get(tool) is None:
             return None
         if tool == "ours":
-            return self.prefix["ours"] + tools.ours_args(method, base, sft, out, self.params)
+            return self.prefix["ours"] + tools.ours_args(method, base, sft, out, self.params) \
+                + shlex.split(self.args.ours_args)
         config = tools.mergekit_config(method, base, sft, self.params)
         self.configs[f"{size}/{method}"] = config
         path = tools.write_mergekit_config(self.args.work / "configs" / f"{size}-{method}.yml", config)

@@ -23,7 +23,7 @@ from .io.quantized import fp8_config, open_checkpoint, quantisation_notes
 from .io.resolve import ResolvedModel, resolve_model
 from .io.writer import ShardWriter, parse_size, write_index
 from .plan import Plan, make_plan
-from .recipes.operations import operations_for
+from .recipes.operations import operations_for, unmatched_rules
 from .recipes.schema import Recipe
 from .summary import MergeSummary, settings_of
 from .tensor_names import Structure
@@ -33,12 +33,12 @@ PRIMARY = "sft0"
 
 
 def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: str | Path | None = None, *,
-          scale=None, sparsify: str | None = None, density: float | None = None, gamma: float = 0.01,
-          seed: int = 0, sign_consensus: bool = False, dtype: str | None = None, device: str = "auto",
+          scale=None, sparsify: str | None = None, density: float | None = None, gamma: float | None = None,
+          seed: int | None = None, sign_consensus: bool = False, dtype: str | None = None, device: str = "auto",
           max_shard_size: str = "5GB", threads: int | None = None, force: bool = False,
           dry_run: bool = False, progress: bool = False, command: str | None = None,
-          chunk_elements: int | None = None, resume: bool = False, check_finite: bool = False,
-          memory: str | int | None = None, gpu_memory: str | int | None = None,
+          chunk_elements: int | None = None, resume: bool = False, allow_nonfinite: bool = False,
+          allow_unmatched: bool = False, memory: str | int | None = None, gpu_memory: str | int | None = None,
           verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
           revision: str | None = None, commit_message: str | None = None, token: str | None = None) -> MergeSummary:
     """Merge an SFT checkpoint back with its base and write a Hugging Face model folder to ``out``.
@@ -50,6 +50,8 @@ def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: s
     """
     method = method.replace("-", "_")
     sfts = [sft] if isinstance(sft, (str, Path)) else list(sft)
+    check_method_options(method, len(sfts), t=t, scale=scale, sparsify=sparsify, density=density, gamma=gamma,
+                         seed=seed, sign_consensus=sign_consensus)
     fields: dict = {"method": method, "base": str(base), "dtype": dtype, "device": device,
                     "max_shard_size": str(max_shard_size), "out": str(out) if out is not None else None}
     if method == "task_arithmetic":
@@ -60,17 +62,50 @@ def merge(method: str, sft: Union[str, Sequence[str]], base: str, t=None, out: s
         if sparsify:
             if density is None:
                 raise InputError("--sparsify needs --density (the fraction of each delta kept, 0..1]")
-            fields["sparsify"] = {"method": sparsify, "density": density, "gamma": gamma, "seed": seed}
+            fields["sparsify"] = {"method": sparsify, "density": density}
+            fields["sparsify"].update({k: v for k, v in (("gamma", gamma), ("seed", seed)) if v is not None})
         fields["sign_consensus"] = sign_consensus
     else:
         fields["sft"] = [str(s) for s in sfts]
         fields["t"] = t
     recipe = build_recipe(fields)
     return run(recipe, out=out, force=force, threads=threads, dry_run=dry_run, progress=progress, command=command,
-               chunk_elements=chunk_elements, resume=resume, check_finite=check_finite, verbose=verbose,
+               chunk_elements=chunk_elements, resume=resume, allow_nonfinite=allow_nonfinite,
+               allow_unmatched=allow_unmatched, verbose=verbose,
                memory=memory, gpu_memory=gpu_memory,
                push_to_hub=push_to_hub, private=private, revision=revision, commit_message=commit_message,
                token=token)
+
+
+def check_method_options(method: str, n_sfts: int, *, t, scale, sparsify, density, gamma, seed,
+                         sign_consensus) -> None:
+    """Refuse options that would have no effect with ``method`` (one line naming the option and the fix)."""
+    if method != "task_arithmetic":
+        if scale is not None:
+            raise InputError(f"--scale: only for task-arithmetic; {method.replace('_', '-')} uses --t")
+        given = [name for name, v in (("--sparsify", sparsify), ("--density", density), ("--gamma", gamma),
+                                      ("--seed", seed), ("--sign-consensus", sign_consensus or None))
+                 if v is not None]
+        if given:
+            raise InputError(f"{given[0]}: only for task-arithmetic; {method.replace('_', '-')} has no effect of it")
+        return
+    if t is not None:
+        raise InputError("--t: task-arithmetic uses --scale (the multiplier of each delta; scale 1-t equals "
+                         "linear with t), not --t")
+    if sparsify is None:
+        for name, v in (("--density", density), ("--gamma", gamma), ("--seed", seed)):
+            if v is not None:
+                raise InputError(f"{name}: has no effect without --sparsify magnitude|random|breadcrumbs")
+    else:
+        if gamma is not None and sparsify != "breadcrumbs":
+            raise InputError(f"--gamma: only breadcrumbs drops the largest entries; --sparsify {sparsify} has "
+                             "no gamma (drop --gamma)")
+        if seed is not None and sparsify != "random":
+            raise InputError(f"--seed: only --sparsify random draws random masks; --sparsify {sparsify} is "
+                             "deterministic (drop --seed)")
+    if sign_consensus and n_sfts < 2:
+        raise InputError("--sign-consensus: elects signs across several SFTs; with one --sft it has no effect "
+                         "(drop it or add another --sft)")
 
 
 def fold(adapter: str | Path, base: str | Path, out: str | Path | None = None, **options) -> MergeSummary:
@@ -87,18 +122,20 @@ def build_recipe(fields: dict) -> Recipe:
     """A validated :class:`Recipe`, with pydantic's complaint turned into one line naming the field."""
     from pydantic import ValidationError
 
+    from .recipes.loading import error_text, first_error, user_path
+
     try:
         return Recipe.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "recipe"
-        raise InputError(f"{where}: {err['msg']}") from None
+        err = first_error(e)
+        where = ".".join(str(p) for p in user_path(err["loc"])) or "recipe"
+        raise InputError(f"{where}: {error_text(err)}") from None
 
 
 def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bool = False, threads: int | None = None,
         dry_run: bool = False, progress: bool = False, command: str | None = None,
-        chunk_elements: int | None = None, resume: bool = False, check_finite: bool = False,
-        verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
+        chunk_elements: int | None = None, resume: bool = False, allow_nonfinite: bool = False,
+        allow_unmatched: bool = False, verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
         memory: str | int | None = None, gpu_memory: str | int | None = None,
         revision: str | None = None, commit_message: str | None = None, token: str | None = None,
         card_sections: Sequence[str] = ()) -> MergeSummary:
@@ -110,8 +147,10 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     ``chunk_elements`` (advanced) is how many elements of a tensor are processed at once; results do not
     depend on ``threads`` or the budgets, nor on chunks that are multiples of 2**17. An interrupted run (Ctrl-C, full disk, kill) keeps its finished shards in
     ``output.staging_dir(out)``; ``resume=True`` continues it, byte-identical to an uninterrupted run.
-    ``check_finite`` fails on NaN/Inf in any output tensor; ``verbose`` prints one line per finished tensor
-    to stderr.
+    A NaN/Inf in any output tensor fails the run, naming the tensor and, when an input already holds it, that
+    input (``allow_nonfinite=True`` writes it anyway). A ``match`` rule (mergekit: ``filter``) that matches no
+    tensor is an error naming it and its line (``allow_unmatched=True``: a warning); ``verbose`` prints one
+    line per finished tensor to stderr.
 
     ``push_to_hub="org/name"`` then uploads ``out`` (default ``./name``) with :func:`merge.hub.push`
     (``private``, branch ``revision``, ``commit_message``); ``token`` (default: HF_TOKEN or the cached login)
@@ -122,6 +161,9 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         from .recipes.loading import load_recipe
 
         recipe = load_recipe(recipe)
+    check_run_options(dry_run=dry_run, resume=resume, allow_nonfinite=allow_nonfinite, verbose=verbose, force=force,
+                      push_to_hub=push_to_hub, private=private, revision=revision, commit_message=commit_message,
+                      gpu_memory=gpu_memory, device=recipe.device)
     primary = recipe.primary
     if push_to_hub is not None:
         from .hub import check_repo_id
@@ -152,6 +194,9 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         fp8_out = recipe.output_dtype == "fp8"  # bfloat16, then the FP8 weights re-quantised
         out_dtype = torch.bfloat16 if fp8_out else DTYPES[recipe.output_dtype] if recipe.output_dtype else None
         plan = make_plan(models, labels, primary, op_for, out_dtype, parse_size(recipe.max_shard_size))
+        unmatched = unmatched_rules(recipe, [j.name for j in plan.jobs])
+        if unmatched and not allow_unmatched:
+            raise InputError(f"{unmatched[0]}; fix the rule or pass --allow-unmatched (allow_unmatched=True)")
         if fp8_out:
             plan = fp8_output_plan(plan, models, primary, parse_size(recipe.max_shard_size))
         notes = (resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
@@ -159,12 +204,14 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
                                shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run,
                                settings=settings_of(plan.jobs, resolved))
+        for msg in unmatched:
+            summary.warnings.append(msg)
+            warnings.warn(msg, stacklevel=2)
         if t_values:
             summary.t_range = (min(t_values), max(t_values))
             outside = sorted({v for v in t_values if not 0 <= v <= 1})
             if outside:
-                msg = (f"t={outside[0]:g} is outside [0, 1]: extrapolating "
-                       f"{'past the base' if outside[0] > 1 else 'away from the base, past the SFT'}")
+                msg = _outside_message(recipe, outside[0])
                 summary.warnings.append(msg)
                 warnings.warn(msg, stacklevel=2)
         if dry_run:
@@ -181,7 +228,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
             output.check_output(out_path, force, resume)  # again: a run that held the lock may have finished it
             if not (resume and _already_complete(recipe, out_path, summary, resolved, plan, force)):
                 execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, threads, progress,
-                                   command, chunk_elements, resume, check_finite, verbose, card_sections,
+                                   command, chunk_elements, resume, not allow_nonfinite, verbose, card_sections,
                                    memory=memory, gpu_memory=gpu_memory)
     if push_to_hub is not None:
         from .hub import push
@@ -189,6 +236,35 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         summary.pushed_to = push(out_path, push_to_hub, private=private, revision=revision,
                                  commit_message=commit_message, token=token, progress=progress)
     return summary
+
+
+def _outside_message(recipe, t: float) -> str:
+    """The warning for a t (share of the base) outside [0, 1], in the recipe's own convention: a mergekit
+    slerp's t counts from base_model (its t = 1 - ours)."""
+    if not isinstance(recipe, Recipe) and getattr(recipe, "merge_method", None) == "slerp":
+        mk = 1.0 - t
+        return (f"t: {mk:g} (mergekit's t, 0 = base_model) is outside [0, 1]: extrapolating "
+                f"{'past the other model' if mk > 1 else 'away from the other model, past base_model'}")
+    return (f"t={t:g} is outside [0, 1]: extrapolating "
+            f"{'past the base' if t > 1 else 'away from the base, past the SFT'}")
+
+
+def check_run_options(*, dry_run: bool, resume: bool, allow_nonfinite: bool, verbose: bool, force: bool, push_to_hub,
+                      private: bool, revision, commit_message, gpu_memory, device: str) -> None:
+    """Refuse run options that would have no effect (one line naming the option)."""
+    if push_to_hub is None:
+        for name, v in (("--private", private or None), ("--revision", revision),
+                        ("--commit-message", commit_message)):
+            if v is not None:
+                raise InputError(f"{name}: only applies with --push-to-hub REPO")
+    if dry_run:
+        for name, v in (("--resume", resume), ("--allow-nonfinite", allow_nonfinite), ("--verbose", verbose),
+                        ("--force", force),
+                        ("--push-to-hub", push_to_hub is not None)):
+            if v:
+                raise InputError(f"{name}: has no effect with --dry-run, which writes nothing")
+    if gpu_memory is not None and device == "cpu":
+        raise InputError("--gpu-memory: has no effect with --device cpu (use --memory for host buffers)")
 
 
 def _identity(recipe: Recipe, summary: MergeSummary, resolved: dict, plan: Plan) -> dict:
@@ -262,7 +338,7 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
     """Stage (journaled, resumable), execute, finish, verify and atomically commit one planned merge.
 
     The staging folder survives interrupts, full disks and crashes for ``resume``; it is removed when a
-    MergeError during execution (a problem resuming would not fix, e.g. --check-finite) ends the run.
+    MergeError during execution (a problem resuming would not fix, e.g. a NaN output) ends the run.
     """
     import errno
     import shutil
@@ -361,7 +437,7 @@ def download_weights(resolved: dict, models: dict, labels: dict, stack: ExitStac
 
 
 def execute(plan: Plan, models: dict, stage: Path, device: str, threads: int | None, progress: bool,
-            chunk_elements: int | None = None, journal=None, check_finite: bool = False, verbose: bool = False,
+            chunk_elements: int | None = None, journal=None, check_finite: bool = True, verbose: bool = False,
             memory: str | int | None = None, gpu_memory: str | int | None = None):
     """Write every planned tensor into the shard files under ``stage`` (those ``journal`` has not already
     recorded as complete), recording each shard in the journal as it completes."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import shlex
 import sys
 
@@ -95,7 +96,9 @@ def merge_options(fn):
         click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
         click.option("--resume", is_flag=True,
                      help="Continue an interrupted run into the same OUT, reusing its verified finished shards."),
-        click.option("--check-finite", is_flag=True, help="Fail if any output tensor has NaN or Inf."),
+        click.option("--allow-nonfinite", is_flag=True,
+                     help="Write NaN/Inf outputs instead of failing (by default any NaN/Inf fails the run, naming "
+                          "the tensor and the input that holds it)."),
         click.option("-v", "--verbose", is_flag=True, help="Print one line per finished tensor on stderr."),
         click.option("--push-to-hub", metavar="REPO",
                      help="Upload OUT to this Hub model repo (created if needed; OUT defaults to ./NAME). Token: "
@@ -172,9 +175,9 @@ def slerp(sft, base, t, quiet, **kwargs):
               help="Scale of each delta: one for all SFTs or one per --sft.")
 @click.option("--sparsify", type=click.Choice(["magnitude", "random", "breadcrumbs"]))
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Fraction of each delta kept.")
-@click.option("--gamma", type=click.FloatRange(0, 1, max_open=True), default=0.01, show_default=True,
-              help="breadcrumbs: fraction of largest entries dropped.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random dropping.")
+@click.option("--gamma", type=click.FloatRange(0, 1, max_open=True),
+              help="breadcrumbs: fraction of largest entries dropped (default 0.01).")
+@click.option("--seed", type=int, help="--sparsify random: seed of random dropping (default 0).")
 @click.option("--sign-consensus", is_flag=True, help="TIES sign election across several SFTs.")
 @merge_options
 @user_errors
@@ -237,6 +240,8 @@ def _recipe_with_overrides(path: str, dtype, device, max_shard_size):
                           "reproduces it byte for byte.\n\n" + RECIPE_HELP)
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @merge_options
+@click.option("--allow-unmatched", is_flag=True,
+              help="Warn instead of failing when a recipe rule (match/filter) matches no tensor.")
 @user_errors
 def run_recipe(recipe, quiet, dtype, device, max_shard_size, **kwargs):
     import warnings
@@ -255,8 +260,10 @@ def run_recipe(recipe, quiet, dtype, device, max_shard_size, **kwargs):
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False), help="Output folder to check (optional).")
 @click.option("--threads", type=click.IntRange(1, 64), help="Worker threads the estimate assumes.")
+@click.option("--allow-unmatched", is_flag=True,
+              help="Warn instead of failing when a recipe rule (match/filter) matches no tensor.")
 @user_errors
-def plan(recipe, out, threads):
+def plan(recipe, out, threads, allow_unmatched):
     import warnings
 
     from . import api
@@ -264,7 +271,8 @@ def plan(recipe, out, threads):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = api.run(load_recipe(recipe), out=out, threads=threads, dry_run=True)
+        summary = api.run(load_recipe(recipe), out=out, threads=threads, dry_run=True,
+                          allow_unmatched=allow_unmatched)
     _report(summary, False)
 
 
@@ -331,9 +339,12 @@ def _t_list(ctx, param, value):
     if value is None:
         return None
     try:
-        return [float(x) for x in value.split(",") if x.strip()]
+        values = [float(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r}: give comma-separated numbers, e.g. 0,0.1,0.2,...,1") from None
+    if not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"{value!r}: every t must be a finite number")
+    return values
 
 
 @main.command(help="Evaluate base, SFT and merges at several t on general and domain probes, pick t by a stated "
@@ -359,11 +370,11 @@ def _t_list(ctx, param, value):
 @click.option("--select", "select_rule", type=click.Choice(["keep-domain", "score"]), default="keep-domain",
               show_default=True, help="keep-domain: largest general_recovered with domain_retained >= --keep-domain "
                                       "(else best score); score: largest harmonic mean.")
-@click.option("--keep-domain", type=float, default=0.9, show_default=True, help="Domain gain to keep, 0..1.")
+@click.option("--keep-domain", type=float, help="Domain gain to keep, 0..1 (default 0.9; keep-domain rule).")
 @click.option("--schedule", type=click.Choice(["lines", "blocks"]),
               help="Also search per-layer schedules: LiNeS alpha/beta, or one t per block of layers.")
-@click.option("--blocks", type=int, default=3, show_default=True, help="Blocks for --schedule blocks.")
-@click.option("--budget", type=int, default=16, show_default=True, help="Most evaluations of the schedule search.")
+@click.option("--blocks", type=int, help="Blocks for --schedule blocks (default 3).")
+@click.option("--budget", type=int, help="Most evaluations of the schedule search (default 16).")
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Scored tokens per probe set, at most.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for evaluation (default: torch's).")

@@ -13,6 +13,7 @@ The concerns live apart: :mod:`merge.scheduler` (workers, order, memory fit), :m
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -72,9 +73,9 @@ class Executor:
     """Runs plans on one device with ``threads`` workers."""
 
     def __init__(self, device: torch.device, threads: int = 2, chunk_elements: int = CHUNK_ELEMENTS,
-                 check_finite: bool = False, memory: int = DEFAULT_MEMORY, gpu_memory: int = DEFAULT_GPU_MEMORY):
+                 check_finite: bool = True, memory: int = DEFAULT_MEMORY, gpu_memory: int = DEFAULT_GPU_MEMORY):
         self.device = device
-        self.check_finite = check_finite  # fail on the first NaN/Inf written (one extra pass over each chunk)
+        self.check_finite = check_finite  # fail on the first NaN/Inf written (one cached reduction per chunk)
         self.threads = max(1, threads)
         self.chunk = max(1, chunk_elements)
         self.memory, self.gpu_memory = memory, gpu_memory
@@ -125,7 +126,10 @@ class Executor:
             for chunk, result in chunks:
                 if block:
                     result = fp8_quantise_chunk(result, scales, chunk.start, chunk.stop, job.shape, block)
-                self._write(job, chunk.start, result, writer)
+                try:
+                    self._write(job, chunk.start, result, writer)
+                except _NonFinite as bad:
+                    raise self._nonfinite_error(job, models, chunk.start, chunk.stop, bad.first) from None
             if job.merged_numel < job.numel:
                 self._copy(job, models[job.primary], job.source_name(job.primary), job.merged_numel, job.numel, writer)
         value = kernel.report(state)
@@ -169,7 +173,11 @@ class Executor:
             data = model.read_into(name, start + s, out) if same else \
                 self.io.raw(model, name, start + s, start + e, "copy")
             if self.check_finite:
-                _require_finite(job, start + s, data)
+                first = first_nonfinite(data)
+                if first is not None:
+                    raise MergeError(f"{_label(model)}: tensor {name!r} already holds NaN/Inf (first at flat element "
+                                     f"{start + s + first}), copied unchanged to the output; repair that "
+                                     "checkpoint, or pass --allow-nonfinite (allow_nonfinite=True) to write it as is")
             if data.data_ptr() != out.data_ptr():
                 data = out.copy_(data)
             writer.write(job.name, start + s, data)
@@ -182,20 +190,64 @@ class Executor:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(result)
-        if self.check_finite:
-            _require_finite(job, start, out)  # after the cast: overflow to the output dtype counts too
+        if self.check_finite:  # after the cast: overflow to the output dtype counts too
+            first = first_nonfinite(out)
+            if first is not None:
+                raise _NonFinite(job, start, first)
         writer.write(job.name, start, out)
 
+    def _nonfinite_error(self, job: TensorJob, models: Mapping[str, TensorSource], start: int, stop: int,
+                         first: int) -> MergeError:
+        """The error for a non-finite output chunk [start, stop): an input already non-finite there is named as
+        the cause, else the merge itself overflowed (parameters or output dtype)."""
+        where = f"output tensor {job.name!r} has NaN/Inf (first at flat element {start + first})"
+        fix = "or pass --allow-nonfinite (allow_nonfinite=True) to write it anyway"
+        for slot, key in enumerate(job.op.inputs):
+            name = job.source_name(key)
+            bad = first_nonfinite(self.io.raw(models[key], name, start, stop, f"check{slot}"))
+            if bad is not None:
+                return MergeError(f"{where}: its input {_label(models[key])} tensor {name!r} already holds NaN/Inf "
+                                  f"(first at flat element {start + bad}); repair that checkpoint, {fix}")
+        return MergeError(f"{where}, from finite inputs: the merge overflowed {str(job.out_dtype)[6:]}; use "
+                          f"smaller t/scale values or a wider --dtype, {fix}")
 
-def _require_finite(job: TensorJob, start: int, values: torch.Tensor) -> None:
-    """``--check-finite``: refuse NaN/Inf in an output chunk, naming the tensor and the first bad element."""
-    if not values.dtype.is_floating_point:
-        return
-    if values.dtype.itemsize == 1:  # FP8 codes: torch has no isfinite for them
+
+class _NonFinite(MergeError):
+    """An output chunk of ``job`` from ``start`` holds NaN/Inf at chunk element ``first`` (the chunk loop turns
+    it into an error naming the cause)."""
+
+    def __init__(self, job: TensorJob, start: int, first: int):
+        super().__init__(f"output tensor {job.name!r} has NaN/Inf (first at flat element {start + first}); pass "
+                         "--allow-nonfinite (allow_nonfinite=True) to write it anyway")
+        self.first = first
+
+
+_SUMMABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def first_nonfinite(values: torch.Tensor) -> int | None:
+    """The flat index of the first NaN/Inf in ``values``, or None when all are finite (non-float: None).
+
+    Fast path: one sum over the chunk, just written and still in cache. IEEE arithmetic makes a sum NaN/Inf
+    whenever any term is (inf + finite = inf, inf - inf = nan, nan + x = nan), so a finite sum proves every
+    element finite. A non-finite sum may also be an overflow of large finite values (a float16 sum passes
+    65504 easily), so it is summed again in float64, which no chunk of 16/32-bit values can overflow; only
+    when that is not finite either (or for float64 values) is each element tested.
+    """
+    if not values.dtype.is_floating_point or values.numel() == 0:
+        return None
+    if values.dtype not in _SUMMABLE:  # FP8 codes and the like: torch sums and tests them as float32
         values = values.float()
-    finite = torch.isfinite(values)
-    if bool(finite.all()):
-        return
-    first = start + int((~finite).nonzero()[0])
-    raise MergeError(f"--check-finite: output tensor {job.name!r} has NaN/Inf (first at flat element {first}); "
-                     "check the inputs of that tensor or the merge parameters")
+    if math.isfinite(float(values.sum())) or (
+            values.dtype != torch.float64 and math.isfinite(float(values.sum(dtype=torch.float64)))):
+        return None
+    bad = ~torch.isfinite(values.reshape(-1))
+    if not bool(bad.any()):
+        return None
+    return int(bad.nonzero()[0])
+
+
+def _label(model: TensorSource) -> str:
+    """How errors name an input: its role and folder (e.g. ``SFT ./med``)."""
+    role = getattr(model, "role", "input")
+    return role if " " in role else f"{role} {getattr(model, 'path', '')}".rstrip()

@@ -5,12 +5,15 @@ methods' parameter models (``MethodSpec.params``) share them; a leaf module, out
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Union
+import re
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
-Number = float
-Gradient = list[float]
+Number = Annotated[float, Strict()]  # strict: a boolean (t: true) or a string is not a number; an int is
+Gradient = list[Number]
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
 
 
 class Rule(BaseModel):
@@ -19,6 +22,16 @@ class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     match: Optional[str] = None
     value: Union[Number, Gradient]
+
+    @field_validator("match")
+    @classmethod
+    def _pattern(cls, v):
+        if v is not None and v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as e:
+                raise ValueError(f"{v!r} is not a valid regular expression ({e})") from None
+        return v
 
     @field_validator("value")
     @classmethod
@@ -47,16 +60,21 @@ class Sparsify(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["magnitude", "random", "breadcrumbs"]
-    density: float = Field(gt=0, le=1, description="fraction of each delta's entries kept")
-    gamma: float = Field(0.01, ge=0, lt=1, description="breadcrumbs: fraction of largest entries dropped")
-    seed: int = 0
-    rescale: Union[bool, Literal["l1"]] = Field(
+    density: Number = Field(gt=0, le=1, description="fraction of each delta's entries kept")
+    gamma: Number = Field(0.01, ge=0, lt=1, description="breadcrumbs: fraction of largest entries dropped")
+    seed: Int = 0
+    rescale: Union[Bool, Literal["l1"]] = Field(
         True, description="random (DARE): divide survivors by density; l1: restore each delta's L1 norm")
 
     @model_validator(mode="after")
     def _band(self):
         if self.method == "breadcrumbs" and self.gamma + self.density > 1:
             raise ValueError("breadcrumbs needs gamma + density <= 1")
+        if "gamma" in self.model_fields_set and self.method != "breadcrumbs":
+            raise ValueError(f"gamma: only breadcrumbs drops the largest entries; method {self.method} has no "
+                             "gamma (remove it)")
+        if "seed" in self.model_fields_set and self.method != "random":
+            raise ValueError(f"seed: only method random draws masks; {self.method} is deterministic (remove it)")
         return self
 
 

@@ -6,7 +6,6 @@ beyond the per-input ones, so it knows no method's internals.
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Callable
 import torch
 
 from .errors import MergeError
+from .io.writer import format_size
 from .methods import registry
 from .methods.base import Copy
 from .methods.chunks import CHUNK_ELEMENTS
@@ -75,9 +75,9 @@ def fit_memory(plan: Plan, threads: int, chunk: int, memory: int, cuda: bool = F
             break
         if chunk <= MIN_CHUNK:
             need, budget, where = (host, memory, "--memory") if host > memory else (device, gpu_memory, "--gpu-memory")
-            least = math.ceil(need / 2**20 * 10) / 10
-            raise MergeError(f"{where} {budget / 2**20:.1f}MiB is too small: one worker needs {least}MiB for this "
-                             f"plan; give {where} {least}MiB or more")
+            least = format_size(need, up=True)
+            raise MergeError(f"{where} {format_size(budget)} is too small: one worker needs {least} for this plan; "
+                             f"give {where} {least} or more")
         chunk = max(MIN_CHUNK, chunk // 2)
     return MemoryFit(threads, chunk, threads * host, threads * device)
 

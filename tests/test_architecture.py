@@ -46,8 +46,7 @@ def module_imports() -> dict[str, set[str]]:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Every import cycle (as a path a -> ... -> a), found by depth-first search; a package importing its own
-    submodules (``__init__`` re-exports) is not a cycle unless the submodule imports the package back."""
+    """Every import cycle (as a path a -> ... -> a), found by depth-first search."""
     found, state = [], {}
 
     def visit(node, stack):
@@ -67,14 +66,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def _is_reexport(cycle: list[str]) -> bool:
-    """``merge.x`` (a package) -> ``merge.x.y`` -> ``merge.x``: a submodule importing a sibling through its
-    package is how Python resolves ``from . import y``; only such two-step package edges are ignored."""
-    return len(cycle) == 3 and cycle[1].startswith(cycle[0] + ".")
-
-
 def test_no_import_cycles_among_merge_modules():
-    found = [c for c in cycles(module_imports()) if not _is_reexport(c)]
+    found = cycles(module_imports())
     assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
 
 

@@ -154,3 +154,82 @@ def test_fuzz_index(inputs, edits, junk):
         (sft / INDEX).write_text(json.dumps(index))
 
     run_case(base, sharded, mutate)
+
+
+# -- the recipe parser: random structures, regexes and values never end in anything but a one-line error ----
+TENSOR_NAMES = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.1.mlp.down_proj.weight", "model.layers.1.input_layernorm.weight", "model.norm.weight",
+                "lm_head.weight"]
+RECIPE_KEYS = ["method", "base", "sft", "t", "scale", "sparsify", "sign_consensus", "normalize", "schedule",
+               "dtype", "device", "max_shard_size", "out", "match", "value", "model", "density", "gamma", "seed",
+               "rescale", "preset", "alpha", "beta", "k", "methd", "filter", "merge_method", "base_model",
+               "models", "parameters", "weight", "slices", "sources", "layer_range", "mergeback"]
+patterns = st.one_of(st.sampled_from(["embed", "attn", "mlp", "norm", "lm_head", "*", "model.layers.*", "embedd",
+                                      "re:(", "re:[a-", "re:(?P<x>", "re:*", "re:a{2,1}", "re:\\", "re:.*mlp"]),
+                     st.text(max_size=6).map(lambda s: "re:" + s), st.text(max_size=6))
+recipe_scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True),
+                           st.sampled_from(["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "magnitude",
+                                            "random", "breadcrumbs", "lines", "bottom_k", "bfloat16", "float16",
+                                            "l1", "sum", "5GB", "1KB", "cpu", "./m", "auto"]), patterns)
+recipe_values = st.recursive(recipe_scalars, lambda kids: st.lists(kids, max_size=4)
+                             | st.dictionaries(st.sampled_from(RECIPE_KEYS), kids, max_size=4), max_leaves=10)
+numbers = st.one_of(st.floats(-2, 2), st.integers(0, 1), st.lists(st.floats(0, 1), min_size=1, max_size=3))
+RECIPE_FUZZ = settings(FUZZ, max_examples=300)  # parsing only: cheap, so many more examples
+rules = st.lists(st.fixed_dictionaries({"match": patterns, "value": numbers | recipe_values}), min_size=1, max_size=3)
+
+
+def assert_clean_recipe_outcome(data) -> None:
+    """Parse (and, when valid, build every tensor's operation and check the rules) without a stray exception."""
+    import yaml
+
+    from merge.errors import MergeError
+    from merge.recipes.loading import parse_text
+    from merge.recipes.operations import operations_for, unmatched_rules
+
+    text = data if isinstance(data, str) else yaml.safe_dump(data, allow_unicode=True)
+    try:
+        recipe = parse_text(text, "fuzz.yaml")
+        unmatched_rules(recipe, TENSOR_NAMES)
+        op_for = operations_for(recipe, 2)
+        for name in TENSOR_NAMES:
+            op_for(name)
+    except MergeError as e:
+        message = str(e)
+        assert message and "\n" not in message, repr(message)
+        assert "Traceback" not in message and "pydantic" not in message, message
+
+
+@RECIPE_FUZZ
+@given(data=st.dictionaries(st.sampled_from(RECIPE_KEYS), recipe_values, max_size=7))
+def test_fuzz_recipe_structures(data):
+    assert_clean_recipe_outcome(data)
+
+
+@RECIPE_FUZZ
+@given(method=st.sampled_from(["linear", "slerp", "task_arithmetic"]), t=st.one_of(rules, numbers, recipe_values),
+       scale=st.one_of(st.none(), numbers, recipe_values, rules),
+       extra=st.just({}) | st.dictionaries(st.sampled_from(RECIPE_KEYS), recipe_values, max_size=2))
+def test_fuzz_our_recipe_rules_and_values(method, t, scale, extra):
+    data = {"method": method, "base": "./b", "sft": "./s", **extra}
+    data["t" if method != "task_arithmetic" else "scale"] = t
+    if scale is not None and method == "task_arithmetic":
+        data["sparsify"] = {"method": "magnitude", "density": scale} if not isinstance(scale, list) else scale
+    assert_clean_recipe_outcome(data)
+
+
+@RECIPE_FUZZ
+@given(method=st.sampled_from(["linear", "slerp", "ties", "dare_linear", "breadcrumbs", "task_arithmetic"]),
+       params=st.dictionaries(st.sampled_from(["t", "weight", "density", "gamma", "normalize", "lambda", "rescale"]),
+                              st.one_of(numbers, recipe_values, st.lists(st.fixed_dictionaries(
+                                  {"filter": patterns, "value": numbers | recipe_values}), min_size=1, max_size=2)),
+                              max_size=3))
+def test_fuzz_mergekit_recipes(method, params):
+    data = {"merge_method": method, "base_model": "./b", "parameters": params,
+            "models": [{"model": "./b"}, {"model": "./s", "parameters": dict(params)}]}
+    assert_clean_recipe_outcome(data)
+
+
+@RECIPE_FUZZ
+@given(text=st.text(max_size=80))
+def test_fuzz_recipe_text(text):
+    assert_clean_recipe_outcome(text)

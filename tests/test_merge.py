@@ -214,7 +214,7 @@ def test_a_memory_budget_too_small_is_a_one_line_error(pairs, tmp_path):
                                        "--sparsify", "magnitude", "--density", "0.5", "-o", str(out),
                                        "--memory", "100KB"])
     assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "--memory 0.1MiB is too small" in result.stderr and "give --memory 1.2MiB or more" in result.stderr
+    assert "--memory 100KB is too small" in result.stderr and "give --memory 1.2MB or more" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 
 

@@ -203,15 +203,18 @@ def test_a_second_run_on_the_same_output_is_refused(pair_and_reference, tmp_path
     assert not out.exists() and not output.staging_dir(out).exists()
 
 
-def test_check_finite_names_the_tensor(pair_and_reference, tmp_path, clean_copy):
+def test_nonfinite_input_is_named_and_allow_nonfinite_writes_it(pair_and_reference, tmp_path, clean_copy):
     base, sft, _ = pair_and_reference
     sft = clean_copy(sft, "sft")
     tensors = load_file(sft / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(tensors, sft / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, _args(base, sft, out, "--check-finite"))
-    assert result.exit_code == 2
+    result = CliRunner().invoke(main, _args(base, sft, out))  # checked by default
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "'model.layers.1.mlp.up_proj.weight' has NaN/Inf (first at flat element 101)" in result.stderr
+    assert f"its input SFT {sft} tensor 'model.layers.1.mlp.up_proj.weight' already holds NaN/Inf" in result.stderr
     assert not out.exists() and not output.staging_dir(out).exists()
-    assert CliRunner().invoke(main, _args(base, sft, out, "-q")).exit_code == 0  # off by default
+    assert CliRunner().invoke(main, _args(base, sft, out, "-q", "--allow-nonfinite")).exit_code == 0
+    written = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert written["model.layers.1.mlp.up_proj.weight"].isnan().sum() == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import math
 import os
 import re
 import sys
@@ -37,6 +38,19 @@ def parse_size(value: str | int) -> int:
     if not m:
         raise MergeError(f"invalid size {value!r}; use e.g. 5GB, 500MB or 2GiB")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def format_size(n: float, up: bool = False) -> str:
+    """Bytes in the largest decimal unit that keeps the number >= 1, one decimal, as ``parse_size`` reads it
+    back: 1000 -> '1KB', 131072 -> '131.1KB', 5e9 -> '5GB'. ``up`` rounds up (for a minimum to give)."""
+    for unit in ("TB", "GB", "MB", "KB"):
+        if n >= _UNITS[unit]:
+            value = n / _UNITS[unit]
+            break
+    else:
+        unit, value = "B", n
+    value = math.ceil(value * 10) / 10 if up else round(value, 1)
+    return f"{value:g}{unit}"
 
 
 @dataclass

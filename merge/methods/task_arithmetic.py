@@ -16,7 +16,7 @@ from typing import ClassVar, Literal, Optional, Sequence, Union
 import torch
 from pydantic import BaseModel, Field, field_validator
 
-from ..params import Sparsify, Value, finite_value
+from ..params import Bool, Sparsify, Value, finite_value
 
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 from .chunks import Chunk, sample_ranges
@@ -313,8 +313,8 @@ class TaskArithmeticParams(BaseModel):
 
     scale: Optional[Value] = Field(None, description="task arithmetic: default scale of every delta")
     sparsify: Optional[Sparsify] = None
-    sign_consensus: Union[bool, Literal["sum", "count"]] = False
-    normalize: bool = Field(False, description="task arithmetic: divide by the sum of the (kept) scales")
+    sign_consensus: Union[Bool, Literal["sum", "count"]] = False
+    normalize: Bool = Field(False, description="task arithmetic: divide by the sum of the (kept) scales")
 
     @field_validator("scale")
     @classmethod
@@ -433,9 +433,11 @@ def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: 
             return
         (density,), (gamma,) = densities, gammas
         if density < 1:
-            fields["sparsify"] = {"method": family.sparsify, "density": density, "gamma": gamma,
-                                  "seed": recipe.options.seed, "rescale": "l1" if rescale else False}
+            fields["sparsify"] = {"method": family.sparsify, "density": density, "rescale": "l1" if rescale else False}
+            if family.sparsify == "breadcrumbs":
+                fields["sparsify"]["gamma"] = gamma
             if family.sparsify == "random":
+                fields["sparsify"]["seed"] = recipe.options.seed
                 notes.append("DARE masks come from a different random generator than mergekit's: same "
                              "distribution, different entries")
 

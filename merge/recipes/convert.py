@@ -46,10 +46,28 @@ def convert(recipe: MergekitRecipe) -> tuple[Recipe, list[str]]:
         raise InputError("cannot express this mergekit recipe in mergeback's format: " + "; ".join(problems)
                          + " (run it as is with `merge run`)")
     fields = {k: v for k, v in fields.items() if v is not None}
+    from pydantic import ValidationError
+
     try:
         return Recipe.model_validate(fields), notes
-    except Exception as e:  # a value our schema refuses (e.g. breadcrumbs gamma + density > 1)
-        raise InputError(f"cannot express this mergekit recipe in mergeback's format: {e}") from None
+    except ValidationError as e:  # a value our schema refuses (e.g. breadcrumbs gamma + density > 1)
+        raise InputError("cannot express this mergekit recipe in mergeback's format: "
+                         + "; ".join(dict.fromkeys(_problem(err) for err in e.errors()))
+                         + " (run it as is with `merge run`)") from None
+
+
+def _problem(err: dict) -> str:
+    """One pydantic complaint about the converted recipe, in mergekit's words (its parameter names)."""
+    from .loading import error_text, user_path
+
+    path = [str(p) for p in user_path(err["loc"])]
+    if path[:1] == ["sparsify"]:
+        key = "parameters " + ("/".join(path[1:]) if len(path) > 1 else "density/gamma")
+    else:
+        key = ".".join(path) or "recipe"
+    got = err.get("input")
+    shown = f" (got {got!r})" if isinstance(got, (int, float, str)) and len(path) > 1 else ""
+    return f"{key}: {error_text(err)}{shown}"
 
 
 def convert_text(recipe: MergekitRecipe) -> str:

@@ -1,7 +1,7 @@
 """Reading recipe files: our format or mergekit's, with errors that name the key and its line.
 
-A file is a mergekit recipe when its top level has ``merge_method``; otherwise it is ours. Line numbers come
-from :mod:`.yaml_source`.
+A file is a mergekit recipe when its top level has ``merge_method``; otherwise it is ours. Line numbers and
+suggestions come from :mod:`.yaml_source`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from .yaml_source import describe_error, key_lines, locate_message, parse_yaml, validate, walk  # noqa: F401
+from .yaml_source import error_text as _error_text
+from .yaml_source import (describe_error, first_error, key_lines, locate_message, parse_yaml,  # noqa: F401
+                          suggestion, user_path, validate, walk)
 
 
 def load_recipe(path: str | Path):
@@ -27,12 +29,27 @@ def load_recipe(path: str | Path):
 
 def parse_text(text: str, source: str = "recipe"):
     """Parse recipe YAML ``text`` (``source`` names it in errors) into a validated recipe object."""
-    from .mergekit import MergekitRecipe  # here: reading our format needs no method registry (nor torch)
+    from .mergekit import MergekitRecipe
     from .schema import Recipe
 
     node, data = parse_yaml(text, source)
-    recipe = validate(MergekitRecipe if "merge_method" in data else Recipe, data, node, source)
-    if isinstance(recipe, MergekitRecipe):
+    if "merge_method" in data:
+        recipe = validate(MergekitRecipe, data, node, source, MergekitRecipe.known_keys)
         recipe._source_text = text
-        recipe._lines = key_lines(node)
-    return recipe
+        return recipe
+    return validate(Recipe, data, node, source, Recipe.known_keys)
+
+
+def known_keys(model_name: str = "") -> set[str]:
+    """Every key of the recipe format named ``model_name`` (ours or mergekit's), at any nesting level."""
+    from .mergekit import MergekitRecipe
+    from .schema import Recipe
+
+    return MergekitRecipe.known_keys() if model_name.startswith("Mergekit") else Recipe.known_keys()
+
+
+def error_text(err: dict, vocabulary=None) -> str:
+    """pydantic's message for ``err`` in one line (an unknown key names a close key of our format)."""
+    from .schema import Recipe
+
+    return _error_text(err, vocabulary or Recipe.known_keys)

@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..methods import registry
 from ..methods.base import ParamSpec
 from ..tensor_names import Structure
+from .yaml_source import model_keys
 
 SUPPORTED = registry.mergekit_names()
 KNOWN_UNSUPPORTED = ("della", "della_linear", "model_stock", "nuslerp", "passthrough", "karcher", "sce",
@@ -225,6 +226,11 @@ class MergekitRecipe(_Loose):
         """mergekit's ``dtype``: inputs are cast to it before merging (None: the inputs' own dtype)."""
         return DTYPE_NAMES[self.dtype.removeprefix("torch.")] if self.dtype else None
 
+    @classmethod
+    def known_keys(cls) -> set[str]:
+        """Every key of mergekit's format we read, at any nesting level (for suggestions)."""
+        return model_keys(cls)
+
     def unknown_keys(self) -> list[str]:
         """Keys mergekit would silently ignore (listed as warnings)."""
         found = [k for k in (self.model_extra or {})]
@@ -356,8 +362,8 @@ def evaluate_setting(setting, name: str, t: float):
 
 
 def coerce(value, spec: ParamSpec, where: str):
-    """pydantic's lax validation as mergekit applies it: floats from numbers/bools/numeric strings, bools
-    from bools/0/1/'true'/'false'."""
+    """pydantic's lax validation as mergekit applies it: floats from numbers/numeric strings (not from
+    booleans: ``t: true`` is refused), bools from bools/0/1/'true'/'false'."""
     if spec.name in BOOL_PARAMS:
         if isinstance(value, bool):
             return value
@@ -366,8 +372,9 @@ def coerce(value, spec: ParamSpec, where: str):
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
             return value.strip().lower() in ("true", "yes", "on", "1")
         raise InputError(f"{where}: {spec.name} must be true or false, got {value!r}")
-    if isinstance(value, bool):
-        return float(value)
+    if isinstance(value, bool):  # mergekit's pydantic would read true as 1.0: almost surely a slip
+        raise InputError(f"{where}: {spec.name} must be a number, got {str(value).lower()} (a boolean is not a "
+                         "number)")
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -14,6 +14,7 @@ from ..errors import InputError
 from ..methods import registry
 from ..methods.base import Operation, Planned
 from ..tensor_names import Structure
+from .convert import OUTSIDE_LAYERS
 from .mergekit import MergekitRecipe, Resolver
 from .schema import BottomKSchedule, LinesSchedule, Recipe
 from .values import matches, value_for
@@ -136,3 +137,61 @@ def mergekit_operations(recipe: MergekitRecipe, n_layers: "int | Structure") -> 
     spec, variant = registry.for_mergekit(recipe.merge_method)
     legend = spec.mergekit_legend.format(order="/".join(recipe.model_refs()))
     return OpBuilder(lambda name: spec.plan_mergekit(variant, recipe, resolver, name), legend)
+
+
+# -- rules that match nothing --------------------------------------------------------------------------------
+MATCH_HELP = "groups embed, lm_head, norm, attn, mlp; a glob such as 'model.layers.*.mlp.*'; or re:REGEX"
+
+
+def unmatched_rules(recipe, names) -> list[str]:
+    """One message per ``match`` rule (ours) or ``filter`` entry (mergekit) that matches none of ``names``,
+    each naming the rule and, for a recipe read from a file, its line."""
+    names = list(names)
+    source = getattr(recipe, "_source", "recipe")
+    lines = getattr(recipe, "_lines", {}) or {}
+    out = []
+    for path, pattern, test, help_text in _patterns(recipe):
+        if any(test(pattern, n) for n in names):
+            continue
+        line = lines.get(path) or lines.get(path[:-1])
+        where = f"{source}:{line}: " if line else ""
+        key = ".".join(str(p) for p in path)
+        out.append(f"{where}{key}: {pattern!r} matches no tensor of the model ({help_text})")
+    return out
+
+
+def _patterns(recipe):
+    """(key path, pattern, test(pattern, name), help) for every rule of ``recipe`` that names tensors."""
+    if isinstance(recipe, MergekitRecipe):
+        def substring(f, name):
+            return f == "*" or str(f) in name
+
+        for where, block in _mergekit_blocks(recipe):
+            for param, setting in (block or {}).items():
+                entries = [setting] if isinstance(setting, dict) else setting
+                if not (isinstance(entries, list) and entries and all(isinstance(e, dict) for e in entries)):
+                    continue
+                for i, entry in enumerate(entries):
+                    if entry.get("filter") is not None:
+                        path = where + (param,) + ((i,) if isinstance(setting, list) else ()) + ("filter",)
+                        yield path, entry["filter"], substring, "mergekit filters are substrings of tensor names"
+        return
+    values = [((key,), getattr(recipe, key, None)) for key in ("t", "scale")]  # the method's own value fields
+    values += [(("sft", i, "scale"), s.scale) for i, s in enumerate(recipe.sft)]
+    for path, value in values:
+        if isinstance(value, list):
+            for i, rule in enumerate(value):
+                # `merge convert` adds rules for tensors outside the layer stack "if there are any": exempt
+                if getattr(rule, "match", None) is not None and OUTSIDE_LAYERS not in rule.match:
+                    yield path + (i, "match"), rule.match, matches, MATCH_HELP
+
+
+def _mergekit_blocks(recipe: MergekitRecipe):
+    """Every parameters block of a mergekit recipe, with its key path."""
+    yield ("parameters",), recipe.parameters
+    for i, m in enumerate(recipe.models or ()):
+        yield ("models", i, "parameters"), m.parameters
+    for i, s in enumerate(recipe.slices or ()):
+        yield ("slices", i, "parameters"), s.parameters
+        for j, src in enumerate(s.sources):
+            yield ("slices", i, "sources", j, "parameters"), src.parameters

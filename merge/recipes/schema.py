@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 
 from ..errors import InputError
-from ..params import Rule, Sparsify, Value  # noqa: F401  (Rule, Sparsify: re-exported by merge.recipes)
-from .yaml_source import parse_yaml, validate
+from ..params import Bool, Int, Number, Rule, Sparsify, Value  # noqa: F401  (Rule, Sparsify, Bool: re-exported)
+from .yaml_source import model_keys, parse_yaml, validate
 
 
 
@@ -34,8 +34,8 @@ class LinesSchedule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     preset: Literal["lines"]
-    alpha: float = Field(allow_inf_nan=False)
-    beta: float = Field(allow_inf_nan=False)
+    alpha: Number = Field(allow_inf_nan=False)
+    beta: Number = Field(allow_inf_nan=False)
 
 
 class BottomKSchedule(BaseModel):
@@ -43,7 +43,7 @@ class BottomKSchedule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     preset: Literal["bottom_k"]
-    k: int = Field(ge=0)
+    k: Int = Field(ge=0)
 
 
 Schedule = Annotated[Union[LinesSchedule, BottomKSchedule], Field(discriminator="preset")]
@@ -75,6 +75,8 @@ class Recipe(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
     out: Optional[str] = None
+    _lines: dict = PrivateAttr(default_factory=dict)  # key path -> line in the file it was read from
+    _source: str = PrivateAttr("recipe")
 
     @classmethod
     def model_validate(cls, obj, *args, **kwargs):
@@ -84,6 +86,8 @@ class Recipe(BaseModel):
             if branch is not None:
                 _refuse_foreign_fields(obj, branch)
                 return branch.model_validate(obj, *args, **kwargs)
+            # no or an unknown method: that is the complaint, not the fields some method would take
+            obj = {k: v for k, v in obj.items() if k in Recipe.model_fields or k not in _method_fields()}
         return super().model_validate(obj, *args, **kwargs)
 
     @field_validator("method")
@@ -149,7 +153,14 @@ class Recipe(BaseModel):
         node, data = parse_yaml(text, source)
         if "merge_method" in data:
             raise ValueError(f"{source}: a mergekit recipe; load it with merge.recipes.load_recipe")
-        return validate(cls, data, node, source)
+        return validate(cls, data, node, source, Recipe.known_keys)
+
+    @classmethod
+    def known_keys(cls) -> set[str]:
+        """Every key of our format, at any nesting level, every method's included (for suggestions)."""
+        from ..methods import registry
+
+        return model_keys(Recipe, *(_branch(n) for n in registry.names())) | {"match", "value", "model", "scale"}
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -172,6 +183,13 @@ def _branch(method) -> type[Recipe] | None:
         _BRANCHES[spec] = create_model(name, __base__=(Recipe, spec.params), __module__=__name__,
                                        method=(Literal[method], Field(description=f"the method: {method}")))
     return _BRANCHES[spec]
+
+
+def _method_fields() -> set[str]:
+    """The fields some registered method's branch adds to the shared ones."""
+    from ..methods import registry
+
+    return {k for n in registry.names() for k in _branch(n).model_fields} - set(Recipe.model_fields)
 
 
 def _refuse_foreign_fields(data: dict, branch: type[Recipe]) -> None:

@@ -1,12 +1,14 @@
 """Recipe YAML with line numbers: parsing, validation into a pydantic class, and errors as ``FILE:LINE: key: message``.
 
 Validation errors come from pydantic as key paths (``sft.0.scale``); the composed YAML node tree maps a path to
-its line. Nothing here knows a recipe format (:mod:`.loading` picks the class), so every format can use it.
+its line. Nothing here knows a recipe format (:mod:`.loading` picks the class; callers pass the format's keys
+for suggestions), so every format can use it.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import yaml
 
@@ -29,30 +31,99 @@ def parse_yaml(text: str, source: str = "recipe"):
     return node, data
 
 
-def validate(cls: type, data: dict, node, source: str):
-    """``cls.model_validate(data)``, with any complaint as one line naming the key and its line."""
+def validate(cls: type, data: dict, node, source: str, vocabulary: Callable[[], set[str]] = set):
+    """``cls.model_validate(data)``, with any complaint as one line naming the key and its line; the result
+    remembers its file's key lines (``_lines``) and name (``_source``) for errors raised later."""
     from pydantic import ValidationError
 
     try:
-        return cls.model_validate(data)
+        recipe = cls.model_validate(data)
     except ValidationError as e:
-        raise InputError(describe_error(e, node, source)) from None
+        raise InputError(describe_error(e, node, source, vocabulary)) from None
     except InputError as e:  # raised by our own checks with a key path: "key.path: message"
         raise InputError(locate_message(str(e), node, source)) from None
+    recipe._lines = key_lines(node)
+    recipe._source = source
+    return recipe
 
 
-def describe_error(error, node, source: str) -> str:
-    """One line for pydantic's first complaint: ``FILE:LINE: key.path: message``."""
-    err = error.errors()[0]
+def describe_error(error, node, source: str, vocabulary: Callable[[], set[str]] = set) -> str:
+    """One line for pydantic's first complaint: ``FILE:LINE: key.path: message`` (``vocabulary()``: every key
+    of the format, for suggestions)."""
+    err = first_error(error)
     found, line = walk(node, err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key (check its spelling)"
-    elif err["type"] == "missing" and len(found) < len(err["loc"]):
+    msg = error_text(err, vocabulary)
+    if err["type"] == "missing" and len(found) < len(err["loc"]):
         found = found + [str(err["loc"][-1])]
     if not found:
         return locate_message(msg, node, source)
+    inner = re.match(r"^(\w+): ", msg)  # a model check naming one of its own keys ("gamma: only ...")
+    if inner and err["type"] == "value_error":
+        child_found, child_line = walk(node, list(user_path(err["loc"])) + [inner.group(1)])
+        if len(child_found) == len(found) + 1:
+            return f"{source}:{child_line}: {'.'.join(found)}.{msg}"
     return f"{source}:{line}: {'.'.join(found)}: {msg}"
+
+
+def first_error(error) -> dict:
+    """The complaint to show first: an unknown key (usually a misspelling, which also makes the intended key
+    look missing) before anything else."""
+    errors = error.errors()
+    unknown = next((e for e in errors if e["type"] == "extra_forbidden"), None)
+    # of a union's branches, the one that got furthest into the value (rules: t.0.match) says what is wrong
+    return unknown or max(errors, key=lambda e: len(user_path(e["loc"])))
+
+
+def user_path(loc) -> list:
+    """``loc`` without pydantic's union branch tags (``float``, ``list[Rule]``, ``function-after[...]``)."""
+    tags = ("float", "int", "bool", "str", "dict", "list", "none")
+    return [p for p in loc if not (isinstance(p, str) and ("[" in p or p in tags))]
+
+
+def error_text(err: dict, vocabulary: Callable[[], set[str]] = set) -> str:
+    """pydantic's message for ``err`` in one line, in the user's terms: an unknown key names a close known key."""
+    if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1]) if err["loc"] else ""
+        return "unknown key" + suggestion(key, vocabulary())
+    msg = " ".join(str(err["msg"]).removeprefix("Value error, ").split())
+    if err["type"] in ("float_type", "int_type", "bool_type") and isinstance(err.get("input"), bool):
+        msg += f" (got {str(err['input']).lower()}: a boolean is not a number)"
+    return msg
+
+
+def suggestion(word: str, vocabulary) -> str:
+    """`` (did you mean 'x'?)`` for the closest known word (difflib), or nothing."""
+    import difflib
+
+    if word in vocabulary:
+        return " here (it is a key at another level of the recipe; check the indentation)"
+    close = difflib.get_close_matches(word, sorted(vocabulary), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else " (check its spelling)"
+
+
+def model_keys(*roots) -> set[str]:
+    """Every field name of the pydantic models ``roots``, at any nesting level."""
+    keys: set[str] = set()
+    todo, seen = list(roots), set()
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for name, field in cls.model_fields.items():
+            keys.add(name)
+            todo += _models_in(field.annotation)
+    return keys
+
+
+def _models_in(annotation) -> list:
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in get_args(annotation) for m in _models_in(a)]
 
 
 def locate_message(msg: str, node, source: str) -> str:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, MergeError
+from ..execute import first_nonfinite
+from ..io.writer import format_size
 from ..methods import registry
 from ..methods.base import Copy
 from ..methods.chunks import CHUNK_ELEMENTS, chunk_ranges
@@ -77,7 +79,9 @@ class InPlaceModel:
         flat = param.view(-1)
         op = job.op
         if isinstance(op, Copy):
-            self._store(flat, self.inputs[(op.inputs[0], job.source_name(op.inputs[0]))].view(-1), job.out_dtype)
+            source = self.inputs[(op.inputs[0], job.source_name(op.inputs[0]))].view(-1)
+            self._store(flat, source, job.out_dtype)
+            self._require_finite(job, flat, 0, {op.inputs[0]: source})
             return
         if op.kind not in registry.sweepable() or job.round_to is not None or getattr(op, "sum_then_divide", False):
             raise InputError(f"sweep: tensor {job.name!r} needs a {op.kind} merge; a sweep evaluates linear and "
@@ -90,9 +94,28 @@ class InPlaceModel:
         for chunk in reader.ranges():
             result = kernel.apply(job, reader.load(*chunk), state, chunk, reader)
             self._store(flat[chunk.start:chunk.stop], result, job.out_dtype)  # the written values, then eval dtype
+            self._require_finite(job, flat[chunk.start:chunk.stop], chunk.start, dict(zip(op.inputs, sources)))
         if job.merged_numel < job.numel:  # added vocabulary rows: the SFT's, as the executor copies them
             rows = self.inputs[(job.primary, job.source_name(job.primary))].view(-1)[job.merged_numel:]
             self._store(flat[job.merged_numel:], rows, job.out_dtype)
+            self._require_finite(job, flat[job.merged_numel:], job.merged_numel,
+                                 {job.primary: self.inputs[(job.primary, job.name)].view(-1)})
+
+    def _require_finite(self, job: TensorJob, stored: torch.Tensor, start: int, sources: dict) -> None:
+        """Refuse a candidate whose parameter chunk (elements ``start``.. of ``job``) holds NaN/Inf, naming an
+        input that already holds it there, else the candidate's overflow (as ``merge run`` would refuse it)."""
+        first = first_nonfinite(stored)
+        if first is None:
+            return
+        where = f"sweep: candidate tensor {job.name!r} has NaN/Inf (first at flat element {start + first})"
+        for key, source in sources.items():
+            bad = first_nonfinite(source[start:start + stored.numel()])
+            if bad is not None:
+                raise MergeError(f"{where}: its input {self.labels.get(key, key)} tensor {job.source_name(key)!r} "
+                                 f"already holds NaN/Inf (first at flat element {start + bad}); repair that "
+                                 "checkpoint")
+        raise MergeError(f"{where}, from finite inputs: the merge overflowed {str(job.out_dtype)[6:]}; use t values "
+                         "closer to [0, 1]")
 
     def _buffer(self, slot: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         key = (slot, dtype)
@@ -203,8 +226,8 @@ def check_memory(layout: Plan, models: dict, device: torch.device) -> None:
     need = estimate_bytes(layout, models)
     free = available_bytes(device)
     if free is not None and need > free:
-        raise InputError(f"sweep: needs about {need / 1e9:.1f} GB of {device.type} memory to hold base, SFT and "
-                         f"the model being evaluated ({free / 1e9:.1f} GB available); use a machine with more "
+        raise InputError(f"sweep: needs about {format_size(need)} of {device.type} memory to hold base, SFT and "
+                         f"the model being evaluated ({format_size(free)} available); use a machine with more "
                          "memory (or a GPU with --device cuda), or write merges with `merge linear --t ...` and "
                          "evaluate them one by one")
 

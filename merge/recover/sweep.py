@@ -9,6 +9,7 @@ said to win when it wins there.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,14 +28,16 @@ from .search import blocks_recipe, coordinate_search, lines_recipe
 
 DEFAULT_T = tuple(round(i / 10, 1) for i in range(11))
 DEFAULT_MAX_TOKENS = 20_000
+DEFAULT_KEEP_DOMAIN, DEFAULT_BLOCKS, DEFAULT_BUDGET = 0.9, 3, 16
 SCHEDULE_HOLDOUT = 0.5
 
 
 def sweep(sft: str, base: str, domain: str | Path, general: str | Path | None = None, out: str | Path | None = None,
           *, t_values: Sequence[float] | None = None, method: str = "linear", select_rule: str = "keep-domain",
-          keep_domain: float = 0.9, general_report: str | Path | None = None,
+          keep_domain: float | None = None, general_report: str | Path | None = None,
           domain_report: str | Path | None = None, holdout: float | None = None, schedule: str | None = None,
-          blocks: int = 3, budget: int = 16, max_tokens: int | None = DEFAULT_MAX_TOKENS, device: str = "auto",
+          blocks: int | None = None, budget: int | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS,
+          device: str = "auto",
           force: bool = False, plot: str | Path | None = None, command: str | None = None,
           echo: Callable[[str], None] | None = None, token: str | None = None,
           threads: int | None = None) -> SweepResult:
@@ -43,7 +46,10 @@ def sweep(sft: str, base: str, domain: str | Path, general: str | Path | None = 
     ``general=None`` uses the built-in general probes (a smoke signal, not a benchmark). ``select_rule``:
     ``keep-domain`` (largest general_recovered with domain_retained >= ``keep_domain``, else best score) or
     ``score`` (harmonic mean). ``schedule``: ``lines`` or ``blocks`` also searches per-layer schedules (at most
-    ``budget`` evaluations). With ``out``, writes the chosen merge there (card with a Recovery section,
+    ``budget`` evaluations, default 16; ``blocks`` layer blocks, default 3). Options that would have no effect
+    (``blocks`` without ``schedule="blocks"``, ``budget`` without a schedule, ``keep_domain`` with
+    ``select_rule="score"``, an empty ``t_values``) are errors. Candidates whose scores are not finite are left
+    out of the choice, with a note. With ``out``, writes the chosen merge there (card with a Recovery section,
     ``tradeoff.png``, ``sweep.json``; ``schedule_recipe.yaml`` after a schedule search). ``threads``: torch's
     CPU threads while evaluating (default: torch's own; 1 is fastest for tiny models).
     """
@@ -68,6 +74,11 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
     started = time.perf_counter()
     say = echo or (lambda line: None)
     _check_options(method, select_rule, keep_domain, holdout, schedule, blocks, budget, max_tokens)
+    _check_no_op_options(t_values, select_rule, keep_domain, holdout, general_report, domain_report, schedule,
+                         blocks, budget, force, out)
+    keep_domain = DEFAULT_KEEP_DOMAIN if keep_domain is None else keep_domain
+    blocks = DEFAULT_BLOCKS if blocks is None else blocks
+    budget = DEFAULT_BUDGET if budget is None else budget
     t_values = sorted(set(float(t) for t in (t_values if t_values is not None else DEFAULT_T)) | {0.0, 1.0})
     out_path = Path(out).expanduser().resolve() if out is not None else None
     if out_path is not None:
@@ -89,6 +100,9 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
         for k, docs in encoded.items():
             if sum(d.num_scored for d in docs) == 0:
                 raise InputError(f"{probes[k].name}: no tokens to score")
+            if sum(d.num_bytes for d in docs) == 0:
+                raise InputError(f"{probes[k].name}: the scored text is empty (0 bytes), so bits per byte cannot "
+                                 "be computed; give probes with non-empty responses/documents")
         inplace = InPlaceModel(models, labels, dev, template)
     seconds_load = time.perf_counter() - started
     say(f"loaded base and SFT in {seconds_load:.1f}s on {dev}; evaluating {len(t_values)} values of t "
@@ -102,7 +116,8 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
     for c in rows:
         with_recovery(c, base_row, sft_row)
     _forgetting_notes(base_row, sft_row, notes)
-    chosen = select(rows, lambda c: c.recovery, select_rule, keep_domain)
+    chosen = select(_finite_candidates(rows, base_row, sft_row, notes), lambda c: c.recovery, select_rule,
+                    keep_domain)
     result = SweepResult(rows, chosen, select_rule, keep_domain, {k: p.name for k, p in probes.items()}, notes=notes,
                          seconds_load=seconds_load)
     separate = probes["general_report"] is not probes["general_select"] or \
@@ -268,18 +283,56 @@ def _forgetting_notes(base_row: Candidate, sft_row: Candidate, notes: list[str])
                      "(domain_retained is n/a); are these the right domain probes?")
 
 
+def _scores_finite(c: Candidate) -> bool:
+    return all(math.isfinite(x) for x in (c.general.bpb, c.domain.bpb))
+
+
+def _finite_candidates(rows: list[Candidate], base_row: Candidate, sft_row: Candidate, notes: list[str]
+                       ) -> list[Candidate]:
+    """The rows a choice may take: those with finite scores. A non-finite base or SFT score is an error (every
+    recovery number is measured against them); other non-finite candidates are left out with a note."""
+    for name, row in (("base (t=1)", base_row), ("SFT (t=0)", sft_row)):
+        if not _scores_finite(row):
+            raise InputError(f"sweep: the {name} scores are not finite (general {row.general.bpb:g}, domain "
+                             f"{row.domain.bpb:g} bits/byte); check that model and the probes")
+    left_out = [c for c in rows if not _scores_finite(c)]
+    if left_out:
+        notes.append("left out of the choice, scores not finite: " + ", ".join(c.label for c in left_out))
+    return [c for c in rows if _scores_finite(c)]
+
+
+def _check_no_op_options(t_values, rule, keep_domain, holdout, general_report, domain_report, schedule, blocks,
+                         budget, force=False, out=None) -> None:
+    """Refuse sweep options that would change nothing (one line naming the option)."""
+    if force and out is None:
+        raise InputError("--force: replaces an existing output folder; it has no effect without -o OUT")
+    if t_values is not None and len(t_values) == 0:
+        raise InputError("--t-values: no value of t given; list at least one, e.g. 0.1,0.2,0.3 (base and SFT "
+                         "are always evaluated)")
+    if t_values is not None and not all(math.isfinite(float(t)) for t in t_values):
+        raise InputError(f"--t-values: every t must be a finite number, got {list(t_values)}")
+    if keep_domain is not None and rule == "score":
+        raise InputError("--keep-domain: has no effect with --select score (it is the keep-domain rule's bar)")
+    if holdout is not None and general_report is not None and domain_report is not None:
+        raise InputError("--holdout: has no effect when both --general-report and --domain-report are given")
+    if blocks is not None and schedule != "blocks":
+        raise InputError("--blocks: only applies with --schedule blocks")
+    if budget is not None and schedule is None:
+        raise InputError("--budget: bounds the schedule search; give --schedule lines|blocks or drop --budget")
+
+
 def _check_options(method, rule, keep_domain, holdout, schedule, blocks, budget, max_tokens) -> None:
     if method not in registry.sweepable():
         raise InputError(f"--method {method}: a sweep evaluates {' or '.join(registry.sweepable())} merges")
     if rule not in ("keep-domain", "score"):
         raise InputError(f"--select {rule}: use keep-domain or score")
-    if not 0 < keep_domain <= 1:
+    if keep_domain is not None and not 0 < keep_domain <= 1:
         raise InputError(f"--keep-domain {keep_domain:g}: give a fraction in (0, 1]")
     if holdout is not None and not 0 < holdout < 1:
         raise InputError(f"--holdout {holdout:g}: give the report fraction in (0, 1), e.g. 0.5")
     if schedule not in (None, "lines", "blocks"):
         raise InputError(f"--schedule {schedule}: use lines or blocks")
-    if blocks < 1 or budget < 1:
+    if (blocks is not None and blocks < 1) or (budget is not None and budget < 1):
         raise InputError("--blocks and --budget must be at least 1")
     if max_tokens is not None and max_tokens < 1:
         raise InputError("--max-tokens must be at least 1")

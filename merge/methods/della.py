@@ -1,0 +1,105 @@
+"""DELLA (MAGPRUNE): drop delta entries at random, with keep probabilities rising with magnitude rank.
+
+mergekit 0.1.5 semantics, per task vector ``d`` (``density`` p, ``epsilon`` e; default e = 0.15):
+
+- ``p >= 1``: ``d`` unchanged (no check of e); ``p <= 0``: zeros; otherwise ``0 < p - e`` and ``p + e < 1``
+  are required (``ValueError``).
+- Ranks run **along dim 1** (per row of a 2-D weight; a 1-D tensor is one row): ``rank = 1 + position of
+  |d| in an ascending argsort`` (torch's default, unstable argsort, the call mergekit makes: tied magnitudes
+  are ordered as that sort leaves them, deterministic on one device and torch version). The ranks are cast
+  to the work dtype (float32 on CPU, but bfloat16 stays bfloat16 and any dtype stays as it is on an
+  accelerator), then ``u = clamp((rank - min) / (max - min), 0, 1)`` per row (min = 1, max = row length
+  after that cast), and ``P_keep = (p - e) + (u * 2) * e``: from ``p - e`` for the smallest entry of a row
+  to ``p + e`` for its largest. A row of one entry (where mergekit divides 0 by 0 and fails) gets ``p``.
+- ``mask = bernoulli(P_keep)`` (the generator given, else torch's global RNG, which is what mergekit uses);
+  ``pruned = d * mask`` in the work dtype; ``rescale`` (default true for both methods) is the L1 rescale
+  of :mod:`merge.methods.rescale` over the whole tensor, **not** DELLA's ``1 / P_keep``; the result is cast
+  back to ``d``'s dtype.
+- Combination: mergekit's generalized task arithmetic (``task_arithmetic_mergekit``): ``della`` elects
+  signs (TIES ``sum``) and normalizes by default; ``della_linear`` does neither by default.
+
+Streaming: ranks need whole dim-1 fibres, so a chunk of whole rows (a slice along dim 0) suffices for the
+probabilities and the mask; 1-D tensors are one row. The L1 rescale needs one statistics pass (both norms
+over the whole tensor), so a kernel either keeps the pruned chunks or regenerates the same mask in the
+apply pass (a generator re-seeded per chunk). Chunked draws keep the distribution, not mergekit's bits.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .rescale import l1_rescale
+from .task_arithmetic import task_arithmetic_mergekit
+
+DEFAULT_EPSILON = 0.15
+
+
+def della_work_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype DELLA's ranks, probabilities and mask live in: the tensor's own on an accelerator or for
+    bfloat16, float32 otherwise (CPU ``bernoulli`` has no float16)."""
+    return dtype if torch.device(device).type != "cpu" or dtype == torch.bfloat16 else torch.float32
+
+
+def check_della_density(density: float, epsilon: float) -> None:
+    """``ValueError`` unless ``density - epsilon > 0`` and ``density + epsilon < 1``."""
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"della: density {density} +/- epsilon {epsilon} must lie inside (0, 1)")
+
+
+def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float,
+                             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``P_keep = (p - e) + 2e * u`` with ``u`` the min-max normalised magnitude rank along dim 1 (see the
+    module docstring), in ``dtype`` (default: :func:`della_work_dtype`). Shape of ``delta`` with a leading
+    row axis added for 1-D input."""
+    check_della_density(density, epsilon)
+    work = dtype or della_work_dtype(delta.dtype, delta.device)
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    ascending = torch.argsort(rows.abs(), dim=1)
+    ranks = torch.argsort(ascending, dim=1).to(work) + 1
+    low = ranks.amin(dim=1, keepdim=True)
+    span = ranks.amax(dim=1, keepdim=True) - low
+    unit = torch.where(span > 0, ((ranks - low) / span).clamp(0, 1), torch.full_like(ranks, 0.5))
+    return (density - epsilon) + unit * 2 * epsilon
+
+
+def della_mask(probabilities: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``bernoulli(P_keep)`` as 0/1 in the probabilities' dtype (``generator`` None: torch's global RNG)."""
+    return torch.bernoulli(probabilities, generator=generator)
+
+
+def della_prune(delta: torch.Tensor, density: float, epsilon: float = DEFAULT_EPSILON, rescale: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """mergekit's ``della_magprune``: ``d * bernoulli(P_keep)``, L1-rescaled when ``rescale``; computed in
+    the work dtype, returned in ``delta``'s dtype and shape. ``density >= 1``: ``delta`` itself."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    probabilities = della_keep_probabilities(delta, density, epsilon)
+    mask = della_mask(probabilities, generator)
+    rows = delta.to(probabilities.dtype)
+    rows = rows if rows.dim() >= 2 else rows.unsqueeze(0)
+    pruned = rows * mask
+    if rescale:
+        pruned = l1_rescale(rows, pruned)
+    return pruned.to(delta.dtype).reshape(delta.shape)
+
+
+def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                densities: Sequence[float], epsilons: Sequence[float] | None = None, *,
+                consensus: str | None = "sum", normalize: bool = True, rescale: bool = True, lam: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """``della`` (defaults) or ``della_linear`` (``consensus=None, normalize=False``), as mergekit runs them:
+    ``d_i = della_prune(X_i - B, p_i, e_i)`` drawn in input order, then
+    ``task_arithmetic_mergekit(B, d, w, consensus, normalize, lam)`` on the flattened tensors. Inputs share
+    one dtype."""
+    if not tensors:
+        return base
+    epsilons = [DEFAULT_EPSILON] * len(tensors) if epsilons is None else list(epsilons)
+    deltas = [della_prune(x - base, p, e, rescale, generator).reshape(-1)
+              for x, p, e in zip(tensors, densities, epsilons)]
+    merged = task_arithmetic_mergekit(base.reshape(-1), deltas, weights, consensus=consensus, normalize=normalize,
+                                      lam=lam)
+    return merged.reshape(base.shape)

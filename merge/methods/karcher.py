@@ -1,0 +1,122 @@
+"""Karcher (Riemannian) mean of tensors on the unit hypersphere, rescaled by their mean norm.
+
+mergekit 0.1.5 semantics (``karcher``: every input, base included when it is among the models, with equal
+weights ``1/N``; ``max_iter`` default 10, ``tol`` default 1e-5). Norms are taken in float32 (float64 for
+float64 inputs); the unit vectors and iterates stay in the inputs' dtype, each tensor a flat vector:
+
+- one input: itself. ``n_i = |X_i|``; ``u_i = X_i / n_i`` (zero where ``n_i = 0``).
+- valid inputs: ``n_i > tol``; none valid: zeros. Their weights are renormalised: ``a_i = w_i / sum``.
+- start: ``m = sum_i a_i u_i`` normalised (the first valid ``u_i`` when ``|m| < tol``).
+- up to ``max_iter`` times: ``g = sum_i a_i (theta_i / sin theta_i) (u_i - cos_i m)`` over the inputs with
+  ``theta_i = acos(clamp(m . u_i, -1, 1)) >= tol``; stop when ``|g| < tol``; else
+  ``m = cos|g| m + sin|g| g / |g|``, renormalised when its norm exceeds ``tol``.
+- ``W = (sum_i w_i n_i) m``, with the original (not renormalised) weights over all inputs.
+
+Streaming: every iteration needs dot products of the current mean with every input over the whole tensor.
+All iterates stay in the span of the inputs, so a kernel needs one statistics pass (the N x N Gram matrix),
+runs the iteration on N coefficients, and applies ``W = sum_i c_i X_i`` in one pass; that agrees with the
+whole-tensor iteration to rounding (mergekit rounds each iterate to the input dtype, the Gram form does not).
+This module gives the whole-tensor reference; the Gram form is :func:`karcher_coefficients`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+DEFAULT_MAX_ITER = 10
+DEFAULT_TOL = 1e-5
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def karcher_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
+                 max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL) -> torch.Tensor:
+    """The weighted Karcher mean of the module docstring (``weights`` default: ``1/N`` each)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    weights = [1.0 / len(tensors)] * len(tensors) if weights is None else list(weights)
+    norm_dtype = _norm_dtype(tensors[0].dtype)
+    norms = [torch.linalg.vector_norm(x.to(norm_dtype)) for x in tensors]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return sum(x * 0 for x in tensors)
+    total = sum(weights[i] for i in valid)
+    alphas = [weights[i] / total for i in valid]
+    units = [(tensors[i] / norms[i]).to(tensors[i].dtype) for i in valid]
+
+    mean = torch.zeros_like(units[0])
+    for a, u in zip(alphas, units):
+        mean += a * u
+    mean = _normalized(mean, norm_dtype, tol, fallback=units[0])
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(alphas, units):
+            cos = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(cos)
+            if theta.item() < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - cos * mean)
+        step = torch.linalg.vector_norm(tangent.to(norm_dtype))
+        if step.item() < tol:
+            break
+        mean = (torch.cos(step) * mean + torch.sin(step) * (tangent / step)).to(mean.dtype)
+        length = torch.linalg.vector_norm(mean.to(norm_dtype))
+        if length.item() > tol:
+            mean = (mean / length).to(mean.dtype)
+    return sum(w * n for w, n in zip(weights, norms)) * mean
+
+
+def _normalized(v: torch.Tensor, norm_dtype: torch.dtype, tol: float, fallback: torch.Tensor) -> torch.Tensor:
+    length = torch.linalg.vector_norm(v.to(norm_dtype))
+    return fallback.clone() if length.item() < tol else (v / length).to(v.dtype)
+
+
+def karcher_gram(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Chunk-additive statistics: ``G[i, j] = X_i . X_j`` in float64 for this chunk (sum over chunks)."""
+    x = torch.stack([t.reshape(-1) for t in tensors]).to(torch.float64)
+    return x @ x.T
+
+
+def karcher_coefficients(gram: torch.Tensor, weights: Sequence[float] | None = None,
+                         max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL) -> list[float]:
+    """``c`` with ``W = sum_i c_i X_i``: the iteration of :func:`karcher_mean` run on coefficient vectors over
+    the inputs (``m = sum_i k_i X_i``, ``m . u_j = (G k)_j / n_j``, ``|m|^2 = k^T G k``), in float64."""
+    gram = gram.to(torch.float64).cpu()
+    n = gram.shape[0]
+    weights = [1.0 / n] * n if weights is None else list(weights)
+    if n == 1:
+        return [1.0]
+    norms = [math.sqrt(max(float(gram[i, i]), 0.0)) for i in range(n)]
+    valid = [i for i in range(n) if norms[i] > tol]
+    if not valid:
+        return [0.0] * n
+    total = sum(weights[i] for i in valid)
+    alphas = {i: weights[i] / total for i in valid}
+    unit = {i: torch.eye(n, dtype=torch.float64)[i] / norms[i] for i in valid}  # u_i in input coordinates
+
+    def length(k: torch.Tensor) -> float:
+        return math.sqrt(max(float(k @ gram @ k), 0.0))
+
+    mean = sum(alphas[i] * unit[i] for i in valid)
+    mean = unit[valid[0]].clone() if length(mean) < tol else mean / length(mean)
+    for _ in range(max_iter):
+        tangent = torch.zeros(n, dtype=torch.float64)
+        for i in valid:
+            cos = max(-1.0, min(1.0, float(mean @ gram @ unit[i])))
+            theta = math.acos(cos)
+            if theta < tol:
+                continue
+            tangent += alphas[i] * (theta / math.sin(theta)) * (unit[i] - cos * mean)
+        step = length(tangent)
+        if step < tol:
+            break
+        mean = math.cos(step) * mean + math.sin(step) * (tangent / step)
+        if length(mean) > tol:
+            mean = mean / length(mean)
+    scale = sum(w * nm for w, nm in zip(weights, norms))
+    return (scale * mean).tolist()
