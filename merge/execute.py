@@ -28,11 +28,9 @@ from .io.quantized import fp8_block_amax, fp8_quantise_chunk, fp8_scale_inv
 from .io.writer import ShardWriter
 from .methods import registry
 from .methods.base import Copy
-from .methods.chunks import CHUNK_ELEMENTS, chunk_ranges, sample_ranges  # noqa: F401  (re-exported)
-from .methods.sparsify import RNG_BLOCK, block_generator, dare_keep  # noqa: F401  (re-exported)
+from .methods.chunks import CHUNK_ELEMENTS, chunk_ranges
 from .plan import Plan, TensorJob, TensorSource
-from .scheduler import (DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, MIN_CHUNK, MemoryFit, estimate_peak_bytes,  # noqa: F401
-                        fit_memory, order, per_worker_bytes, run_jobs)
+from .scheduler import DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, estimate_peak_bytes, fit_memory, order, run_jobs  # noqa: F401
 
 
 def resolve_device(device: str) -> torch.device:

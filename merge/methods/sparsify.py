@@ -37,9 +37,9 @@ def keep_top_(mags: torch.Tensor, cut: RankCut, ties_before: int, ties_here: int
 
 def trim_(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_before: tuple[int, int] = (0, 0),
           scratch: torch.Tensor | None = None, chunk: int | None = None) -> tuple[int, int]:
-    """:func:`~.reference.breadcrumbs_mask` applied in place: ``delta`` keeps its magnitude ranks in the band and is zero
-    elsewhere (``scratch``: a 4-byte buffer of delta's size; ``chunk``: this chunk's index in the pass that
-    found the cuts, to use their ``ties_by_chunk``). Returns the ties seen, as ``breadcrumbs_mask``.
+    """:func:`~.reference.breadcrumbs_mask` applied in place: ``delta`` keeps its magnitude ranks in the band
+    and is zero elsewhere (``scratch``: a 4-byte buffer of delta's size; ``chunk``: this chunk's index in the
+    pass that found the cuts, to use their ``ties_by_chunk``). Returns the ties seen, as ``breadcrumbs_mask``.
 
     float32 deltas are trimmed by ``hardshrink`` (one pass): the band is ``top_lower(d) - top_upper(d)``."""
     if delta.dtype != torch.float32:  # ranks compare |x| as float32: other dtypes go through the mask
