@@ -19,6 +19,7 @@ import torch
 from . import methods
 from .io.quantized import dequantised_of
 from .methods.chunks import CHUNK_ELEMENTS, chunk_ranges
+from .scheduler import single_threaded_torch
 from .tensor_names import Structure, group_of
 
 IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "architectures_version"}
@@ -232,8 +233,10 @@ def _tensor_drift(s, b, name: str, t: float, chunk: int, report: InspectReport,
             delta_sq += float(torch.dot(d, d))
             yield x, y
 
-    # the merge's own statistics (the slerp kernel's float64 block sums), so the branch shown is the merge's
-    dot, sft_sq, base_sq = methods.slerp_statistics(pairs())
+    # the merge's own statistics (the slerp kernel's float64 block sums, on one intra-op thread as the
+    # executor's workers run), so the branch and angle shown are the merge's to the bit
+    with single_threaded_torch():
+        dot, sft_sq, base_sq = methods.slerp_statistics(pairs())
     s.release(name)
     b.release(name)
     coeffs = methods.slerp_coefficients(dot, sft_sq, base_sq, t)

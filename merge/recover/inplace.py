@@ -26,6 +26,7 @@ from ..methods.base import Copy
 from ..methods.chunks import CHUNK_ELEMENTS, chunk_ranges
 from ..methods.slerp import Slerp, coefficients, slerp_statistics
 from ..plan import Plan, TensorJob, make_plan
+from ..scheduler import single_threaded_torch
 from ..recipes.operations import operations_for
 from ..tensor_names import Structure
 
@@ -136,7 +137,8 @@ class InPlaceModel:
         """SLERP's (dot, |from|^2, |to|^2) as the kernel computes them (:func:`slerp_statistics`)."""
         key = job.name + "|" + ",".join(job.op.inputs)
         if key not in self._slerp_stats:
-            self._slerp_stats[key] = slerp_statistics(reader.passes()())
+            with single_threaded_torch():  # reductions in the executor's workers' order: the same bits
+                self._slerp_stats[key] = slerp_statistics(reader.passes()())
         return self._slerp_stats[key]
 
     def _check_coverage(self, layout: Plan) -> None:
