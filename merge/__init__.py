@@ -12,14 +12,15 @@ from .recipes import Recipe
 
 __version__ = "0.1.0"
 
-__all__ = ["MergeError", "MergeSummary", "Recipe", "__version__", "fold", "inspect", "list_aliases", "merge", "push",
-           "run", "sweep", "verify"]
+__all__ = ["MergeError", "MergeSummary", "Recipe", "__version__", "evaluate", "fold", "inspect", "list_aliases",
+           "merge", "push", "run", "sweep", "verify"]
 
 
 # Public names served lazily from their modules, so `import merge` and `merge --help` do not import torch.
 _LAZY = {
     "merge": ".api", "run": ".api", "fold": ".api", "verify": ".integrity", "push": ".hub",
     "list_aliases": ".io.aliases", "sweep": ".recover", "inspect": ".diagnostics", "MergeSummary": ".summary",
+    "evaluate": ".evaluate",  # a callable package: merge.evaluate(...) runs lm-eval tasks on written models
 }
 
 
@@ -28,4 +29,5 @@ def __getattr__(name):
         raise AttributeError(f"module 'merge' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    module = importlib.import_module(_LAZY[name], __name__)
+    return module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)

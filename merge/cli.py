@@ -139,7 +139,31 @@ def interpolation_options(fn):
     return click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))(fn)
 
 
-@click.group(help=f"mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n{T_CONVENTION}")
+class OneLineErrors(click.Group):
+    """Usage mistakes (unknown option, bad value) as one ``error:`` line and exit 2, like every user error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `merge`: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, help=f"mergeback: recover what fine-tuning forgot by merging the SFT back with its base.\n\n{T_CONVENTION}")
 @click.version_option(__version__, prog_name="mergeback")
 def main() -> None:
     pass
@@ -421,6 +445,53 @@ def demo(out, force):
     click.echo(result.summary())
     click.echo(f"\neverything is in {result.out.parent}: recovered/ (the model; its README.md has the Recovery "
                "table), tradeoff.png, sweep.json")
+
+
+
+@main.command("evaluate", help="Evaluate written models (folders, Hub ids, aliases; e.g. a mergekit output) on "
+                               "lm-evaluation-harness tasks and print each task's primary metric, "
+                               "general_recovered = (G_m - G_sft)/(G_base - G_sft) and domain_retained = "
+                               "(D_m - D_base)/(D_sft - D_base) when --base and --sft are given, and per-item "
+                               "forgetting (general: against the base; domain: against the SFT). Tasks: "
+                               "comma-separated task or group names, task YAML files or folders. Needs "
+                               "`pip install mergeback[eval]`.")
+@click.argument("models", nargs=-1)
+@click.option("--general-tasks", help="General tasks (what the SFT may have forgotten), comma-separated.")
+@click.option("--domain-tasks", help="Domain tasks (what the SFT is for), comma-separated.")
+@click.option("--base", help=MODEL_REF_HELP.format("The base model (reference; also evaluated)"))
+@click.option("--sft", help=MODEL_REF_HELP.format("The SFT model (reference; also evaluated)"))
+@click.option("--limit", type=float, help="Documents per task (the first N; a fraction below 1 is a share).")
+@click.option("--num-fewshot", type=int, help="Few-shot examples (lm-eval's --num_fewshot).")
+@click.option("--batch-size", default="1", show_default=True, help="Batch size, or `auto` (GPU).")
+@click.option("--seed", type=int, help="Seed for python, numpy, torch and few-shot sampling (default: lm-eval's).")
+@click.option("--apply-chat-template/--no-apply-chat-template", default=None,
+              help="Render prompts with the chat template (default: on when the SFT's tokenizer has one).")
+@click.option("--gen-kwargs", help="Generation arguments for generate_until tasks, e.g. max_gen_toks=64,temperature=0.")
+@click.option("--tasks-path", multiple=True, type=click.Path(file_okay=False), help="More task folders (repeatable).")
+@click.option("--metric", "metrics", multiple=True, metavar="TASK=METRIC[,FILTER]",
+              help="Use this metric of a task instead of its first (repeatable).")
+@click.option("--holdout", type=float, help="Score only the report part of each task: the documents whose "
+                                            "content hash puts them in this fraction (as `merge sweep`).")
+@click.option("--no-cache", is_flag=True, help="Evaluate again even when a cached result exists.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Result cache (default $XDG_CACHE_HOME/mergeback/eval).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for evaluation (default: torch's).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
+@user_errors
+def evaluate(models, limit, batch_size, json_out, **kwargs):
+    import json
+    from pathlib import Path
+
+    import merge
+
+    if limit is not None and limit >= 1:
+        limit = int(limit) if limit == int(limit) else limit
+    result = merge.evaluate(models, limit=limit, batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
+                            echo=click.echo, **kwargs)
+    click.echo("")
+    click.echo(result.table())
+    if json_out:
+        Path(json_out).write_text(json.dumps(result.to_dict(), indent=2))
 
 
 if __name__ == "__main__":

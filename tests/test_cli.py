@@ -183,3 +183,16 @@ def test_output_parents_are_created(pairs, tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "a" / "b" / "c" / "model.safetensors").exists()
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["c"]
+
+
+def test_usage_mistakes_are_one_line_exit_2():
+    """An unknown option or a bad value is one ``error:`` line naming it, like every other user error."""
+    for args, words in ((["linear", "--sft", "a", "--base", "b", "--t", "0.3", "--density", "0.3", "-o", "o"],
+                         "--density"),
+                        (["linear", "--sft", "a", "--base", "b", "--t", "x", "-o", "o"], "--t"),
+                        (["sweep", "--sft", "a", "--base", "b", "--domain", "d.jsonl", "--t-values", "nan"],
+                         "--t-values")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.output
