@@ -18,7 +18,8 @@ PACKAGE = Path(merge.__file__).parent
 
 
 def module_imports() -> dict[str, set[str]]:
-    """Module -> the merge modules it imports anywhere (top level or inside functions)."""
+    """Module -> the merge modules it imports anywhere (top level or inside functions; not the imports under
+    ``if TYPE_CHECKING:``, which never run)."""
     modules = {}
     for path in PACKAGE.rglob("*.py"):
         parts = ("merge",) + path.relative_to(PACKAGE).with_suffix("").parts
@@ -28,7 +29,12 @@ def module_imports() -> dict[str, set[str]]:
     for name, (path, is_package) in modules.items():
         package = name if is_package else name.rsplit(".", 1)[0]
         found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                       for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:  # `if TYPE_CHECKING:` imports never run
+                continue
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -43,6 +49,11 @@ def module_imports() -> dict[str, set[str]]:
             found |= {t for t in targets if t in modules and t != name}
         graph[name] = found
     return graph
+
+
+def _is_type_checking(test) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
