@@ -13,7 +13,7 @@ from .recipes import Recipe
 __version__ = "0.1.0"
 
 __all__ = ["MergeError", "MergeSummary", "Recipe", "__version__", "evaluate", "fold", "inspect", "list_aliases",
-           "merge", "push", "run", "sweep", "verify"]
+           "merge", "push", "run", "sweep", "verify", "extract_lora", "interpolate_adapter"]
 
 
 # Public names served lazily from their modules, so `import merge` and `merge --help` do not import torch.
@@ -21,6 +21,7 @@ _LAZY = {
     "merge": ".api", "run": ".api", "fold": ".api", "verify": ".integrity", "push": ".hub",
     "list_aliases": ".io.aliases", "sweep": ".recover", "inspect": ".diagnostics", "MergeSummary": ".summary",
     "evaluate": ".evaluate",  # a callable package: merge.evaluate(...) runs lm-eval tasks on written models
+    "extract_lora": ".adapters", "interpolate_adapter": ".adapters",
 }
 
 

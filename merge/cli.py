@@ -131,6 +131,10 @@ def _merge(quiet: bool, **kwargs) -> None:
     _report(summary, quiet)
 
 
+AS_ADAPTER_HELP = ("With a LoRA adapter as --sft: write the result as an adapter (every lora_B times 1-t, saved "
+                   "modules (1-t)*saved + t*base) instead of a full model. Not for DoRA at t != 0.")
+
+
 def interpolation_options(fn):
     """--sft, --base and --t, then the shared merge options (linear and slerp)."""
     fn = merge_options(fn)
@@ -171,8 +175,11 @@ def main() -> None:
 
 @main.command(help=f"Linear interpolation: W = (1-t)*W_sft + t*W_base.\n\n{T_CONVENTION}")
 @interpolation_options
+@click.option("--as-adapter", is_flag=True, help=AS_ADAPTER_HELP)
 @user_errors
-def linear(sft, base, t, quiet, **kwargs):
+def linear(sft, base, t, quiet, as_adapter, **kwargs):
+    if as_adapter:
+        return _as_adapter("linear", sft, base, t, quiet, kwargs)
     _merge(quiet, method="linear", sft=sft, base=base, t=t, **kwargs)
 
 
@@ -181,8 +188,11 @@ def linear(sft, base, t, quiet, **kwargs):
                    "between them; linear when |cos θ| > 0.9995 (typical for small SFT deltas).\n\n"
                    f"{T_CONVENTION}")
 @interpolation_options
+@click.option("--as-adapter", is_flag=True, help="Refused: SLERP of a LoRA SFT is not a rescaling of its factors.")
 @user_errors
-def slerp(sft, base, t, quiet, **kwargs):
+def slerp(sft, base, t, quiet, as_adapter, **kwargs):
+    if as_adapter:
+        return _as_adapter("slerp", sft, base, t, quiet, kwargs)
     _merge(quiet, method="slerp", sft=sft, base=base, t=t, **kwargs)
 
 
@@ -492,6 +502,58 @@ def evaluate(models, limit, batch_size, json_out, **kwargs):
     click.echo(result.table())
     if json_out:
         Path(json_out).write_text(json.dumps(result.to_dict(), indent=2))
+
+
+def _as_adapter(method, sft, base, t, quiet, options) -> None:
+    """``--as-adapter`` on linear/slerp: the merge options other than -o/--force have no effect there."""
+    from .adapters import interpolate_adapter
+    from .errors import InputError
+
+    ctx = click.get_current_context()
+    given = [k for k in options if k not in ("out", "force")
+             and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise InputError(f"--{given[0].replace('_', '-')} has no effect with --as-adapter (it writes only the "
+                         "adapter files); drop it")
+    summary = interpolate_adapter(sft, base, t, options.get("out"), method=method, force=options.get("force"))
+    _report(summary, quiet)
+
+
+@main.command("extract-lora", help=(
+    "Write a PEFT LoRA adapter approximating the SFT's delta D = W_sft - W_base: per targeted 2-D weight the "
+    "rank-r truncated SVD, (lora_alpha/r) * B@A = U_r diag(s_r) V_r^T; changed biases of targeted modules as "
+    "lora_B.bias (exact); changed embeddings, lm_head and norms saved whole (modules_to_save). Anything else "
+    "that changed is refused by name unless --allow-uncaptured. Streamed one tensor at a time; the summary "
+    "gives each tensor's captured share ||D_r||/||D|| and the error per tensor kind."))
+@click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model (or LoRA adapter folder)"))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--rank", "-r", type=int, required=True, help="LoRA rank r (>= 1).")
+@click.option("--alpha", type=float, help="lora_alpha (default: r, so the scale alpha/r is 1).")
+@click.option("--target-modules", help="Comma-separated module names to factor (default: every 2-D attention, MLP "
+                                       "and router weight in the layer stack), e.g. q_proj,v_proj.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
+              help="dtype of the adapter tensors (default: the SFT's).")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+              help="SVD algorithm: auto picks randomized when r is small against the matrix.")
+@click.option("--allow-uncaptured", is_flag=True, help="Write the adapter even if some changed tensors cannot be "
+                                                      "in it (listed in the summary with their error).")
+@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Output adapter folder.")
+@click.option("--force", is_flag=True, help="Replace an earlier mergeback output at OUT (never other files).")
+@click.option("-v", "--verbose", is_flag=True, help="Print the captured share of every tensor.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@user_errors
+def extract_lora(sft, base, rank, alpha, target_modules, dtype, svd, allow_uncaptured, out, force, verbose, quiet):
+    from .adapters import extract_lora as run_extract
+
+    targets = [m for m in target_modules.split(",") if m.strip()] if target_modules is not None else None
+    if targets == []:
+        from .errors import InputError
+
+        raise InputError("--target-modules: give at least one module name, e.g. q_proj,v_proj")
+    summary = run_extract(sft, base, out, rank=rank, alpha=alpha, target_modules=targets, dtype=dtype, svd=svd,
+                          allow_uncaptured=allow_uncaptured, force=force)
+    if not quiet:
+        click.echo(summary.report(verbose=verbose))
 
 
 if __name__ == "__main__":
