@@ -391,7 +391,8 @@ def _t_list(ctx, param, value):
                    "--domain-report files or --holdout.\n\n" + T_CONVENTION)
 @click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model (or LoRA adapter folder)"))
 @click.option("--base", required=True, help=BASE_REF_HELP)
-@click.option("--domain", required=True, type=click.Path(dir_okay=False), help="Domain probes (what the SFT is for).")
+@click.option("--domain", type=click.Path(dir_okay=False),
+              help="Domain probes (what the SFT is for); optional with --domain-tasks.")
 @click.option("--general", type=click.Path(dir_okay=False),
               help="General probes (default: the built-in set, a smoke signal, not a benchmark).")
 @click.option("--general-report", type=click.Path(dir_okay=False), help="General probes to report the choice on.")
@@ -413,12 +414,35 @@ def _t_list(ctx, param, value):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for evaluation (default: torch's).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Trade-off plot PNG (default OUT/tradeoff.png).")
+@click.option("--candidates", help="Methods on one front: linear,slerp (the t grid each), linear@0.25 (one t), "
+                                   "ties@0.3, dare@0.5, task_arithmetic@0.8 (needs the in-place model to apply it).")
+@click.option("--general-tasks", help="lm-eval tasks for the general side (names, YAML files, folders; comma-"
+                                      "separated). Without --general, the general side is these tasks only.")
+@click.option("--domain-tasks", help="lm-eval tasks for the domain side (what the SFT is for).")
+@click.option("--general-report-tasks", help="lm-eval tasks to report the choice on (general side).")
+@click.option("--domain-report-tasks", help="lm-eval tasks to report the choice on (domain side).")
+@click.option("--tasks-path", multiple=True, type=click.Path(file_okay=False), help="More task folders (repeatable).")
+@click.option("--limit", type=float, help="Documents per task (the first N; a fraction below 1 is a share).")
+@click.option("--num-fewshot", type=int, help="Few-shot examples (lm-eval's --num_fewshot).")
+@click.option("--batch-size", default="1", show_default=True, help="lm-eval batch size, or `auto` (GPU).")
+@click.option("--seed", type=int, help="Seed for python, numpy, torch and few-shot sampling (default: lm-eval's).")
+@click.option("--apply-chat-template/--no-apply-chat-template", default=None,
+              help="Render task prompts with the chat template (default: on when the SFT's tokenizer has one).")
+@click.option("--gen-kwargs", help="Generation arguments for generate_until tasks, e.g. max_gen_toks=64.")
+@click.option("--metric", "metrics", multiple=True, metavar="TASK=METRIC[,FILTER]",
+              help="Use this metric of a task instead of its first (repeatable).")
+@click.option("--no-cache", is_flag=True, help="Evaluate every task again even when a cached result exists.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Task result cache (default $XDG_CACHE_HOME/mergeback/eval).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary.")
 @user_errors
-def sweep(quiet, **kwargs):
+def sweep(quiet, limit, batch_size, **kwargs):
     from .recover import sweep as run_sweep
 
-    result = run_sweep(command=_command_line(), echo=None if quiet else click.echo, **kwargs)
+    if limit is not None and limit >= 1:
+        limit = int(limit) if limit == int(limit) else limit
+    result = run_sweep(command=_command_line(), echo=None if quiet else click.echo, limit=limit,
+                       batch_size=int(batch_size) if batch_size.isdigit() else batch_size, **kwargs)
     click.echo("")
     click.echo(result.summary())
 

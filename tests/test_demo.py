@@ -48,3 +48,14 @@ def test_shipped_models_show_forgetting_and_a_recovering_t(demo):
     assert chosen["general_recovered"] >= 0.5 and chosen["domain_retained"] >= 0.9
     reported = next(r for r in data["report"] if r["label"] == f"t={data['chosen_t']:g}")
     assert reported["general_recovered"] >= 0.5 and reported["domain_retained"] >= 0.9  # also held out
+
+
+def test_demo_shows_the_cloze_task_rows_when_lm_eval_is_installed(demo):
+    pytest.importorskip("lm_eval")
+    out, result = demo
+    assert "report tasks: general = demo_general_cloze" in result.output
+    data = json.loads((out / "sweep.json").read_text())
+    reported = next(r for r in data["report"] if r["label"] == f"t={data['chosen_t']:g}")
+    cloze = reported["tasks"]["general"]["demo_general_cloze"]
+    sft = next(r for r in data["report"] if r["label"].startswith("SFT"))["tasks"]["general"]["demo_general_cloze"]
+    assert cloze["n"] == 12 and cloze["value"] > sft["value"]  # the merge got back general items the SFT forgot

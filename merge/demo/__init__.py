@@ -31,9 +31,22 @@ def assets() -> dict[str, Path]:
     return paths
 
 
+def demo_tasks() -> dict:
+    """The shipped cloze tasks as report tasks of the sweep when lm-eval is installed (else none: the demo runs
+    on probes alone)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        return {}
+    tasks = ASSETS / "tasks"
+    return {"general_report_tasks": str(tasks / "demo_general_cloze.yaml"),
+            "domain_report_tasks": str(tasks / "demo_domain_cloze.yaml"), "no_cache": True}
+
+
 def run_demo(out: str | Path = DEFAULT_OUT, force: bool = False, echo: Callable[[str], None] | None = None):
     """Sweep 11 values of t on the shipped pair; write ``out/recovered`` (the chosen merge, with its Recovery
-    card), ``out/tradeoff.png`` and ``out/sweep.json``. Returns the :class:`~merge.recover.SweepResult`."""
+    card), ``out/tradeoff.png`` and ``out/sweep.json``. With lm-eval installed, the shipped cloze tasks (12
+    documents each) are report rows too. Returns the :class:`~merge.recover.SweepResult`."""
     from ..io import output
     from ..recover import sweep
 
@@ -53,7 +66,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, force: bool = False, echo: Callable[
                            out=stage / "recovered", general_report=paths["general_report"],
                            domain_report=paths["domain_report"], plot=stage / "tradeoff.png",
                            command=f"merge demo -o {out}", echo=say, max_tokens=None,
-                           threads=1)  # the model is tiny: one thread beats OpenMP's overhead on its small matrices
+                           threads=1, **demo_tasks())  # the model is tiny: one thread beats OpenMP's overhead on its small matrices
             (stage / "sweep.json").write_text((stage / "recovered" / "sweep.json").read_text())
             output.commit(stage, out)
         except BaseException:
