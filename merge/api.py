@@ -17,10 +17,11 @@ from .card import render_card
 from .dtypes import OUTPUT_DTYPES
 from .errors import InputError, MergeError
 from .execute import CHUNK_ELEMENTS, DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, ExecutionStats, Executor, resolve_device
+from .fp8_output import fp8_output_plan
 from .inputs import download_weights, open_inputs, open_model, resolve_inputs  # noqa: F401  (also served here)
 from .io import output
 from .io.lora import adapter_notes, is_adapter
-from .io.quantized import fp8_config, fp8_output_plan, quantisation_notes
+from .io.quantized import fp8_config, quantisation_notes
 from .io.writer import ShardWriter, parse_size, write_index
 from .keys import input_label
 from .plan import Plan, make_plan

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from . import methods
-from .execute import CHUNK_ELEMENTS, chunk_ranges
 from .io.quantized import dequantised_of
+from .methods.chunks import CHUNK_ELEMENTS, chunk_ranges
+from .scheduler import single_threaded_torch
 from .tensor_names import Structure, group_of
 
 IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "architectures_version"}
@@ -42,7 +43,9 @@ class TensorDrift:
 
     @property
     def rel_delta(self) -> float:
-        return math.sqrt(self.delta_sq / self.base_sq) if self.base_sq > 0 else (0.0 if self.delta_sq == 0 else math.inf)
+        if self.base_sq > 0:
+            return math.sqrt(self.delta_sq / self.base_sq)
+        return 0.0 if self.delta_sq == 0 else math.inf
 
     @property
     def cosine(self) -> float:
@@ -222,14 +225,20 @@ def _tensor_drift(s, b, name: str, t: float, chunk: int, report: InspectReport,
             report.notes.append(f"{name}: shape {list(info_s.shape)} in the SFT but {list(info_b.shape)} in the "
                                 "base; not compared")
             return None
-    delta_sq = base_sq = sft_sq = dot = 0.0
-    for _, start, stop in chunk_ranges(numel, chunk):
-        x = s.view(name, start, stop).double()
-        y = b.view(name, start, stop).double()
-        d = x - y
-        delta_sq += float(torch.dot(d, d))
-        dt, xx, yy = float(torch.dot(x, y)), float(torch.dot(x, x)), float(torch.dot(y, y))
-        dot, sft_sq, base_sq = dot + dt, sft_sq + xx, base_sq + yy
+    delta_sq = 0.0
+
+    def pairs():
+        nonlocal delta_sq
+        for _, start, stop in chunk_ranges(numel, chunk):
+            x, y = s.view(name, start, stop), b.view(name, start, stop)
+            d = x.double() - y.double()
+            delta_sq += float(torch.dot(d, d))
+            yield x, y
+
+    # the merge's own statistics (the slerp kernel's float64 block sums, on one intra-op thread as the
+    # executor's workers run), so the branch and angle shown are the merge's to the bit
+    with single_threaded_torch():
+        dot, sft_sq, base_sq = methods.slerp_statistics(pairs())
     s.release(name)
     b.release(name)
     coeffs = methods.slerp_coefficients(dot, sft_sq, base_sq, t)

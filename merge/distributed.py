@@ -119,7 +119,7 @@ def plan_recipe(recipe, models: dict, labels: dict):
     import torch
 
     from .dtypes import OUTPUT_DTYPES as DTYPES
-    from .io.quantized import fp8_output_plan
+    from .fp8_output import fp8_output_plan
     from .io.writer import parse_size
     from .plan import make_plan
     from .recipes.operations import operations_for
@@ -330,7 +330,8 @@ class Cluster:
     # -- up-front checks -----------------------------------------------------------------------------------
     def check_visible(self, out: Path, inputs: dict) -> None:
         """Some node must fit a task, and every node must see the folder the output is staged in (and the local
-        inputs): one probe task per node, pinned to it, reads a file the driver wrote there and writes one back for the driver to read."""
+        inputs): one probe task per node, pinned to it, reads a file the driver wrote there and writes one back
+        for the driver to read."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self._check_fits(self.cpus, self.task_memory)

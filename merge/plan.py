@@ -7,8 +7,9 @@ Everything is decided from headers and configs before a single tensor byte is re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import Protocol
 
 import torch
 
@@ -16,6 +17,8 @@ from .errors import InputError
 from .io.lora import copy_when_unchanged
 from .io.safetensors_file import TensorInfo
 from .io.writer import PlannedTensor, Shard, layout_shards
+from .methods.base import Copy, Operation
+from .methods.precision import compute_dtypes
 from .tensor_names import group_of
 
 
@@ -35,20 +38,6 @@ class TensorSource(Protocol):
 
 
 @dataclass(frozen=True)
-class Operation:
-    """How one output tensor is computed from the named input models.
-
-    kinds: ``copy`` (inputs[0] as is), ``linear`` (params weights, normalize), ``slerp`` (inputs from, to;
-    params t), ``task_arithmetic`` (inputs base, then the fine-tunes; params weights, sparsify,
-    sign_consensus, normalize, lam).
-    """
-
-    kind: str
-    inputs: tuple[str, ...]
-    params: Mapping[str, object] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class TensorJob:
     name: str
     shape: tuple[int, ...]
@@ -57,6 +46,9 @@ class TensorJob:
     merged_numel: int  # elements [0, merged_numel) are computed; the rest are copied from the primary model
     primary: str
     aliases: Mapping[str, str] = field(default_factory=dict)  # model key -> the name to read there
+    compute: torch.dtype = torch.float32  # the dtype chunks are computed in (see merge.methods.precision)
+    round_to: torch.dtype | None = None  # inputs and results are rounded to it (mergekit's working dtype)
+    fp8_block: tuple[int, int] | None = None  # written as FP8 codes scaled per block of this shape (--dtype fp8)
 
     @property
     def numel(self) -> int:
@@ -105,7 +97,7 @@ def make_plan(models: Mapping[str, TensorSource], labels: Mapping[str, str], pri
         info = models[primary].info(head_of.get(primary, name))
         dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
         if not info.dtype.is_floating_point:
-            jobs.append(TensorJob(name, info.shape, info.dtype, Operation("copy", (primary,)), 0, primary))
+            jobs.append(TensorJob(name, info.shape, info.dtype, Copy((primary,)), 0, primary))
             continue
         op = copy_when_unchanged(models, op_for(name), name)
         aliases = dict(head_of)
@@ -121,7 +113,10 @@ def make_plan(models: Mapping[str, TensorSource], labels: Mapping[str, str], pri
         if any(name in m for m in missing.values()):
             continue
         merged = _merged_numel(models, labels, primary, op, name, info, aliases, notes)
-        jobs.append(TensorJob(name, info.shape, dtype, op, merged, primary, aliases))
+        compute, round_to = torch.float32, None
+        if not isinstance(op, Copy):
+            compute, round_to = compute_dtypes(op, [models[k].info(aliases.get(k, name)).dtype for k in op.inputs])
+        jobs.append(TensorJob(name, info.shape, dtype, op, merged, primary, aliases, compute, round_to))
     if missing:
         key, lacking = next(iter(missing.items()))
         more = f" (+{len(lacking) - 3} more)" if len(lacking) > 3 else ""

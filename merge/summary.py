@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io.resolve import ResolvedModel
+from .methods import registry
 
 
 @dataclass
@@ -37,15 +38,11 @@ class MergeSummary:
             lo, hi = self.t_range
             t = f"t = {lo:g}" if lo == hi else f"t from {lo:g} to {hi:g} across tensors"
             t += " (t is the share of the base model: t=0 keeps the SFT unchanged, t=1 gives the base)."
-        return {
-            "linear": f"Linear interpolation `W = (1-t)*W_sft + t*W_base`, per tensor. {t}",
-            "slerp": ("Spherical interpolation per tensor, from the SFT (t=0) towards the base (t=1), on the raw "
-                      "flattened tensors; it falls back to linear interpolation when the two tensors are nearly "
-                      f"parallel (|cos| > 0.9995) or one is ~0. {t}"),
-            "task_arithmetic": "Task arithmetic `W = W_base + sum_i s_i * sparsify(W_sft_i - W_base)`.",
-        }.get(self.method, f"{self.method} merge" + (
+        spec = registry.get(self.method) if self.method in registry.names() else None
+        what = spec.describe(t) if spec is not None else f"{self.method} merge" + (
             " (task arithmetic: `W = W_base + lambda * sum_i w_i * sparsify(W_i - W_base)`)." if self.settings
-            else ".")) + "".join(f" {line[0].upper()}{line[1:]}." for line in self.settings)
+            else ".")
+        return what + "".join(f" {line[0].upper()}{line[1:]}." for line in self.settings)
 
     def report(self) -> str:
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.tensors.items()))
@@ -55,14 +52,9 @@ class MergeSummary:
             lines.append(f"t (share of base): {lo:g}" if lo == hi else f"t (share of base): {lo:g}..{hi:g}")
         lines.append(f"tensors: {sum(self.tensors.values())} ({counts})")
         lines += self.settings
-        if self.method == "slerp" and self.dry_run:
-            lines.append("slerp: each tensor's angle between the two inputs is computed while merging; nearly "
-                         "parallel tensors (|cos| > 0.9995) will be interpolated linearly, the others spherically "
-                         "(the merge reports how many took each branch and the largest angle; `merge inspect --t` "
-                         "predicts them)")
-        elif self.method == "slerp":
-            lines.append(f"slerp: {self.spherical} tensors took the spherical branch, {self.linear_fallback} fell "
-                         f"back to linear; largest angle {self.max_angle:.3f} deg")
+        spec = registry.find(self.method)
+        if spec is not None:
+            lines += spec.report(self)
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"warning: {w}" for w in self.warnings]
         size = f"{self.output_bytes / 1e9:.2f} GB" if self.output_bytes >= 1e8 else f"{self.output_bytes / 1e6:.2f} MB"
@@ -90,68 +82,19 @@ class MergeSummary:
         return self.report()
 
 
-_SPARSIFY = {"magnitude": "magnitude (TIES trimming: the largest |delta| entries kept)",
-             "random": "random (DARE: entries kept at random)",
-             "breadcrumbs": "breadcrumbs (the largest gamma and the smallest entries dropped)"}
-_CONSENSUS = {"sum": "sum (TIES sign election: the sign of the summed deltas)",
-              "count": "count (the sign most deltas have)"}
-
-
 def settings_of(jobs, inputs: dict[str, ResolvedModel]) -> list[str]:
-    """The task-arithmetic settings a plan's jobs use, in words: scales per SFT (a range where they vary by
-    tensor), lambda, normalize, the sparsify method with density (gamma, seed, rescale where they apply), and
-    sign consensus. Empty when no job is a task-arithmetic one."""
-    ops = [j.op for j in jobs if j.op.kind == "task_arithmetic"]
-    if not ops:
-        return []
-    sfts = ops[0].inputs[1:]
-    scales = ", ".join(f"{_spread(op.params['weights'][i] for op in ops)} ({_who(k, inputs)})"
-                       for i, k in enumerate(sfts))
-    lines = [f"scale{'s' if len(sfts) > 1 else ''}: {scales}"]
-    lams = {float(op.params.get("lam", 1.0)) for op in ops}
-    if lams != {1.0}:
-        lines.append(f"lambda (multiplies the summed deltas): {_spread(lams)}")
-    if any(op.params.get("normalize") for op in ops):
-        lines.append("normalize: the sum is divided by the sum of the scales of the deltas kept per entry")
-    sparse = [op.params["sparsify"] for op in ops if op.params.get("sparsify")]
-    if not sparse:
-        lines.append("sparsify: none (whole deltas are added)")
-    else:
-        method = sparse[0]["method"]
-        where = "" if len(sparse) == len(ops) else f" on {len(sparse)} of {len(ops)} tensors (whole deltas elsewhere)"
-        parts = [f"sparsify: {_SPARSIFY.get(method, method)}{where}", f"density {_per_sft(sparse, 'density')}"]
-        if method == "breadcrumbs":
-            parts.append(f"gamma {_per_sft(sparse, 'gamma')}")
-        if method == "random":
-            parts.append(f"seed {_spread(sp.get('seed', 0) for sp in sparse)}")
-        rescale = {str(sp.get("rescale", True)) for sp in sparse}
-        if method == "random" or rescale != {"True"}:
-            words = {"True": "survivors divided by the density", "l1": "each delta's L1 norm restored",
-                     "False": "not rescaled"}
-            parts.append("; ".join(words.get(r, r) for r in sorted(rescale)))
-        lines.append(", ".join(parts))
-    consensus = {op.params.get("sign_consensus") for op in ops}
-    lines.append("sign consensus: " + ", ".join(_CONSENSUS.get(c, c) if c else "none" for c in sorted(
-        consensus, key=str)))
+    """The settings a plan's merge operations use, in words (each method's ``settings``: task arithmetic's
+    scales, lambda, normalize, sparsify, sign consensus); empty when none has any."""
+    def who(key: str) -> str:
+        model = inputs.get(key)
+        return f"SFT {model.ref}" if model is not None else key
+
+    by_kind: dict[str, list] = {}
+    for j in jobs:
+        by_kind.setdefault(j.op.kind, []).append(j.op)
+    lines: list[str] = []
+    for kind, ops in by_kind.items():
+        spec = registry.for_kind(kind)
+        if spec is not None:
+            lines += spec.settings(ops, who)
     return lines
-
-
-def _who(key: str, inputs: dict) -> str:
-    model = inputs.get(key)
-    return f"SFT {model.ref}" if model is not None else key
-
-
-def _spread(values) -> str:
-    """One value, or the range a per-tensor value takes."""
-    vals = sorted({float(v) for v in values})
-    return f"{vals[0]:g}" if len(vals) == 1 else f"{vals[0]:g}..{vals[-1]:g} across tensors"
-
-
-def _per_sft(sparse: list[dict], key: str) -> str:
-    """A sparsify number given once or per fine-tune (tuples), spread over the tensors."""
-    values = [sp.get(key) for sp in sparse]
-    if all(isinstance(v, (list, tuple)) for v in values):
-        n = len(values[0])
-        per = [_spread(v[i] for v in values) for i in range(n)]
-        return per[0] if len(set(per)) == 1 else "/".join(per) + " (per model)"
-    return _spread(values)

@@ -67,3 +67,23 @@ def test_cli_inspect_prints_the_table_and_writes_nothing_else(pairs, tmp_path):
     assert sorted(p.name for p in sft.iterdir()) == before
     missing = CliRunner().invoke(main, ["inspect", "--sft", str(tmp_path / "nope"), "--base", str(base)])
     assert missing.exit_code == 2 and missing.output.startswith("error: ") and "nope" in missing.output
+
+
+def test_inspect_predicts_exactly_the_branch_and_angle_the_merge_takes(tmp_path):
+    """inspect computes SLERP statistics with the merge's kernel function, on one intra-op thread like the
+    executor's workers, so its prediction is the merge's to the bit, also near the |cos| threshold (a tensor
+    of several 2**17-element blocks, |cos| = 0.99955 against the threshold 0.9995)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(600, 1000, generator=g)
+    for name, w in (("base", base), ("sft", base + 0.03 * torch.randn(600, 1000, generator=g))):
+        (tmp_path / name).mkdir()
+        save_file({"model.layers.0.mlp.up_proj.weight": w}, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    predicted = merge.inspect(str(tmp_path / "sft"), str(tmp_path / "base"), t=0.3).tensors[0].slerp
+    summary = merge.merge("slerp", sft=tmp_path / "sft", base=tmp_path / "base", t=0.3, out=tmp_path / "o")
+    assert abs(math.cos(math.radians(predicted.angle)) - 0.9995) < 1e-4
+    assert (summary.spherical, summary.max_angle) == (int(predicted.spherical), predicted.angle)

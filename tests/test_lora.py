@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import merge
 from merge.cli import main
 from merge.io.lora import LoraAdapter
-from merge.methods import slerp as slerp_fn
+from merge.methods.reference import slerp as slerp_fn
 from tests.checkpoints import make_model
 from tests.helpers import load_logits, load_tensors
 

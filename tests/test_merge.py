@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import merge
-from merge.methods import slerp as slerp_fn
+from merge.methods.reference import slerp as slerp_fn
 from tests.helpers import file_bytes, index, load_logits, load_tensors
 
 
@@ -220,9 +220,10 @@ def test_a_memory_budget_too_small_is_a_one_line_error(pairs, tmp_path):
 
 def test_a_tight_memory_budget_uses_fewer_workers_and_smaller_chunks():
     from merge.execute import fit_memory
-    from merge.plan import Operation, Plan, TensorJob
+    from merge.methods import Slerp
+    from merge.plan import Plan, TensorJob
 
-    op = Operation("slerp", ("sft0", "base"), {"t": 0.3})
+    op = Slerp(("sft0", "base"), t=0.3)
     jobs = [TensorJob(f"w{i}", (4096, 1024), torch.bfloat16, op, 4096 * 1024, "sft0") for i in range(4)]
     plan = Plan(jobs=jobs, shards=[], notes=[])
     roomy = fit_memory(plan, 4, 1 << 20, 512 << 20)

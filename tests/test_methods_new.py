@@ -143,7 +143,8 @@ def test_sce_mask_keeps_the_highest_variance_entries():
 
 
 def test_sce_mask_streams_with_an_exact_rank_cut():
-    from merge.methods.sparsify import rank_cut, top_k_mask
+    from merge.methods.reference import top_k_mask
+    from merge.methods.selection import rank_cut
     base, models = fine_tunes((40, 30), 3, seed=23)
     deltas = torch.stack([m - base for m in models])
     chunks = [deltas[:, i:i + 8] for i in range(0, 40, 8)]

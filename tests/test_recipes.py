@@ -37,11 +37,11 @@ def resolved(text: str, n_layers: int = 4, what: str = "t") -> dict[str, float]:
         if op.kind == "copy":
             out[key] = 0.0
         elif op.kind == "slerp":
-            out[key] = op.params["t"]
+            out[key] = op.t
         elif op.kind == "linear":
-            out[key] = op.params["weights"][1]
+            out[key] = op.weights[1]
         else:
-            out[key] = op.params["weights"][0]
+            out[key] = op.weights[0]
     return {k: round(v, 6) for k, v in out.items()}
 
 
@@ -151,11 +151,12 @@ def test_peak_estimate_reflects_threads_and_chunks(pairs):
 
 def _plan(base, sft):
     from merge.io.checkpoint import Checkpoint
-    from merge.plan import Operation, make_plan
+    from merge.methods import Linear
+    from merge.plan import make_plan
 
     models = {"sft0": Checkpoint(sft, "SFT"), "base": Checkpoint(base, "base")}
     return make_plan(models, {"sft0": "SFT", "base": "base"}, "sft0",
-                     lambda n: Operation("linear", ("sft0", "base"), {"weights": (0.5, 0.5)}), None, 1 << 30)
+                     lambda n: Linear(("sft0", "base"), (0.5, 0.5)), None, 1 << 30)
 
 
 def test_convert_slerp_flips_t_and_keeps_non_layer_tensors_at_the_first_value(pairs, tmp_path):

@@ -182,7 +182,7 @@ def test_mergekit_gradients_run_over_each_modules_layers(pairs):
     recipe = parse_text(f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {sft}\n"
                         "parameters:\n  t: [0.0, 1.0]\n")
     op_for = operations_for(recipe, structure)
-    t = {n: op_for(n).params["t"] for n in ("vision_tower.encoder.layers.1.mlp.fc1.weight",
+    t = {n: op_for(n).t for n in ("vision_tower.encoder.layers.1.mlp.fc1.weight",
                                              "vision_tower.encoder.layers.2.mlp.fc1.weight",
                                              "language_model.model.layers.1.mlp.up_proj.weight",
                                              "multi_modal_projector.linear_1.weight", "language_model.lm_head.weight")}

@@ -10,7 +10,7 @@ import yaml
 
 import merge
 from merge.errors import InputError
-from merge.methods import slerp as slerp_fn
+from merge.methods.reference import slerp as slerp_fn
 from tests.checkpoints import perturb, save_tokenizer, tiny_config
 from tests.helpers import load_tensors
 

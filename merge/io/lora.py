@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..methods import registry
+from ..methods.base import Copy, Operation
 from ..tensor_names import group_of
 from .checkpoint import BinFile, Checkpoint, read_json
 from .quantized import open_checkpoint
@@ -234,7 +236,8 @@ class LoraAdapter:
         if a.shape[0] != r or b.shape[1] != r:
             raise self._fail(f"{a_key!r} has rank {a.shape[0]} but {ADAPTER_CONFIG} says r={r} for {module!r}")
         name = self._base_name(module, "weight", a_key)
-        base_shape = self.file.tensors[self.replaced[name]].shape if name in self.replaced else self.base.info(name).shape
+        base_shape = (self.file.tensors[self.replaced[name]].shape if name in self.replaced
+                      else self.base.info(name).shape)
         transposed = embedding or self.fan_in_fan_out or self.base.config.get("model_type") in CONV1D_MODEL_TYPES
         want = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
         if tuple(base_shape) != want:
@@ -395,7 +398,8 @@ class LoraAdapter:
 
 
 def adapter_notes(method: str, models: dict) -> list[str]:
-    """Summary notes saying what a merge with LoRA inputs computes."""
+    """Summary notes saying what a merge with LoRA inputs computes (each method's ``lora_note``)."""
+    spec = registry.get(method) if method in registry.names() else None
     notes = []
     for model in models.values():
         if not isinstance(model, LoraAdapter):
@@ -404,29 +408,19 @@ def adapter_notes(method: str, models: dict) -> list[str]:
         if model.use_dora:
             notes.append(f"{model.role}: DoRA tensors are materialised as m * V / ||V|| with V = W_base + s*B@A "
                          "(norm per output feature), then merged")
-        elif method in ("linear", "task_arithmetic"):
-            what = "W_base + (1-t)*s*B@A" if method == "linear" else "W_base + scale_i*s*B@A"
-            notes.append(f"{model.role}: for LoRA-targeted tensors this {method.replace('_', ' ')} merge is exactly "
-                         f"{what}, computed tensor by tensor without materialising the merged model")
-        elif method == "slerp":
-            notes.append(f"{model.role}: SLERP runs on the materialised W_base + s*B@A of each targeted tensor")
+        elif spec is not None and spec.lora_note:
+            notes.append(f"{model.role}: {spec.lora_note}")
     return notes
 
 
-INTERPOLATIONS = ("linear", "slerp", "task_arithmetic")
-
-
-def copy_when_unchanged(models: dict, op, name: str):
+def copy_when_unchanged(models: dict, op: Operation, name: str) -> Operation:
     """The base's tensor as a plain copy when every input of ``op`` equals it (LoRA leaves the tensor alone).
 
-    Interpolations and task arithmetic of identical tensors give that tensor back; copying it costs no
-    arithmetic and keeps it bit-exact. Unnormalised linear weights not summing to 1 are left alone.
+    Operations that give equal inputs back (``Operation.preserves_equal_inputs``: interpolations, task
+    arithmetic; not unnormalised linear weights summing to other than 1) cost no arithmetic then and stay
+    bit-exact.
     """
-    from ..plan import Operation
-
-    if op.kind not in INTERPOLATIONS:
-        return op
-    if op.kind == "linear" and not op.params.get("normalize") and abs(sum(op.params["weights"]) - 1) > 1e-9:
+    if isinstance(op, Copy) or not op.preserves_equal_inputs():
         return op
     adapters = [k for k in op.inputs if isinstance(models[k], LoraAdapter)]
     if not adapters or any(models[k].changes(name) for k in adapters):
@@ -435,4 +429,4 @@ def copy_when_unchanged(models: dict, op, name: str):
     plain = [k for k in op.inputs if k not in adapters]
     if len(bases) != 1 or any(Path(models[k].path).resolve() not in bases or name not in models[k] for k in plain):
         return op
-    return Operation("copy", (plain[0] if plain else adapters[0],))
+    return Copy((plain[0] if plain else adapters[0],))

@@ -303,52 +303,13 @@ def fp8_output_block(models: dict, primary: str) -> tuple[int, int]:
     return DEFAULT_BLOCK
 
 
-def _quantised_in_input(job, models: dict) -> bool:
+def quantised_in_input(job, models: dict) -> bool:
+    """Whether an input of ``job`` stores its tensor FP8-quantised."""
     for key in dict.fromkeys(job.op.inputs + (job.primary,)):
         d = dequantised_of(models[key])
         if d is not None and d.is_quantised(job.source_name(key)):
             return True
     return False
-
-
-def fp8_output_plan(plan, models: dict, primary: str, max_shard_size: int):
-    """``plan`` with its FP8 weights written as float8_e4m3fn codes followed by their float32 ``_scale_inv``.
-
-    The weights written FP8 are those an input stores FP8 (the same layout back); with no FP8 input, every
-    2-D ``.weight`` outside the embeddings and lm_head (DeepSeek-V3's choice). Each code job carries
-    ``fp8_block``; its scale tensor is an ``fp8_scales`` job computing the same merged values' block maxima.
-    """
-    from dataclasses import replace as update
-
-    from ..plan import Operation, Plan, TensorJob
-    from ..tensor_names import group_of
-    from .writer import PlannedTensor, layout_shards
-
-    block = fp8_output_block(models, primary)
-    any_fp8 = any(dequantised_of(m) is not None for m in models.values())
-    jobs, count = [], 0
-    for job in plan.jobs:
-        chosen = (_quantised_in_input(job, models) if any_fp8 else
-                  job.name.endswith(".weight") and group_of(job.name) not in ("embed", "lm_head"))
-        if not (chosen and len(job.shape) == 2 and job.out_dtype.is_floating_point
-                and job.merged_numel == job.numel):
-            jobs.append(job)
-            continue
-        op = job.op if job.op.kind != "copy" else Operation("linear", job.op.inputs, {"weights": [1.0]})
-        weight = update(job, out_dtype=torch.float8_e4m3fn,
-                        op=Operation(op.kind, op.inputs, {**op.params, "fp8_block": block}))
-        grid = scale_shape(job.shape, block)
-        reads = {k: job.source_name(k) for k in dict.fromkeys(op.inputs + (job.primary,))}
-        scales = TensorJob(job.name + SCALE_SUFFIX, grid, torch.float32,
-                           Operation("fp8_scales", op.inputs, {"weight": weight}), grid[0] * grid[1],
-                           job.primary, reads)
-        jobs += [weight, scales]
-        count += 1
-    planned = [PlannedTensor(j.name, j.out_dtype, j.shape) for j in jobs]
-    note = (f"--dtype fp8: {count} weight(s) written as FP8 block-scaled ({block[0]}x{block[1]}): "
-            f"scale_inv = amax(|block|)/448 of the merged float32 values, code = W/scale_inv as float8_e4m3fn; "
-            "other floating tensors as bfloat16")
-    return Plan(jobs, layout_shards(planned, max_shard_size), list(plan.notes) + [note])
 
 
 def fp8_config(models: dict, primary: str) -> dict:

@@ -1,32 +1,47 @@
-"""Merge math: small pure functions on tensors, one concern each, composable (sparsify -> combine).
+"""Merge math: small pure functions on tensors, one concern each, composable (prune -> elect -> combine),
+and one module per method binding them to the rest of the package (see :mod:`.registry`).
 
-No I/O here. Functions that take ``out=`` may write their result into a caller-owned buffer, which is how
-the executor reuses memory; called without it they allocate and leave their inputs untouched.
+Functions that take ``out=`` may write their result into a caller-owned buffer, which is how the executor
+reuses memory; called without it they allocate and leave their inputs untouched. Whole-tensor reference
+implementations (the tests' oracle) are in :mod:`.reference`, not exported here.
 """
 
-from .linear import lerp, linear, linear_sum_then_divide
-from .slerp import SlerpCoefficients, slerp, slerp_coefficients, slerp_partial_sums
-from .sparsify import RankCut, breadcrumbs_mask, dare_mask, kth_largest, magnitude_mask, rank_cut, rank_cuts, top_k_mask, trim_
-from .task_arithmetic import sign_consensus_mask, task_arithmetic, task_arithmetic_mergekit
+from .base import Copy, MethodSpec, Operation
+from .linear import Linear, linear, linear_sum_then_divide
+from .selection import RankCut, rank_cut, rank_cuts
+from .slerp import Slerp, SlerpCoefficients, slerp_coefficients, slerp_partial_sums, slerp_statistics
+from .sparsify import dare_keep, dare_mask, trim_
+from .task_arithmetic import (
+                              Sparsification,
+                              TaskArithmetic,
+                              elect_signs_mergekit,
+                              sign_consensus_mask,
+                              task_arithmetic,
+                              task_arithmetic_mergekit,
+)
 
 __all__ = [
+    "Copy",
+    "Linear",
+    "MethodSpec",
+    "Operation",
     "RankCut",
-    "rank_cut",
-    "rank_cuts",
-    "top_k_mask",
-    "trim_",
+    "Slerp",
     "SlerpCoefficients",
-    "breadcrumbs_mask",
+    "Sparsification",
+    "TaskArithmetic",
+    "dare_keep",
     "dare_mask",
-    "kth_largest",
-    "lerp",
+    "elect_signs_mergekit",
     "linear",
     "linear_sum_then_divide",
-    "magnitude_mask",
+    "rank_cut",
+    "rank_cuts",
     "sign_consensus_mask",
-    "slerp",
     "slerp_coefficients",
     "slerp_partial_sums",
+    "slerp_statistics",
     "task_arithmetic",
     "task_arithmetic_mergekit",
+    "trim_",
 ]

@@ -26,7 +26,7 @@ apply pass (a generator re-seeded per chunk). Chunked draws keep the distributio
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

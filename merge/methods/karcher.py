@@ -22,7 +22,7 @@ This module gives the whole-tensor reference; the Gram form is :func:`karcher_co
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -19,7 +19,7 @@ rounding only. ``filter_wise``: every statistic is per row, so a chunk of whole 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

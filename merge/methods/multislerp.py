@@ -21,7 +21,7 @@ the whole-tensor function to float32 rounding (the rounding noise mergekit's tan
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

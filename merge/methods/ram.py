@@ -20,7 +20,7 @@ counts per model (``ram_counts`` per chunk, summed: exact), then the elementwise
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -23,7 +23,7 @@ go by flat position instead of topk's order); step 2 needs one pass of per-model
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .linear import linear
+from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
+from .linear import INTERPOLATION_LEGEND, InterpolationParams, check_interpolation, linear
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -69,11 +72,114 @@ def slerp_coefficients(dot: float, sq_from: float, sq_to: float, t: float,
     return SlerpCoefficients(a, b, True, math.degrees(theta))
 
 
-def slerp(w_from: torch.Tensor, w_to: torch.Tensor, t: float, out: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, SlerpCoefficients]:
-    """Whole-tensor SLERP on the raw (unnormalised) tensors: ``a * W_from + b * W_to``.
+def slerp_statistics(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, float]:
+    """``(x.y, x.x, y.y)`` over the chunk pairs of a walk over two tensors (see :func:`slerp_partial_sums`):
+    the statistics the executor, the in-place sweep model and ``inspect`` all compute this way."""
+    acc = None
+    for x, y in pairs:
+        acc = slerp_partial_sums(x, y, acc)
+    return (0.0, 0.0, 0.0) if acc is None else tuple(acc.tolist())
 
-    For recovery, ``W_from`` is the SFT tensor and ``W_to`` the base, so ``t`` is the share of the base.
-    """
-    c = slerp_coefficients(*slerp_partial_sums(w_from, w_to).tolist(), t)
-    return linear([w_from, w_to], [c.a, c.b], out=out), c
+
+# -- the method: operation, kernel, recipe and mergekit bindings ----------------------------------------------
+@dataclass(frozen=True)
+class Slerp(Operation):
+    """SLERP from ``inputs[0]`` (t=0) to ``inputs[1]`` (t=1); ``zero_norm``: see :func:`slerp_coefficients`."""
+
+    kind: ClassVar[str] = "slerp"
+    t: float = 0.0
+    zero_norm: str = "linear"
+    working_dtype: str | None = None
+
+    def preserves_equal_inputs(self) -> bool:
+        return True
+
+
+def coefficients(op: Slerp, sums: tuple[float, float, float]) -> SlerpCoefficients:
+    """``op``'s coefficients from the statistics of its two inputs."""
+    return slerp_coefficients(*sums, float(op.t), zero_norm=op.zero_norm)
+
+
+def combine(c: SlerpCoefficients, xs: list[torch.Tensor]) -> torch.Tensor:
+    """One chunk: ``a * from + b * to`` (scaled in place, result in ``xs[0]``)."""
+    return linear(xs, [c.a, c.b], out=xs[0], scratch=True)
+
+
+class SlerpKernel(KernelBase):
+    """A statistics pass over the stored inputs (float64 partial sums, exact for any float), then
+    ``a * from + b * to`` per chunk; reports the coefficients (branch and angle)."""
+
+    statistic = "slerp"
+
+    def passes(self, op):
+        return 1
+
+    def prepare(self, job, reader):
+        return coefficients(job.op, slerp_statistics(reader.passes(stored=True)()))
+
+    def apply(self, job, xs, state, chunk, reader):
+        return combine(state, xs)
+
+    def report(self, state):
+        return state
+
+
+def _plan(recipe, values, name: str) -> Planned:
+    t = values.t_of(name)
+    if t == 0:
+        return Planned(Copy(("sft0",)), f"{t:g}", t)
+    return Planned(Slerp(("sft0", "base"), t=t), f"{t:g}", t)
+
+
+def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
+    t = resolver.value("t", name)
+    other = next(r for r in recipe.model_refs() if r != recipe.base_model)
+    op = Slerp(("base", recipe.keys()[other]), t=t, zero_norm="unit", working_dtype=recipe.working_dtype or "inputs")
+    return Planned(op, f"{t:g}", 1.0 - t)  # the summary speaks of the share of the base
+
+
+def _check_mergekit(variant, recipe) -> None:
+    if recipe.base_model is None:
+        raise ValueError("base_model: slerp needs base_model (t=0 gives base_model)")
+    refs = recipe.model_refs()
+    if len(refs) != 2:
+        raise ValueError(f"models: slerp takes exactly two models (base_model and one other), got {len(refs)}")
+
+
+def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: list[str]) -> None:
+    other = next(r for r in recipe.model_refs() if r != recipe.base_model)
+    fields.update(method="slerp", base=recipe.base_model, sft=[other], t=chains.value("t", None, lambda v: 1.0 - v))
+    notes.append("slerp of an all-zero tensor: mergekit takes the spherical branch (0.707*x at t=0.5), "
+                 "mergeback falls back to linear")
+
+
+def _report(summary) -> list[str]:
+    if summary.dry_run:
+        return ["slerp: each tensor's angle between the two inputs is computed while merging; nearly "
+                "parallel tensors (|cos| > 0.9995) will be interpolated linearly, the others spherically "
+                "(the merge reports how many took each branch and the largest angle; `merge inspect --t` "
+                "predicts them)"]
+    return [f"slerp: {summary.spherical} tensors took the spherical branch, {summary.linear_fallback} fell "
+            f"back to linear; largest angle {summary.max_angle:.3f} deg"]
+
+
+SPEC = MethodSpec(
+    name="slerp",
+    operation=Slerp,
+    kernel=SlerpKernel(),
+    params=InterpolationParams,
+    check_recipe=check_interpolation,
+    plan=_plan,
+    legend=lambda recipe: INTERPOLATION_LEGEND,
+    describe=lambda t: ("Spherical interpolation per tensor, from the SFT (t=0) towards the base (t=1), on the raw "
+                        "flattened tensors; it falls back to linear interpolation when the two tensors are nearly "
+                        f"parallel (|cos| > 0.9995) or one is ~0. {t}"),
+    report=_report,
+    mergekit=(MergekitVariant("slerp", (ParamSpec("t", "shared", required=True),)),),
+    lora_note="SLERP runs on the materialised W_base + s*B@A of each targeted tensor",
+    plan_mergekit=_plan_mergekit,
+    check_mergekit=_check_mergekit,
+    convert=_convert,
+    mergekit_legend="mergekit t (share of the non-base model: 0 = base_model)",
+    sweepable=True,
+)

@@ -10,10 +10,11 @@ first value; our depth convention puts the final norm and lm_head at the last).
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import InputError
-from .mergekit import TASK_ARITHMETIC_FAMILY, MergekitRecipe, method_params
+from ..methods import registry
+from .mergekit import MergekitRecipe, method_params
 from .schema import Recipe
 
 OUTSIDE_LAYERS = r"^(?!.*(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+(?:\.|$))"
@@ -32,21 +33,15 @@ def convert(recipe: MergekitRecipe) -> tuple[Recipe, list[str]]:
              "output layout, config.json and tokenizer files now come from the (first) SFT; mergekit takes them "
              "from base_model (tensor values are the same)"]
     chains = _Chains(recipe, problems)
-    method = recipe.merge_method
+    spec, variant = registry.for_mergekit(recipe.merge_method)
     fields: dict = {"dtype": recipe.output_dtype}
     if recipe.working_dtype not in (None, "float32", "float64"):
         notes.append(f"mergekit rounds inputs to dtype {recipe.working_dtype} (and computes task arithmetic in it); "
                      "mergeback's format computes in float32: results differ by that rounding")
-    if method == "slerp":
-        other = next(r for r in recipe.model_refs() if r != recipe.base_model)
-        fields.update(method="slerp", base=recipe.base_model, sft=[other],
-                      t=chains.value("t", None, lambda v: 1.0 - v))
-        notes.append("slerp of an all-zero tensor: mergekit takes the spherical branch (0.707*x at t=0.5), "
-                     "mergeback falls back to linear")
-    elif method == "linear":
-        _linear(recipe, chains, fields, problems)
+    if spec.convert is None:
+        problems.append(f"merge_method {variant.name} (mergeback's format has no equivalent)")
     else:
-        _task_arithmetic(recipe, chains, fields, problems, notes)
+        spec.convert(variant, recipe, chains, fields, problems, notes)
     if problems:
         raise InputError("cannot express this mergekit recipe in mergeback's format: " + "; ".join(problems)
                          + " (run it as is with `merge run`)")
@@ -79,67 +74,6 @@ def convert_text(recipe: MergekitRecipe) -> str:
     """The converted recipe as YAML, the notes as comments on top."""
     ours, notes = convert(recipe)
     return "".join(f"# {n}\n" for n in notes) + ours.to_yaml()
-
-
-def _linear(recipe: MergekitRecipe, chains, fields: dict, problems: list[str]) -> None:
-    refs = recipe.model_refs()
-    if recipe.base_model is None or len(refs) != 2:
-        problems.append("linear over models other than base_model plus exactly one other model (our linear "
-                        "interpolates one SFT with its base; name the base with base_model)")
-        return
-    other = next(r for r in refs if r != recipe.base_model)
-    w_base, w_other = chains.scalar("weight", recipe.base_model), chains.scalar("weight", other)
-    normalize = chains.scalar("normalize", None)
-    if w_base is None or w_other is None or normalize is None:
-        problems.append("linear with per-tensor weights or normalize (gradients/filters): t = w_base / "
-                        "(w_base + w_other) is not a rule of its own")
-        return
-    if normalize:
-        if w_base + w_other == 0:
-            problems.append("linear weights summing to 0")
-            return
-        t = w_base / (w_base + w_other)
-    elif abs(w_base + w_other - 1) < 1e-12:
-        t = w_base
-    else:
-        problems.append(f"linear with normalize: false and weights summing to {w_base + w_other:g} (not 1)")
-        return
-    fields.update(method="linear", base=recipe.base_model, sft=[other], t=t)
-
-
-def _task_arithmetic(recipe: MergekitRecipe, chains, fields: dict, problems: list[str], notes: list[str]) -> None:
-    sparsify, consensus, _, _ = TASK_ARITHMETIC_FAMILY[recipe.merge_method]
-    others = [r for r in recipe.model_refs() if r != recipe.base_model]
-    lam = chains.scalar("lambda", None)
-    normalize = chains.scalar("normalize", None)
-    rescale = chains.scalar("rescale", None)
-    if lam is None or normalize is None or rescale is None:
-        problems.append("per-tensor lambda/normalize/rescale (gradients or filters)")
-        return
-    if normalize and lam != 1:
-        problems.append(f"lambda {lam:g} together with normalize: true")
-        return
-    factor = 1.0 if normalize else lam
-    sfts = [{"model": r, "scale": chains.value("weight", r, lambda v, f=factor: f * v)} for r in others]
-    fields.update(method="task_arithmetic", base=recipe.base_model, sft=sfts, normalize=bool(normalize) or None,
-                  sign_consensus="sum" if consensus and len(others) > 1 else None)
-    if sparsify:
-        densities = {chains.scalar("density", r) for r in others}
-        gammas = {chains.scalar("gamma", r) for r in others} if sparsify == "breadcrumbs" else {0.01}
-        if None in densities or len(densities) != 1 or None in gammas or len(gammas) != 1:
-            problems.append("densities (or gammas) that differ between models or across tensors: our sparsify has "
-                            "one density and gamma for every SFT")
-            return
-        (density,), (gamma,) = densities, gammas
-        if density < 1:
-            fields["sparsify"] = {"method": sparsify, "density": density, "rescale": "l1" if rescale else False}
-            if sparsify == "breadcrumbs":
-                fields["sparsify"]["gamma"] = gamma
-            if sparsify == "random":
-                fields["sparsify"]["seed"] = recipe.options.seed
-            if sparsify == "random":
-                notes.append("DARE masks come from a different random generator than mergekit's: same "
-                             "distribution, different entries")
 
 
 class _Chains:

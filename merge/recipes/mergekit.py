@@ -11,24 +11,18 @@ In these recipes ``t`` is mergekit's: the share of the *non-base* model (slerp `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 from ..errors import InputError
+from ..methods import registry
+from ..methods.base import ParamSpec
 from ..tensor_names import Structure
+from .yaml_source import model_keys
 
-# method -> (sparsification, consensus, default normalize, default rescale)
-TASK_ARITHMETIC_FAMILY = {
-    "task_arithmetic": (None, None, False, False),
-    "ties": ("magnitude", "sum", True, False),
-    "dare_linear": ("random", None, False, True),
-    "dare_ties": ("random", "sum", False, True),
-    "breadcrumbs": ("breadcrumbs", None, False, False),
-    "breadcrumbs_ties": ("breadcrumbs", "sum", False, False),
-}
-SUPPORTED = ("linear", "slerp", *TASK_ARITHMETIC_FAMILY)
+SUPPORTED = registry.mergekit_names()
 KNOWN_UNSUPPORTED = ("della", "della_linear", "model_stock", "nuslerp", "passthrough", "karcher", "sce",
                      "multislerp", "nearswap", "arcee_fusion", "task_adapter")
 DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "float64": "float64",
@@ -39,27 +33,10 @@ TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "modules", "param
              "tokenizer_source", "tokenizer", "chat_template", "mergeback")
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    scope: str  # shared | input | non_base
-    default: Any = None
-    required: bool = False
-
-
 def method_params(method: str) -> list[ParamSpec]:
     """The parameters mergekit reads for ``method`` (all others are ignored, as mergekit does)."""
-    if method == "linear":
-        return [ParamSpec("weight", "input", required=True), ParamSpec("normalize", "shared", True)]
-    if method == "slerp":
-        return [ParamSpec("t", "shared", required=True)]
-    sparsify, _, normalize, rescale = TASK_ARITHMETIC_FAMILY[method]
-    specs = [ParamSpec("weight", "non_base", required=True), ParamSpec("density", "non_base", 1.0),
-             ParamSpec("lambda", "shared", 1.0), ParamSpec("normalize", "shared", normalize),
-             ParamSpec("rescale", "shared", rescale), ParamSpec("int8_mask", "shared", False)]
-    if sparsify == "breadcrumbs":
-        specs.append(ParamSpec("gamma", "non_base", 0.01))
-    return specs
+    _, variant = registry.for_mergekit(method)
+    return list(variant.params)
 
 
 class _Loose(BaseModel):
@@ -68,27 +45,27 @@ class _Loose(BaseModel):
 
 class MkModel(_Loose):
     model: str
-    parameters: Optional[dict[str, Any]] = None
+    parameters: dict[str, Any] | None = None
 
 
 class MkSource(_Loose):
     model: str
-    layer_range: Optional[tuple[int, int]] = None
-    parameters: Optional[dict[str, Any]] = None
+    layer_range: tuple[int, int] | None = None
+    parameters: dict[str, Any] | None = None
 
 
 class MkSlice(_Loose):
     sources: list[MkSource]
-    base_model: Optional[str] = None
-    parameters: Optional[dict[str, Any]] = None
-    residual_weight: Optional[float] = None
+    base_model: str | None = None
+    parameters: dict[str, Any] | None = None
+    residual_weight: float | None = None
 
 
 class MergebackOptions(BaseModel):
     """Our own settings inside a mergekit file (mergekit ignores this key)."""
 
     model_config = ConfigDict(extra="forbid")
-    out: Optional[str] = None
+    out: str | None = None
     device: str = "auto"
     max_shard_size: str = "5GB"
     seed: int = 0
@@ -98,17 +75,17 @@ class MergekitRecipe(_Loose):
     """A mergekit YAML config; ``input_refs``/``primary``/``pinned``/``to_yaml`` are what ``merge.run`` uses."""
 
     merge_method: str
-    base_model: Optional[str] = None
-    models: Optional[list[MkModel]] = None
-    slices: Optional[list[MkSlice]] = None
-    modules: Optional[dict[str, Any]] = None
-    parameters: Optional[dict[str, Any]] = None
-    dtype: Optional[str] = None
-    out_dtype: Optional[str] = None
-    tokenizer_source: Optional[str] = None
-    tokenizer: Optional[dict[str, Any]] = None
-    chat_template: Optional[str] = None
-    mergeback: Optional[MergebackOptions] = None
+    base_model: str | None = None
+    models: list[MkModel] | None = None
+    slices: list[MkSlice] | None = None
+    modules: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: dict[str, Any] | None = None
+    chat_template: str | None = None
+    mergeback: MergebackOptions | None = None
     _source_text: str = PrivateAttr("")
     _lines: dict = PrivateAttr(default_factory=dict)
 
@@ -179,15 +156,8 @@ class MergekitRecipe(_Loose):
                                  "(mergekit refuses duplicate merge inputs)")
             first[ref] = path
         refs = self.model_refs()
-        method = self.merge_method
-        if method == "slerp":
-            if self.base_model is None:
-                raise ValueError("base_model: slerp needs base_model (t=0 gives base_model)")
-            if len(refs) != 2:
-                raise ValueError(f"models: slerp takes exactly two models (base_model and one other), got "
-                                 f"{len(refs)}")
-        elif method in TASK_ARITHMETIC_FAMILY and self.base_model is None:
-            raise ValueError(f"base_model: {method} needs base_model (the model the deltas are taken from)")
+        spec, variant = registry.for_mergekit(self.merge_method)
+        spec.check_mergekit(variant, self)
         if not refs:
             raise ValueError("models: give at least one model")
 
@@ -256,6 +226,11 @@ class MergekitRecipe(_Loose):
         """mergekit's ``dtype``: inputs are cast to it before merging (None: the inputs' own dtype)."""
         return DTYPE_NAMES[self.dtype.removeprefix("torch.")] if self.dtype else None
 
+    @classmethod
+    def known_keys(cls) -> set[str]:
+        """Every key of mergekit's format we read, at any nesting level (for suggestions)."""
+        return model_keys(cls)
+
     def unknown_keys(self) -> list[str]:
         """Keys mergekit would silently ignore (listed as warnings)."""
         found = [k for k in (self.model_extra or {})]
@@ -266,12 +241,12 @@ class MergekitRecipe(_Loose):
             found += [f"models.{i}.{k}" for k in (m.model_extra or {})]
         return found
 
-    def with_options(self, **updates) -> "MergekitRecipe":
+    def with_options(self, **updates) -> MergekitRecipe:
         """A copy with mergeback options (out, device, max_shard_size, seed) replaced."""
         opts = self.options.model_copy(update={k: v for k, v in updates.items() if v is not None})
         return self.model_copy(update={"mergeback": opts if opts != MergebackOptions() else None})
 
-    def pinned(self, refs: dict[str, str]) -> "MergekitRecipe":
+    def pinned(self, refs: dict[str, str]) -> MergekitRecipe:
         """The recipe with every model reference replaced by its pinned form (key -> ref), and no out."""
         keys = self.keys()
         swap = {ref: refs[key] for ref, key in keys.items()}
@@ -417,7 +392,7 @@ class TensorPosition:
 class Resolver:
     """Parameter values per tensor and input, with mergekit's precedence and gradient positions."""
 
-    def __init__(self, recipe: MergekitRecipe, n_layers: "int | Structure"):
+    def __init__(self, recipe: MergekitRecipe, n_layers: int | Structure):
         self.recipe = recipe
         self.structure = Structure.coerce(n_layers)
         self.n_layers = n_layers = self.structure.counts["text"]

@@ -8,12 +8,14 @@ the t (share of the base) handed out, for the summary.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import InputError
-from ..plan import Operation
+from ..methods import registry
+from ..methods.base import Operation, Planned
 from ..tensor_names import Structure
-from .mergekit import TASK_ARITHMETIC_FAMILY, MergekitRecipe, Resolver
+from .convert import OUTSIDE_LAYERS
+from .mergekit import MergekitRecipe, Resolver
 from .schema import BottomKSchedule, LinesSchedule, Recipe
 from .values import matches, value_for
 
@@ -21,16 +23,18 @@ from .values import matches, value_for
 class OpBuilder:
     """Per-tensor operations plus what the plan table shows for each tensor."""
 
-    def __init__(self, build: Callable[[str], tuple[Operation, str]], legend: str):
+    def __init__(self, build: Callable[[str], Planned], legend: str):
         self._build = build
         self.legend = legend
         self.t_values: list[float] = []
         self._described: dict[str, str] = {}
 
     def __call__(self, name: str) -> Operation:
-        op, text = self._build(name)
-        self._described[name] = text
-        return op
+        planned = self._build(name)
+        if planned.t is not None:
+            self.t_values.append(planned.t)
+        self._described[name] = planned.text
+        return planned.op
 
     def describe(self, name: str) -> str:
         if name not in self._described:
@@ -41,7 +45,7 @@ class OpBuilder:
         return iter((self, self.t_values))
 
 
-def operations_for(recipe, n_layers: "int | Structure") -> OpBuilder:
+def operations_for(recipe, n_layers: int | Structure) -> OpBuilder:
     """The per-tensor operations of ``recipe`` (ours or mergekit's) for a model of structure ``n_layers``
     (a :class:`~merge.tensor_names.Structure`, or the layer count of a single-stack model)."""
     if isinstance(recipe, MergekitRecipe):
@@ -50,7 +54,7 @@ def operations_for(recipe, n_layers: "int | Structure") -> OpBuilder:
 
 
 # -- our format ----------------------------------------------------------------------------------------------
-def delta_scale(schedule, name: str, n_layers: "int | Structure") -> float | None:
+def delta_scale(schedule, name: str, n_layers: int | Structure) -> float | None:
     """The share of the delta a preset keeps for ``name``; None where the preset leaves it to ``t``/``scale``.
 
     Counted per stack (a vision tower and a text decoder each have their own L). lines: layer l of L
@@ -84,15 +88,15 @@ def _rule_value(rules, name: str, n_layers: int) -> float | None:
     return None
 
 
-def our_operations(recipe: Recipe, n_layers: "int | Structure") -> OpBuilder:
-    """Operations of our recipe format (t = share of the base), presets expanded per tensor."""
-    sft_keys = tuple(f"sft{i}" for i in range(len(recipe.sft)))
-    schedule = recipe.schedule
-    n_layers = Structure.coerce(n_layers)
-    if isinstance(schedule, BottomKSchedule) and schedule.k > n_layers.max_layers:
-        raise InputError(f"schedule.k: {schedule.k} is more than the model's {n_layers.max_layers} layers")
+class OurValues:
+    """Per-tensor values of our recipe format, for the methods' ``plan``: ``t_of`` (share of the base, presets
+    expanded) and ``delta_weights`` (each SFT's scale times the preset's share of the delta)."""
 
-    def t_of(name: str) -> float:
+    def __init__(self, recipe: Recipe, n_layers: int | Structure):
+        self.recipe, self.n_layers = recipe, n_layers
+
+    def t_of(self, name: str) -> float:
+        recipe, schedule, n_layers = self.recipe, self.recipe.schedule, self.n_layers
         lam = delta_scale(schedule, name, n_layers)
         if isinstance(schedule, LinesSchedule):
             override = _rule_value(recipe.t, name, n_layers) if recipe.t is not None else None
@@ -101,91 +105,38 @@ def our_operations(recipe: Recipe, n_layers: "int | Structure") -> OpBuilder:
             return 1.0 - lam
         return _number(recipe.t, "t", name, n_layers)
 
-    def build(name: str):
-        if recipe.method in ("linear", "slerp"):
-            t = t_of(name)
-            builder.t_values.append(t)
-            if t == 0:
-                return Operation("copy", ("sft0",)), f"{t:g}"
-            if recipe.method == "linear":
-                return Operation("linear", ("sft0", "base"), {"weights": (1.0 - t, t)}), f"{t:g}"
-            return Operation("slerp", ("sft0", "base"), {"t": t}), f"{t:g}"
-        lam = delta_scale(schedule, name, n_layers)
+    def delta_weights(self, name: str) -> tuple[float, ...]:
+        lam = delta_scale(self.recipe.schedule, name, self.n_layers)
         weights = []
-        for i in range(len(recipe.sft)):
-            own = recipe.scale_of(i)
-            scale = 1.0 if own is None else _number(own, f"sft[{i}].scale", name, n_layers)
+        for i in range(len(self.recipe.sft)):
+            own = self.recipe.scale_of(i)
+            scale = 1.0 if own is None else _number(own, f"sft[{i}].scale", name, self.n_layers)
             weights.append(scale if lam is None else scale * lam)
-        params = {"weights": tuple(weights), "sign_consensus": _consensus(recipe.sign_consensus),
-                  "sparsify": recipe.sparsify.model_dump() if recipe.sparsify else None,
-                  "normalize": recipe.normalize}
-        return Operation("task_arithmetic", ("base",) + sft_keys, params), "/".join(f"{w:g}" for w in weights)
-
-    legend = ("t (share of the base: 0 = SFT, 1 = base)" if recipe.method != "task_arithmetic"
-              else "scale of each SFT's delta" + (" (sft0/sft1/...)" if len(sft_keys) > 1 else ""))
-    builder = OpBuilder(build, legend)
-    return builder
+        return tuple(weights)
 
 
-def _consensus(value) -> str | None:
-    if value is True:
-        return "sum"
-    return value or None
+def our_operations(recipe: Recipe, n_layers: int | Structure) -> OpBuilder:
+    """Operations of our recipe format (t = share of the base), presets expanded per tensor."""
+    schedule = recipe.schedule
+    n_layers = Structure.coerce(n_layers)
+    if isinstance(schedule, BottomKSchedule) and schedule.k > n_layers.max_layers:
+        raise InputError(f"schedule.k: {schedule.k} is more than the model's {n_layers.max_layers} layers")
+    spec = registry.get(recipe.method)
+    values = OurValues(recipe, n_layers)
+    return OpBuilder(lambda name: spec.plan(recipe, values, name), spec.legend(recipe))
 
 
 # -- mergekit's format ---------------------------------------------------------------------------------------
-def mergekit_operations(recipe: MergekitRecipe, n_layers: "int | Structure") -> OpBuilder:
+def mergekit_operations(recipe: MergekitRecipe, n_layers: int | Structure) -> OpBuilder:
     """Operations reproducing mergekit 0.1.5 for ``recipe`` (see docs/mergekit-semantics.md).
 
     Every operation carries ``working_dtype`` (mergekit's ``dtype``, or the inputs' own dtype): inputs are
     rounded to it, task-arithmetic math runs in it, and results are rounded to it before the output cast.
     """
     resolver = Resolver(recipe, n_layers)
-    keys = recipe.keys()
-    order = recipe.model_refs()
-    working = recipe.working_dtype or "inputs"
-    method = recipe.merge_method
-
-    def build(name: str):
-        if method == "linear":
-            weights = tuple(resolver.value("weight", name, ref) for ref in order)
-            normalize = resolver.value("normalize", name)
-            params = {"weights": weights, "normalize": normalize, "normalize_after": True,
-                      "working_dtype": working}
-            text = "/".join(f"{w:g}" for w in weights) + ("" if normalize else " (sum)")
-            return Operation("linear", tuple(keys[r] for r in order), params), text
-        if method == "slerp":
-            t = resolver.value("t", name)
-            other = next(r for r in order if r != recipe.base_model)
-            builder.t_values.append(1.0 - t)  # the summary speaks of the share of the base
-            params = {"t": t, "zero_norm": "unit", "working_dtype": working}
-            return Operation("slerp", ("base", keys[other]), params), f"{t:g}"
-        sparsify, consensus, _, _ = TASK_ARITHMETIC_FAMILY[method]
-        others = [r for r in order if r != recipe.base_model]
-        if not others:
-            return Operation("copy", ("base",)), "base"
-        weights = tuple(resolver.value("weight", name, r) for r in others)
-        densities = tuple(resolver.value("density", name, r) for r in others)
-        params = {"weights": weights, "sign_consensus": consensus, "normalize": resolver.value("normalize", name),
-                  "lam": resolver.value("lambda", name), "combine": "mergekit", "working_dtype": working}
-        text = "/".join(f"{w:g}" for w in weights)
-        if sparsify and any(d < 1 for d in densities):
-            gammas = tuple(resolver.value("gamma", name, r) for r in others) if sparsify == "breadcrumbs" \
-                else (0.0,) * len(others)
-            params["sparsify"] = {"method": sparsify, "density": densities, "gamma": gammas,
-                                  "seed": recipe.options.seed,
-                                  "rescale": "l1" if resolver.value("rescale", name) else False}
-            text += " d=" + "/".join(f"{d:g}" for d in densities)
-        return Operation("task_arithmetic", ("base",) + tuple(keys[r] for r in others), params), text
-
-    if method == "linear":
-        legend = "mergekit weight of each model (" + "/".join(order) + ")"
-    elif method == "slerp":
-        legend = "mergekit t (share of the non-base model: 0 = base_model)"
-    else:
-        legend = "mergekit weight of each model's delta (d = density)"
-    builder = OpBuilder(build, legend)
-    return builder
+    spec, variant = registry.for_mergekit(recipe.merge_method)
+    legend = spec.mergekit_legend.format(order="/".join(recipe.model_refs()))
+    return OpBuilder(lambda name: spec.plan_mergekit(variant, recipe, resolver, name), legend)
 
 
 # -- rules that match nothing --------------------------------------------------------------------------------
@@ -225,10 +176,8 @@ def _patterns(recipe):
                         path = where + (param,) + ((i,) if isinstance(setting, list) else ()) + ("filter",)
                         yield path, entry["filter"], substring, "mergekit filters are substrings of tensor names"
         return
-    values = [(("t",), recipe.t), (("scale",), recipe.scale)]
+    values = [((key,), getattr(recipe, key, None)) for key in ("t", "scale")]  # the method's own value fields
     values += [(("sft", i, "scale"), s.scale) for i, s in enumerate(recipe.sft)]
-    from .convert import OUTSIDE_LAYERS
-
     for path, value in values:
         if isinstance(value, list):
             for i, rule in enumerate(value):

@@ -17,80 +17,15 @@
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 
-Number = Annotated[float, Strict()]  # strict: a boolean (t: true) or a string is not a number; an int is
-Gradient = list[Number]
-Int = Annotated[int, Strict()]
-Bool = Annotated[bool, Strict()]
-
-
-class Rule(BaseModel):
-    """One rule of a per-tensor value: tensors matching ``match`` get ``value`` (no match = default)."""
-
-    model_config = ConfigDict(extra="forbid")
-    match: Optional[str] = None
-    value: Union[Number, Gradient]
-
-    @field_validator("match")
-    @classmethod
-    def _pattern(cls, v):
-        if v is not None and v.startswith("re:"):
-            try:
-                re.compile(v[3:])
-            except re.error as e:
-                raise ValueError(f"{v!r} is not a valid regular expression ({e})") from None
-        return v
-
-    @field_validator("value")
-    @classmethod
-    def _finite(cls, v):
-        _check_finite(v)
-        return v
-
-
-Value = Union[Number, Gradient, list[Rule]]
-
-
-def _is_rules(v) -> bool:
-    return isinstance(v, list) and bool(v) and isinstance(v[0], Rule)
-
-
-def _check_finite(v) -> None:
-    for x in v if isinstance(v, list) else [v]:
-        if isinstance(x, float) and not math.isfinite(x):
-            raise ValueError("must be a finite number")
-    if isinstance(v, list) and not v:
-        raise ValueError("must not be empty")
-
-
-class Sparsify(BaseModel):
-    """How each task vector is thinned before it is added (task arithmetic only)."""
-
-    model_config = ConfigDict(extra="forbid")
-    method: Literal["magnitude", "random", "breadcrumbs"]
-    density: Number = Field(gt=0, le=1, description="fraction of each delta's entries kept")
-    gamma: Number = Field(0.01, ge=0, lt=1, description="breadcrumbs: fraction of largest entries dropped")
-    seed: Int = 0
-    rescale: Union[Bool, Literal["l1"]] = Field(
-        True, description="random (DARE): divide survivors by density; l1: restore each delta's L1 norm")
-
-    @model_validator(mode="after")
-    def _band(self):
-        if self.method == "breadcrumbs" and self.gamma + self.density > 1:
-            raise ValueError("breadcrumbs needs gamma + density <= 1")
-        if "gamma" in self.model_fields_set and self.method != "breadcrumbs":
-            raise ValueError(f"gamma: only breadcrumbs drops the largest entries; method {self.method} has no "
-                             "gamma (remove it)")
-        if "seed" in self.model_fields_set and self.method != "random":
-            raise ValueError(f"seed: only method random draws masks; {self.method} is deterministic (remove it)")
-        return self
+from ..errors import InputError
+from ..params import Bool, Int, Number, Rule, Sparsify, Value  # noqa: F401  (Rule, Sparsify, Bool: re-exported)
+from .yaml_source import model_keys, parse_yaml, validate
 
 
 class LinesSchedule(BaseModel):
@@ -110,7 +45,7 @@ class BottomKSchedule(BaseModel):
     k: Int = Field(ge=0)
 
 
-Schedule = Annotated[Union[LinesSchedule, BottomKSchedule], Field(discriminator="preset")]
+Schedule = Annotated[LinesSchedule | BottomKSchedule, Field(discriminator="preset")]
 
 
 class SftModel(BaseModel):
@@ -118,28 +53,50 @@ class SftModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str
-    scale: Optional[Value] = None
+    scale: Value | None = None
 
 
 class Recipe(BaseModel):
-    """A complete, reproducible description of one merge."""
+    """A complete, reproducible description of one merge: the fields every method shares.
+
+    A recipe is one branch of a union keyed by ``method``: validating (``Recipe.model_validate``,
+    ``from_yaml``) gives an instance of the method's own class, ``Recipe`` plus the method's parameter model
+    (``MethodSpec.params``: ``t`` for linear/slerp; ``scale``, ``sparsify``, ``sign_consensus``, ``normalize``
+    for task arithmetic). A field of another method is a one-line error naming the methods that take it.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["linear", "slerp", "task_arithmetic"]
+    method: str = Field(description="a registered method (merge.methods.registry): linear, slerp, task_arithmetic")
     base: str
     sft: list[SftModel]
-    t: Optional[Value] = Field(None, description="share of the base model: 0 = SFT, 1 = base")
-    scale: Optional[Value] = Field(None, description="task arithmetic: default scale of every delta")
-    sparsify: Optional[Sparsify] = None
-    sign_consensus: Union[Bool, Literal["sum", "count"]] = False
-    normalize: Bool = Field(False, description="task arithmetic: divide by the sum of the (kept) scales")
-    schedule: Optional[Schedule] = Field(None, description="a named per-layer preset (lines, bottom_k)")
-    dtype: Optional[Literal["float32", "float16", "bfloat16", "float64", "fp8"]] = None
+    schedule: Schedule | None = Field(None, description="a named per-layer preset (lines, bottom_k)")
+    dtype: Literal["float32", "float16", "bfloat16", "float64", "fp8"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
-    out: Optional[str] = None
+    out: str | None = None
     _lines: dict = PrivateAttr(default_factory=dict)  # key path -> line in the file it was read from
     _source: str = PrivateAttr("recipe")
+
+    @classmethod
+    def model_validate(cls, obj, *args, **kwargs):
+        """Validate ``obj`` as the recipe class of its ``method`` (the union's branch)."""
+        if cls is Recipe and isinstance(obj, dict):
+            branch = _branch(obj.get("method"))
+            if branch is not None:
+                _refuse_foreign_fields(obj, branch)
+                return branch.model_validate(obj, *args, **kwargs)
+            # no or an unknown method: that is the complaint, not the fields some method would take
+            obj = {k: v for k, v in obj.items() if k in Recipe.model_fields or k not in _method_fields()}
+        return super().model_validate(obj, *args, **kwargs)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v):
+        from ..methods import registry  # here, not at the top: `import merge` must not import torch
+
+        if v not in registry.names():
+            raise ValueError(registry.unknown(v))
+        return v
 
     @field_validator("sft", mode="before")
     @classmethod
@@ -147,36 +104,13 @@ class Recipe(BaseModel):
         items = v if isinstance(v, list) else [v]
         return [{"model": x} if isinstance(x, str) else x for x in items]
 
-    @field_validator("t", "scale")
-    @classmethod
-    def _finite(cls, v):
-        if v is not None and not (isinstance(v, list) and v and isinstance(v[0], Rule)):
-            _check_finite(v)
-        return v
-
     @model_validator(mode="after")
     def _method_fields(self):
         if not self.sft:
             raise ValueError("sft: give at least one SFT model")
-        lines = isinstance(self.schedule, LinesSchedule)
-        if self.method in ("linear", "slerp"):
-            if self.t is None and not lines:
-                raise ValueError(f"t: required for method {self.method} (share of the base, 0..1)")
-            if lines and self.t is not None and not _is_rules(self.t):
-                raise ValueError("t: with schedule lines, t may only be rules ({match, value}) that override "
-                                 "the schedule for the tensors they match")
-            if len(self.sft) != 1:
-                raise ValueError(f"sft: method {self.method} takes exactly one SFT model")
-            if (self.scale is not None or self.sparsify is not None or self.sign_consensus
-                    or any(s.scale is not None for s in self.sft) or self.normalize):
-                raise ValueError("scale/sparsify/sign_consensus/normalize: only for method task_arithmetic")
-        else:
-            if self.t is not None:
-                raise ValueError("t: task_arithmetic uses scale (the multiplier of each delta), not t")
-            if self.scale is None and any(s.scale is None for s in self.sft) and self.schedule is None:
-                raise ValueError("scale: give a scale (top level or per SFT) for task_arithmetic")
-            if self.sign_consensus and len(self.sft) < 2:
-                raise ValueError("sign_consensus: needs at least two SFT models")
+        from ..methods import registry
+
+        registry.get(self.method).check_recipe(self)
         return self
 
     # -- the interface merge.run uses (shared with MergekitRecipe) -------------------------------------------
@@ -194,7 +128,7 @@ class Recipe(BaseModel):
         """Model key -> reference, base first (``base`` may be ``auto``)."""
         return {"base": self.base, **{f"sft{i}": s.model for i, s in enumerate(self.sft)}}
 
-    def pinned(self, refs: dict[str, str]) -> "Recipe":
+    def pinned(self, refs: dict[str, str]) -> Recipe:
         """The recipe with inputs named by ``refs`` (key -> pinned reference) and no ``out``."""
         return self.model_copy(update={
             "base": refs["base"],
@@ -204,25 +138,67 @@ class Recipe(BaseModel):
 
     # -- YAML ------------------------------------------------------------------------------------------------
     def to_yaml(self) -> str:
+        """The recipe as YAML: method, base, sft, the method's parameters, then the shared settings."""
         data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-        data = {"method": self.method, **data}
+        head = {"method": self.method, **{k: data.pop(k) for k in ("base", "sft") if k in data}}
+        params = {k: data.pop(k) for k in list(data) if k not in Recipe.model_fields}
+        data = {**head, **params, **data}
         data["sft"] = [s["model"] if set(s) == {"model"} else s for s in data["sft"]]
         return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str, source: str = "recipe") -> "Recipe":
-        """Parse and validate; errors name the key and its line (see :mod:`merge.recipes.loading`)."""
-        from .loading import parse_text
-
-        recipe = parse_text(text, source)
-        if not isinstance(recipe, cls):
+    def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
+        """Parse and validate; errors name the key and its line (see :mod:`merge.recipes.yaml_source`)."""
+        node, data = parse_yaml(text, source)
+        if "merge_method" in data:
             raise ValueError(f"{source}: a mergekit recipe; load it with merge.recipes.load_recipe")
-        return recipe
+        return validate(cls, data, node, source, Recipe.known_keys)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
+    def known_keys(cls) -> set[str]:
+        """Every key of our format, at any nesting level, every method's included (for suggestions)."""
+        from ..methods import registry
+
+        return model_keys(Recipe, *(_branch(n) for n in registry.names())) | {"match", "value", "model", "scale"}
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
         return cls.from_yaml(Path(path).read_text(), str(path))
 
-    def scale_of(self, index: int) -> Value:
-        own = self.sft[index].scale
-        return own if own is not None else self.scale
+
+
+_BRANCHES: dict[object, type[Recipe]] = {}
+
+
+def _branch(method) -> type[Recipe] | None:
+    """The recipe class of a registered ``method`` (None for an unknown one: ``Recipe`` refuses it)."""
+    from ..methods import registry
+
+    if not isinstance(method, str) or method not in registry.names():
+        return None
+    spec = registry.get(method)
+    if spec not in _BRANCHES:
+        name = "".join(part.title() for part in method.split("_")) + "Recipe"
+        _BRANCHES[spec] = create_model(name, __base__=(Recipe, spec.params), __module__=__name__,
+                                       method=(Literal[method], Field(description=f"the method: {method}")))
+    return _BRANCHES[spec]
+
+
+def _method_fields() -> set[str]:
+    """The fields some registered method's branch adds to the shared ones."""
+    from ..methods import registry
+
+    return {k for n in registry.names() for k in _branch(n).model_fields} - set(Recipe.model_fields)
+
+
+def _refuse_foreign_fields(data: dict, branch: type[Recipe]) -> None:
+    """A key that only other methods take: one line naming them (rather than pydantic's "unknown key")."""
+    from ..methods import registry
+
+    for key in data:
+        if key in branch.model_fields:
+            continue
+        takers = [n for n in registry.names() if key in _branch(n).model_fields]
+        if takers:
+            raise InputError(f"{key}: only for method {' or '.join(takers)} (method {data['method']} does not "
+                             "take it)")

@@ -3,9 +3,9 @@
 The transformers model is built once from the SFT's config; base and SFT tensors are read once (through the
 TensorSource interface, so LoRA adapters work) and kept on the device in the dtype their reader gives. For a
 candidate recipe, the same planner as ``merge run`` (``make_plan``) gives each tensor's operation, and the
-same pure functions compute it: inputs converted to float32 (float64 if any is float64), ``methods.linear``
-with the plan's weights or with ``methods.slerp_coefficients`` (statistics summed over the executor's chunk
-geometry), then cast to the output dtype. So the in-place model equals the written one bit for bit.
+same kernels compute it (:mod:`merge.methods`), on a reader over the resident inputs with the executor's chunk
+geometry and the planner's compute dtype, then cast to the output dtype. So the in-place model equals the
+written one bit for bit, by construction.
 
 Evaluation dtype: on the CPU, half-precision parameters are held upcast to float32 (exactly the written
 bf16/fp16 values; CPU half-precision matmuls are slow); on a GPU they stay in their own dtype.
@@ -18,12 +18,16 @@ from pathlib import Path
 
 import torch
 
-from .. import methods
 from ..errors import InputError, MergeError
-from ..execute import CHUNK_ELEMENTS, chunk_ranges, first_nonfinite
+from ..execute import first_nonfinite
 from ..io.writer import format_size
+from ..methods import registry
+from ..methods.base import Copy
+from ..methods.chunks import CHUNK_ELEMENTS, chunk_ranges
+from ..methods.slerp import Slerp, coefficients, slerp_statistics
 from ..plan import Plan, TensorJob, make_plan
 from ..recipes.operations import operations_for
+from ..scheduler import single_threaded_torch
 from ..tensor_names import Structure
 
 NO_SHARDING = 1 << 62
@@ -71,32 +75,27 @@ class InPlaceModel:
         self.current = recipe
 
     def _set(self, job: TensorJob, param: torch.Tensor) -> None:
-        """Chunk by chunk through reused buffers (no fresh allocations per candidate); the math is elementwise,
-        so chunking changes no bit."""
+        """Chunk by chunk through reused buffers (no fresh allocations per candidate), with the executor's
+        kernel for the operation, over the executor's chunk geometry and the planner's compute dtype."""
         flat = param.view(-1)
         op = job.op
-        if op.kind == "copy":
+        if isinstance(op, Copy):
             source = self.inputs[(op.inputs[0], job.source_name(op.inputs[0]))].view(-1)
             self._store(flat, source, job.out_dtype)
             self._require_finite(job, flat, 0, {op.inputs[0]: source})
             return
-        if op.kind not in ("linear", "slerp") or op.params.get("working_dtype") or op.params.get("normalize_after"):
+        if op.kind not in registry.sweepable() or job.round_to is not None or getattr(op, "sum_then_divide", False):
             raise InputError(f"sweep: tensor {job.name!r} needs a {op.kind} merge; a sweep evaluates linear and "
                              "slerp merges of one SFT with its base")
         sources = [self.inputs[(k, job.source_name(k))].view(-1)[:job.merged_numel] for k in op.inputs]
-        compute = torch.float64 if any(x.dtype == torch.float64 for x in sources) else torch.float32
-        if op.kind == "linear":
-            weights = list(op.params["weights"])
-            normalize = bool(op.params.get("normalize", False))
-        else:
-            c = methods.slerp_coefficients(*self._stats(job, sources, compute), float(op.params["t"]),
-                                           zero_norm=op.params.get("zero_norm", "linear"))
-            weights, normalize = [c.a, c.b], False
-        for _, start, stop in chunk_ranges(job.merged_numel, CHUNK_ELEMENTS):
-            xs = self._load(sources, start, stop, compute)
-            result = methods.linear(xs, weights, normalize=normalize, out=xs[0])
-            self._store(flat[start:stop], result, job.out_dtype)  # the written values, then the eval dtype
-            self._require_finite(job, flat[start:stop], start, dict(zip(op.inputs, sources)))
+        reader = _Resident(self, job, sources)
+        kernel = registry.kernel_for(op)
+        # SLERP's statistics do not depend on t: computed once per tensor, for every candidate
+        state = coefficients(op, self._stats(job, reader)) if isinstance(op, Slerp) else kernel.prepare(job, reader)
+        for chunk in reader.ranges():
+            result = kernel.apply(job, reader.load(*chunk), state, chunk, reader)
+            self._store(flat[chunk.start:chunk.stop], result, job.out_dtype)  # the written values, then eval dtype
+            self._require_finite(job, flat[chunk.start:chunk.stop], chunk.start, dict(zip(op.inputs, sources)))
         if job.merged_numel < job.numel:  # added vocabulary rows: the SFT's, as the executor copies them
             rows = self.inputs[(job.primary, job.source_name(job.primary))].view(-1)[job.merged_numel:]
             self._store(flat[job.merged_numel:], rows, job.out_dtype)
@@ -126,9 +125,6 @@ class InPlaceModel:
             buf = self._buffers[key] = torch.empty(n, dtype=dtype, device=self.device)
         return buf[:n]
 
-    def _load(self, sources: list[torch.Tensor], start: int, stop: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        return [self._buffer(f"in{i}", stop - start, dtype).copy_(x[start:stop]) for i, x in enumerate(sources)]
-
     def _store(self, target: torch.Tensor, values: torch.Tensor, out_dtype: torch.dtype) -> None:
         """``target = values`` rounded to ``out_dtype`` (what a merge writes), held in ``target``'s dtype."""
         if target.dtype == out_dtype or values.dtype == out_dtype:
@@ -137,15 +133,12 @@ class InPlaceModel:
         for _, start, stop in chunk_ranges(values.numel(), CHUNK_ELEMENTS):
             target[start:stop].copy_(self._buffer("out", stop - start, out_dtype).copy_(values[start:stop]))
 
-    def _stats(self, job: TensorJob, sources: list[torch.Tensor], dtype: torch.dtype) -> tuple[float, float, float]:
-        """SLERP's (dot, |from|^2, |to|^2) of the compute-dtype inputs, summed over the executor's chunks."""
+    def _stats(self, job: TensorJob, reader: _Resident) -> tuple[float, float, float]:
+        """SLERP's (dot, |from|^2, |to|^2) as the kernel computes them (:func:`slerp_statistics`)."""
         key = job.name + "|" + ",".join(job.op.inputs)
         if key not in self._slerp_stats:
-            acc = None
-            for _, start, stop in chunk_ranges(job.merged_numel, CHUNK_ELEMENTS):
-                a, b = self._load(sources, start, stop, dtype)
-                acc = methods.slerp_partial_sums(a, b, acc)
-            self._slerp_stats[key] = tuple(acc.tolist())
+            with single_threaded_torch():  # reductions in the executor's workers' order: the same bits
+                self._slerp_stats[key] = slerp_statistics(reader.passes()())
         return self._slerp_stats[key]
 
     def _check_coverage(self, layout: Plan) -> None:
@@ -154,6 +147,32 @@ class InPlaceModel:
         if missing:
             raise InputError(f"sweep: the model built from the SFT's config has parameter(s) the checkpoint lacks: "
                              f"{', '.join(missing[:3])}; is config.json the checkpoint's own?")
+
+
+class _Resident:
+    """A :class:`~merge.methods.base.ChunkReader` over input tensors held on the device: the kernels run on
+    it exactly as on the executor's reader (same chunks, same compute dtype, reused buffers)."""
+
+    def __init__(self, model: InPlaceModel, job: TensorJob, sources: list[torch.Tensor]):
+        self.model, self.job, self.sources = model, job, sources
+        self.device, self.dtype, self.chunk = model.device, job.compute, CHUNK_ELEMENTS
+        self.single = job.merged_numel <= CHUNK_ELEMENTS
+
+    def ranges(self):
+        return chunk_ranges(self.job.merged_numel, self.chunk)
+
+    def load(self, index: int, start: int, stop: int) -> list[torch.Tensor]:
+        return [self.model._buffer(f"in{i}", stop - start, self.dtype).copy_(x[start:stop])
+                for i, x in enumerate(self.sources)]
+
+    def passes(self, stored: bool = False, ranges=None):
+        def walk():
+            for chunk in ranges or self.ranges():
+                yield self.load(*chunk)
+        return walk
+
+    def scratch(self, slot: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.model._buffer(slot, n, dtype)
 
 
 def _parameters_by_name(model) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from ..evaluate.scoring import score
 from ..evaluate.tasks import split_specs
 from ..inputs import open_inputs
 from ..keys import BASE, PRIMARY
+from ..methods import registry
 from .inplace import InPlaceModel
 from .result import Candidate, Reported, ScheduleOutcome, SweepResult, plot_tradeoff, with_recovery
 from .search import blocks_recipe, coordinate_search, lines_recipe
@@ -430,8 +431,8 @@ def _check_no_op_options(t_values, rule, keep_domain, holdout, general_report, d
 
 
 def _check_options(method, rule, keep_domain, holdout, schedule, blocks, budget, max_tokens) -> None:
-    if method not in ("linear", "slerp"):
-        raise InputError(f"--method {method}: a sweep evaluates linear or slerp merges")
+    if method not in registry.sweepable():
+        raise InputError(f"--method {method}: a sweep evaluates {' or '.join(registry.sweepable())} merges")
     if rule not in ("keep-domain", "score"):
         raise InputError(f"--select {rule}: use keep-domain or score")
     if keep_domain is not None and not 0 < keep_domain <= 1:
