@@ -109,7 +109,8 @@ def plan_fingerprint(plan) -> str:
     for s in plan.shards:
         h.update(s.filename.encode() + b"\0" + s.header)
     for j in plan.jobs:
-        h.update(json.dumps([j.name, j.op.kind, list(j.op.inputs), dict(j.op.params), j.merged_numel, j.primary,
+        # operations are frozen dataclasses: their repr names every field, floats exactly
+        h.update(json.dumps([j.name, repr(j.op), j.merged_numel, j.primary,
                              dict(j.aliases), str(j.out_dtype)], sort_keys=True, default=repr).encode())
     return h.hexdigest()
 
