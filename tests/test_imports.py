@@ -19,12 +19,6 @@ import pytest
 import merge
 
 PACKAGE = Path(merge.__file__).parent
-# Cycles closed only through function-level imports, still to be untangled (issue 16). Remove an entry
-# once its cycle is gone; a new cycle fails the test.
-KNOWN_DEFERRED_CYCLES = [
-    ["merge.io.lora", "merge.io.quantized", "merge.plan"],
-    ["merge.recipes.loading", "merge.recipes.schema"],
-]
 HEAVY = ("transformers", "matplotlib", "huggingface_hub", "lm_eval", "ray", "peft")
 
 
@@ -116,7 +110,7 @@ def test_cycle_finder_sees_a_cycle():
 def test_the_graph_sees_known_edges():
     top, deferred = import_graph()
     assert "merge.io.checkpoint" in top["merge.io.quantized"]  # from .checkpoint import Checkpoint
-    assert "merge.plan" in deferred["merge.io.quantized"]  # inside fp8_output_plan
+    assert "merge.fp8_output" in deferred["merge.distributed"]  # inside plan_recipe
     assert "merge.evaluate.harness" in top["merge.evaluate.tasks"]
     assert "merge.evaluate.tasks" not in top["merge.evaluate.harness"] | deferred["merge.evaluate.harness"]  # typing
 
@@ -126,10 +120,10 @@ def test_no_module_level_import_cycles():
     assert cycles(top) == []
 
 
-def test_no_new_cycles_through_function_level_imports():
+def test_no_cycles_through_function_level_imports_either():
     top, deferred = import_graph()
     combined = {m: top[m] | deferred[m] for m in top}
-    assert cycles(combined) == KNOWN_DEFERRED_CYCLES
+    assert cycles(combined) == []
 
 
 def _modules_after(args: list[str], cwd: Path) -> set[str]:
