@@ -191,3 +191,25 @@ def test_a_lora_adapter_sweeps_like_a_full_checkpoint(pairs, tmp_path):
     tokenizer = load_tokenizer(models["sft0"], models["base"])
     docs = encode(load_probes(general).documents, tokenizer, 20_000)
     assert score(_loaded(tmp_path / "direct"), docs) == result.chosen.general
+
+
+@pytest.mark.parametrize("sparsify", [None, {"method": "magnitude", "density": 0.4},
+                                      {"method": "random", "density": 0.5, "seed": 3},
+                                      {"method": "breadcrumbs", "density": 0.5, "gamma": 0.05}])
+def test_in_place_task_arithmetic_candidate_equals_the_written_merge(pairs, tmp_path, sparsify):
+    """ties/dare/breadcrumbs candidates of `merge sweep --candidates` are set with the executor's kernels."""
+    base, sft = pairs("llama", added_tokens=3)
+    recipe, models, labels = _open(sft, base)
+    inplace = InPlaceModel(models, labels, torch.device("cpu"), recipe)
+    fields = {"method": "task_arithmetic", "base": str(base), "sft": [{"model": str(sft), "scale": 0.7}]}
+    if sparsify:
+        fields["sparsify"] = sparsify
+    candidate = api.build_recipe(fields)
+    inplace.apply(candidate)
+    out = tmp_path / "written"
+    api.run(candidate, out=out)
+    written = load_tensors(out)
+    params = dict(inplace.model.named_parameters())
+    assert set(written) == set(params)
+    for name, tensor in written.items():
+        assert torch.equal(params[name].detach(), tensor.float()), name

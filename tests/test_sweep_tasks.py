@@ -201,18 +201,27 @@ def test_candidates_put_linear_and_slerp_on_one_front(tasks, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_task_arithmetic_candidates_join_the_front(tasks):
+    """ties/dare candidates are set in place with the executor's kernels and scored on the same front."""
+    result = CliRunner().invoke(main, ["sweep", "--sft", SFT, "--base", BASE, "--domain-tasks",
+                                       _specs(tasks, DOMAIN), "--candidates", "linear,ties@0.3,dare@0.5",
+                                       "--t-values", "0.5", "--no-cache", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[0] for line in result.output.splitlines() if line.strip()[:4] in ("ties", "dare")]
+    assert "ties@0.3" in rows and "dare@0.5" in rows, result.output
+
+
 @pytest.mark.parametrize("candidates, says", [
-    ("ties@0.3", "ties@0.3"),  # a registry method the in-place model cannot apply (yet): its own line
     ("frobnicate", "--candidates frobnicate: unknown method"),
     ("ties", "--candidates ties: give its value"),
 ])
-def test_candidates_the_in_place_model_cannot_apply_are_one_line(tasks, candidates, says):
+def test_bad_candidates_are_one_line(tasks, candidates, says):
     result = CliRunner().invoke(main, ["sweep", "--sft", SFT, "--base", BASE, "--domain-tasks",
                                        _specs(tasks, DOMAIN), "--candidates", candidates, "--no-cache", "--threads",
                                        "1"])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and (says in lines[0] or "sweep: tensor" in lines[0]), result.output
+    assert len(lines) == 1 and says in lines[0], result.output
 
 
 def test_unknown_task_is_one_line_before_any_candidate(tasks):

@@ -518,4 +518,5 @@ SPEC = MethodSpec(
     check_mergekit=_check_mergekit,
     convert=_convert,
     mergekit_legend="mergekit weight of each model's delta (d = density)",
+    sweepable=True,
 )

@@ -67,7 +67,7 @@ class InPlaceModel:
 
     @torch.no_grad()
     def apply(self, recipe) -> None:
-        """Set every parameter to what ``merge run`` would write for ``recipe`` (linear, slerp or copy ops)."""
+        """Set every parameter to what ``merge run`` would write for ``recipe`` (any sweepable method)."""
         for job in self.plan(recipe).jobs:
             param = self.params.get(job.name)
             if param is not None:
@@ -85,8 +85,8 @@ class InPlaceModel:
             self._require_finite(job, flat, 0, {op.inputs[0]: source})
             return
         if op.kind not in registry.sweepable() or job.round_to is not None or getattr(op, "sum_then_divide", False):
-            raise InputError(f"sweep: tensor {job.name!r} needs a {op.kind} merge; a sweep evaluates linear and "
-                             "slerp merges of one SFT with its base")
+            raise InputError(f"sweep: tensor {job.name!r} needs a {op.kind} merge; a sweep evaluates "
+                             f"{', '.join(registry.sweepable())} merges in our recipe format")
         sources = [self.inputs[(k, job.source_name(k))].view(-1)[:job.merged_numel] for k in op.inputs]
         reader = _Resident(self, job, sources)
         kernel = registry.kernel_for(op)

@@ -70,7 +70,7 @@ def sweep(sft: str, base: str, domain: str | Path | None = None, general: str | 
     ``metrics`` (``task=metric``), ``tasks_path`` are passed to lm-eval; results are cached in ``cache_dir``
     (default ``~/.cache/mergeback/eval``) unless ``no_cache``. ``candidates``: ``"linear,slerp"`` sweeps the t
     grid with each method; ``method@value`` adds one candidate (``linear@0.3``: t; ``ties@0.3``: density,
-    ``task_arithmetic@0.5``: scale) - methods the in-place model cannot apply are refused with one line.
+    ``task_arithmetic@0.5``: scale), set in place by the registry's sweepable methods.
     """
     before = torch.get_num_threads()
     if threads is not None:
