@@ -141,6 +141,28 @@ AS_ADAPTER_HELP = ("With a LoRA adapter as --sft: write the result as an adapter
                    "modules (1-t)*saved + t*base) instead of a full model. Not for DoRA at t != 0.")
 
 
+def lm_eval_options(fn):
+    """The lm-eval settings `merge sweep` and `merge evaluate` share, passed through to lm-eval."""
+    options = [
+        click.option("--tasks-path", multiple=True, type=click.Path(file_okay=False),
+                     help="More task folders (repeatable)."),
+        click.option("--limit", type=float, help="Documents per task (the first N; a fraction below 1 is a share)."),
+        click.option("--num-fewshot", type=int, help="Few-shot examples (lm-eval's --num_fewshot)."),
+        click.option("--batch-size", default="1", show_default=True, help="lm-eval batch size, or `auto` (GPU)."),
+        click.option("--seed", type=int,
+                     help="Seed for python, numpy, torch and few-shot sampling (default: lm-eval's)."),
+        click.option("--apply-chat-template/--no-apply-chat-template", default=None,
+                     help="Render task prompts with the chat template (default: on when the SFT's tokenizer has one)."),
+        click.option("--gen-kwargs",
+                     help="Generation arguments for generate_until tasks, e.g. max_gen_toks=64,temperature=0."),
+        click.option("--metric", "metrics", multiple=True, metavar="TASK=METRIC[,FILTER]",
+                     help="Use this metric of a task instead of its first (repeatable)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def interpolation_options(fn):
     """--sft, --base and --t, then the shared merge options (linear and slerp)."""
     fn = merge_options(fn)
@@ -429,16 +451,7 @@ def _t_list(ctx, param, value):
 @click.option("--domain-tasks", help="lm-eval tasks for the domain side (what the SFT is for).")
 @click.option("--general-report-tasks", help="lm-eval tasks to report the choice on (general side).")
 @click.option("--domain-report-tasks", help="lm-eval tasks to report the choice on (domain side).")
-@click.option("--tasks-path", multiple=True, type=click.Path(file_okay=False), help="More task folders (repeatable).")
-@click.option("--limit", type=float, help="Documents per task (the first N; a fraction below 1 is a share).")
-@click.option("--num-fewshot", type=int, help="Few-shot examples (lm-eval's --num_fewshot).")
-@click.option("--batch-size", default="1", show_default=True, help="lm-eval batch size, or `auto` (GPU).")
-@click.option("--seed", type=int, help="Seed for python, numpy, torch and few-shot sampling (default: lm-eval's).")
-@click.option("--apply-chat-template/--no-apply-chat-template", default=None,
-              help="Render task prompts with the chat template (default: on when the SFT's tokenizer has one).")
-@click.option("--gen-kwargs", help="Generation arguments for generate_until tasks, e.g. max_gen_toks=64.")
-@click.option("--metric", "metrics", multiple=True, metavar="TASK=METRIC[,FILTER]",
-              help="Use this metric of a task instead of its first (repeatable).")
+@lm_eval_options
 @click.option("--no-cache", is_flag=True, help="Evaluate every task again even when a cached result exists.")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Task result cache (default $XDG_CACHE_HOME/mergeback/eval).")
@@ -502,16 +515,7 @@ def demo(out, force):
 @click.option("--domain-tasks", help="Domain tasks (what the SFT is for), comma-separated.")
 @click.option("--base", help=MODEL_REF_HELP.format("The base model (reference; also evaluated)"))
 @click.option("--sft", help=MODEL_REF_HELP.format("The SFT model (reference; also evaluated)"))
-@click.option("--limit", type=float, help="Documents per task (the first N; a fraction below 1 is a share).")
-@click.option("--num-fewshot", type=int, help="Few-shot examples (lm-eval's --num_fewshot).")
-@click.option("--batch-size", default="1", show_default=True, help="Batch size, or `auto` (GPU).")
-@click.option("--seed", type=int, help="Seed for python, numpy, torch and few-shot sampling (default: lm-eval's).")
-@click.option("--apply-chat-template/--no-apply-chat-template", default=None,
-              help="Render prompts with the chat template (default: on when the SFT's tokenizer has one).")
-@click.option("--gen-kwargs", help="Generation arguments for generate_until tasks, e.g. max_gen_toks=64,temperature=0.")
-@click.option("--tasks-path", multiple=True, type=click.Path(file_okay=False), help="More task folders (repeatable).")
-@click.option("--metric", "metrics", multiple=True, metavar="TASK=METRIC[,FILTER]",
-              help="Use this metric of a task instead of its first (repeatable).")
+@lm_eval_options
 @click.option("--holdout", type=float, help="Score only the report part of each task: the documents whose "
                                             "content hash puts them in this fraction (as `merge sweep`).")
 @click.option("--no-cache", is_flag=True, help="Evaluate again even when a cached result exists.")

@@ -49,6 +49,18 @@ def _loaded(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
+def _assert_in_place_equals_written(inplace, candidate, tmp_path: Path) -> Path:
+    """Every parameter the in-place model holds for ``candidate`` equals what ``merge run`` writes, bit for bit."""
+    out = tmp_path / "written"
+    api.run(candidate, out=out)
+    written = load_tensors(out)
+    params = dict(inplace.model.named_parameters())
+    assert set(written) == set(params)
+    for name, tensor in written.items():
+        assert torch.equal(params[name].detach(), tensor.float()), name
+    return out
+
+
 @pytest.mark.parametrize("method", ["linear", "slerp"])
 def test_in_place_candidate_equals_the_written_merge(pairs, tmp_path, method):
     base, sft = pairs("llama", added_tokens=3)  # added vocabulary rows take the SFT's values
@@ -60,13 +72,7 @@ def test_in_place_candidate_equals_the_written_merge(pairs, tmp_path, method):
     candidate = recipe.model_copy(update={"t": 0.3})
     inplace.apply(candidate)
     in_place_score = score(inplace.model, docs)
-    out = tmp_path / "written"
-    api.run(candidate, out=out)
-    written = load_tensors(out)
-    params = dict(inplace.model.named_parameters())
-    assert set(written) == set(params)
-    for name, tensor in written.items():
-        assert torch.equal(params[name].detach(), tensor.float()), name
+    out = _assert_in_place_equals_written(inplace, candidate, tmp_path)
     assert score(_loaded(out), docs) == in_place_score  # the same bits per byte, exactly
 
 
@@ -206,10 +212,4 @@ def test_in_place_task_arithmetic_candidate_equals_the_written_merge(pairs, tmp_
         fields["sparsify"] = sparsify
     candidate = api.build_recipe(fields)
     inplace.apply(candidate)
-    out = tmp_path / "written"
-    api.run(candidate, out=out)
-    written = load_tensors(out)
-    params = dict(inplace.model.named_parameters())
-    assert set(written) == set(params)
-    for name, tensor in written.items():
-        assert torch.equal(params[name].detach(), tensor.float()), name
+    _assert_in_place_equals_written(inplace, candidate, tmp_path)
