@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from .io.writer import ALIGN, ShardWriter
+from .methods import registry
 from .methods.chunks import Chunk, chunk_ranges
 from .plan import TensorJob, TensorSource
 
@@ -117,9 +118,10 @@ class TensorReader:
 
     def __init__(self, io: ChunkIO, job: TensorJob, models: Mapping[str, TensorSource]):
         self.io, self.job, self.models = io, job, models
-        self.device, self.chunk, self.dtype = io.device, io.chunk, job.compute
+        self.device, self.dtype = io.device, job.compute
+        self.chunk = registry.chunk_elements(job.op, job.shape, job.merged_numel, io.chunk)
         self.round_to = job.round_to  # inputs are rounded to this dtype first (mergekit's ``dtype``)
-        self.single = job.merged_numel <= io.chunk
+        self.single = job.merged_numel <= self.chunk
         self._cached: list[torch.Tensor] | None = None
 
     def ranges(self) -> list[Chunk]:

@@ -44,7 +44,8 @@ def per_worker_bytes(plan: Plan, chunk: int) -> tuple[int, int]:
     host = device = 0
     for job in plan.jobs:
         copy = isinstance(job.op, Copy)
-        elems = min(job.numel if copy else job.merged_numel, chunk)
+        elems = min(job.numel, chunk) if copy else \
+            min(job.merged_numel, registry.chunk_elements(job.op, job.shape, job.merged_numel, chunk))
         out = elems * job.out_dtype.itemsize + 2 * 4096
         if copy:
             host = max(host, out)

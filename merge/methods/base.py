@@ -1,7 +1,8 @@
 """What every method shares: the typed operation base, the chunk reader a kernel is handed, the kernel
 protocol, and :class:`MethodSpec`, the one description of a method the rest of the package looks up.
 
-A kernel binds a method's pure functions to chunked execution: ``prepare`` walks the tensor for statistics
+A kernel binds a method's pure functions to chunked execution (chunks are multiples of its ``granule``:
+whole rows, or the whole tensor, for methods that need them): ``prepare`` walks the tensor for statistics
 (``passes`` of them at most) and returns the kernel's typed state; ``apply`` computes one chunk from the
 compute-dtype input chunks (it may overwrite them). Kernels see only a :class:`ChunkReader`: they never reach
 into the executor.
@@ -60,6 +61,7 @@ class Kernel(Protocol):
     statistic: ClassVar[str | None]  # the ExecutionStats field ``report`` fills (e.g. "slerp"), or None
 
     def passes(self, op: Operation) -> int: ...
+    def granule(self, op: Operation, shape: tuple[int, ...]) -> int: ...
     def buffer_bytes(self, op: Operation, elems: int) -> int: ...
     def prepare(self, job, reader: ChunkReader) -> Any: ...
     def apply(self, job, xs: list[torch.Tensor], state: Any, chunk: Chunk, reader: ChunkReader) -> torch.Tensor: ...
@@ -73,6 +75,11 @@ class KernelBase:
 
     def passes(self, op: Operation) -> int:
         return 0
+
+    def granule(self, op: Operation, shape: tuple[int, ...]) -> int:
+        """Chunks start and stop at multiples of this many flat elements: 1 for elementwise methods, the row
+        length ``shape[-1]`` for per-row ones, the whole tensor for methods that need it at once (an SVD)."""
+        return 1
 
     def buffer_bytes(self, op: Operation, elems: int) -> int:
         return 0

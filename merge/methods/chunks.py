@@ -22,6 +22,13 @@ def chunk_ranges(numel: int, chunk: int = CHUNK_ELEMENTS) -> list[Chunk]:
     return [Chunk(i, s, min(s + chunk, numel)) for i, s in enumerate(range(0, numel, chunk))]
 
 
+def kernel_chunk(chunk: int, granule: int, numel: int) -> int:
+    """The chunk size a kernel walks: ``chunk`` rounded down to a multiple of its ``granule`` (rows: the last
+    dimension; a whole-tensor method: ``numel``), at least one granule, at most the tensor."""
+    granule = max(1, min(granule, numel or 1))
+    return min(max(granule, chunk // granule * granule), max(numel, 1))
+
+
 def sample_ranges(numel: int, chunk: int = CHUNK_ELEMENTS, blocks: int = SAMPLE_BLOCKS) -> list[Chunk]:
     """``blocks`` evenly spread ``(index, start, stop)`` ranges holding about 1/32 of ``numel`` elements (64Ki
     to 1Mi in all, at most a chunk, so it fits the chunk's buffers): the sample that proposes magnitude cuts."""

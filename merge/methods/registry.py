@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..errors import InputError
 from .base import Copy, Kernel, MergekitVariant, MethodSpec, Operation
+from .chunks import kernel_chunk
 from .linear import SPEC as LINEAR
 from .slerp import SPEC as SLERP
 from .task_arithmetic import SPEC as TASK_ARITHMETIC
@@ -92,6 +93,14 @@ def buffer_bytes(op: Operation, elems: int) -> int:
     (0 for operations without a kernel of a method: copies, FP8 scales)."""
     spec = _KINDS.get(op.kind)
     return 0 if spec is None else spec.kernel.buffer_bytes(op, elems)
+
+
+def chunk_elements(op: Operation, shape: tuple[int, ...], numel: int, chunk: int) -> int:
+    """Elements per chunk when ``op`` walks ``numel`` merged elements of a ``shape`` tensor in chunks of about
+    ``chunk``: whole multiples of its kernel's granule (copies and FP8 scales: ``chunk``)."""
+    spec = _KINDS.get(op.kind)
+    granule = 1 if spec is None else spec.kernel.granule(op, shape)
+    return kernel_chunk(chunk, granule, numel)
 
 
 def sweepable() -> tuple[str, ...]:

@@ -155,8 +155,9 @@ class _Resident:
 
     def __init__(self, model: InPlaceModel, job: TensorJob, sources: list[torch.Tensor]):
         self.model, self.job, self.sources = model, job, sources
-        self.device, self.dtype, self.chunk = model.device, job.compute, CHUNK_ELEMENTS
-        self.single = job.merged_numel <= CHUNK_ELEMENTS
+        self.device, self.dtype = model.device, job.compute
+        self.chunk = registry.chunk_elements(job.op, job.shape, job.merged_numel, CHUNK_ELEMENTS)
+        self.single = job.merged_numel <= self.chunk
 
     def ranges(self):
         return chunk_ranges(self.job.merged_numel, self.chunk)
