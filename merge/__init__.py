@@ -12,7 +12,8 @@ from .errors import MergeError
 __version__ = "0.1.0"
 
 __all__ = ["MergeError", "MergeSummary", "Recipe", "__version__", "evaluate", "fold", "inspect", "list_aliases",
-           "merge", "push", "run", "sweep", "verify", "extract_lora", "interpolate_adapter"]
+           "merge", "push", "run", "sweep", "verify", "extract_lora", "interpolate_adapter", "Options",
+           "ExecutionOptions", "OutputOptions", "HubOptions", "ReportOptions"]
 
 
 # Public names served lazily from their modules, so `import merge` and `merge --help` import neither torch nor
@@ -23,6 +24,7 @@ _LAZY = {
     "list_aliases": ".io.aliases", "sweep": ".recover", "inspect": ".diagnostics", "MergeSummary": ".summary",
     "evaluate": ".evaluate",  # a callable package: merge.evaluate(...) runs lm-eval tasks on written models
     "extract_lora": ".adapters", "interpolate_adapter": ".adapters",
+    **dict.fromkeys(("Options", "ExecutionOptions", "OutputOptions", "HubOptions", "ReportOptions"), ".options"),
 }
 
 

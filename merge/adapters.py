@@ -242,7 +242,7 @@ def _whole(model, name: str, dtype: torch.dtype) -> torch.Tensor:
     t = model.view(name).to(dtype).reshape(tuple(info.shape))
     model.release(name)
     if not bool(torch.isfinite(t).all()):
-        raise InputError(f"{getattr(model, 'role', 'input')}: tensor {name} holds NaN or Inf; the adapter would "
+        raise InputError(f"{model.role}: tensor {name} holds NaN or Inf; the adapter would "
                          "too - check that checkpoint")
     return t
 

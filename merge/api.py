@@ -19,14 +19,17 @@ from .errors import InputError, MergeError
 from .execute import CHUNK_ELEMENTS, DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, ExecutionStats, Executor, resolve_device
 from .fp8_output import fp8_output_plan
 from .inputs import download_weights, open_inputs, open_model, resolve_inputs  # noqa: F401  (also served here)
-from .io import output
+from .io import output as outdir
 from .io.lora import adapter_notes, is_adapter
 from .io.quantized import fp8_config, quantisation_notes
 from .io.writer import ShardWriter, parse_size, write_index
 from .keys import input_label
+from .methods import registry
+from .options import ExecutionOptions, HubOptions, Options, OutputOptions, ReportOptions, misplaced
 from .plan import Plan, make_plan
 from .recipes.operations import operations_for, unmatched_rules
 from .recipes.schema import Recipe
+from .recipes.yaml_source import locate_after
 from .summary import MergeSummary, settings_of
 from .tensor_names import Structure
 
@@ -34,80 +37,33 @@ DTYPES = OUTPUT_DTYPES  # kept for callers of merge.api
 
 
 def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | Path | None = None, *,
-          scale=None, sparsify: str | None = None, density: float | None = None, gamma: float | None = None,
-          seed: int | None = None, sign_consensus: bool = False, dtype: str | None = None, device: str = "auto",
-          max_shard_size: str = "5GB", threads: int | None = None, force: bool = False,
-          dry_run: bool = False, progress: bool = False, command: str | None = None,
-          chunk_elements: int | None = None, resume: bool = False, allow_nonfinite: bool = False,
-          allow_unmatched: bool = False, memory: str | int | None = None, gpu_memory: str | int | None = None,
-          verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
-          revision: str | None = None, commit_message: str | None = None, token: str | None = None,
-          ray: str | None = None, workers: int | None = None) -> MergeSummary:
+          dtype: str | None = None, device: str = "auto", max_shard_size: str = "5GB",
+          options: Options | None = None, execution: ExecutionOptions | None = None,
+          output: OutputOptions | None = None, hub: HubOptions | None = None, report: ReportOptions | None = None,
+          **params) -> MergeSummary:
     """Merge an SFT checkpoint back with its base and write a Hugging Face model folder to ``out``.
 
-    ``t`` is the share of the base (0 = SFT unchanged, 1 = base). ``method`` is ``linear``, ``slerp`` or
-    ``task_arithmetic`` (with ``scale`` per SFT, and optional ``sparsify`` = magnitude|random|breadcrumbs).
+    ``t`` is the share of the base (0 = SFT unchanged, 1 = base). ``method`` is a registered method
+    (:func:`merge.methods.registry.names`); ``params`` are its parameters, as its CLI command takes them
+    (task arithmetic: ``scale`` per SFT, ``sparsify`` = magnitude|random|breadcrumbs with ``density``...).
     Models are folders, Hub ids (``org/name@rev``) or aliases; ``base="auto"`` reads the SFT's metadata.
-    ``push_to_hub`` uploads the result, ``ray`` runs it on a Ray cluster (see :func:`run`).
+    ``dtype``, ``device`` and ``max_shard_size`` go into the recipe; how the merge runs, writes, pushes and
+    reports is given by the option objects of :mod:`merge.options` (see :func:`run`).
     """
-    method = method.replace("-", "_")
-    sfts = [sft] if isinstance(sft, (str, Path)) else list(sft)
-    check_method_options(method, len(sfts), t=t, scale=scale, sparsify=sparsify, density=density, gamma=gamma,
-                         seed=seed, sign_consensus=sign_consensus)
-    fields: dict = {"method": method, "base": str(base), "dtype": dtype, "device": device,
+    spec = registry.get(method.replace("-", "_"))
+    for name in params:
+        line = misplaced(name)
+        if line is not None:
+            raise TypeError(f"merge(): {line}")
+    sfts = [str(s) for s in ([sft] if isinstance(sft, (str, Path)) else sft)]
+    params = {"t": t, **params}
+    registry.check_python_params(spec, params)
+    fields: dict = {"method": spec.name, "base": str(base), "dtype": dtype, "device": device,
                     "max_shard_size": str(max_shard_size), "out": str(out) if out is not None else None}
-    if method == "task_arithmetic":
-        scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(sfts)
-        if len(scales) != len(sfts):
-            raise InputError(f"--scale: give one scale for all SFTs or one per SFT ({len(sfts)}), got {len(scales)}")
-        fields["sft"] = [{"model": str(s), "scale": sc} for s, sc in zip(sfts, scales)]
-        if sparsify:
-            if density is None:
-                raise InputError("--sparsify needs --density (the fraction of each delta kept, 0..1]")
-            fields["sparsify"] = {"method": sparsify, "density": density}
-            fields["sparsify"].update({k: v for k, v in (("gamma", gamma), ("seed", seed)) if v is not None})
-        fields["sign_consensus"] = sign_consensus
-    else:
-        fields["sft"] = [str(s) for s in sfts]
-        fields["t"] = t
+    fields.update(spec.recipe_fields(sfts, {k: v for k, v in params.items() if k in spec.python_params}))
     recipe = build_recipe(fields)
-    return run(recipe, out=out, force=force, threads=threads, dry_run=dry_run, progress=progress, command=command,
-               chunk_elements=chunk_elements, resume=resume, allow_nonfinite=allow_nonfinite,
-               allow_unmatched=allow_unmatched, verbose=verbose,
-               memory=memory, gpu_memory=gpu_memory,
-               push_to_hub=push_to_hub, private=private, revision=revision, commit_message=commit_message,
-               token=token, ray=ray, workers=workers)
-
-
-def check_method_options(method: str, n_sfts: int, *, t, scale, sparsify, density, gamma, seed,
-                         sign_consensus) -> None:
-    """Refuse options that would have no effect with ``method`` (one line naming the option and the fix)."""
-    if method != "task_arithmetic":
-        if scale is not None:
-            raise InputError(f"--scale: only for task-arithmetic; {method.replace('_', '-')} uses --t")
-        given = [name for name, v in (("--sparsify", sparsify), ("--density", density), ("--gamma", gamma),
-                                      ("--seed", seed), ("--sign-consensus", sign_consensus or None))
-                 if v is not None]
-        if given:
-            raise InputError(f"{given[0]}: only for task-arithmetic; {method.replace('_', '-')} has no effect of it")
-        return
-    if t is not None:
-        raise InputError("--t: task-arithmetic uses --scale (the multiplier of each delta; scale 1-t equals "
-                         "linear with t), not --t")
-    if sparsify is None:
-        for name, v in (("--density", density), ("--gamma", gamma), ("--seed", seed)):
-            if v is not None:
-                raise InputError(f"{name}: has no effect without --sparsify magnitude|random|breadcrumbs")
-    else:
-        if gamma is not None and sparsify != "breadcrumbs":
-            raise InputError(f"--gamma: only breadcrumbs drops the largest entries; --sparsify {sparsify} has "
-                             "no gamma (drop --gamma)")
-        if seed is not None and sparsify != "random":
-            raise InputError(f"--seed: only --sparsify random draws random masks; --sparsify {sparsify} is "
-                             "deterministic (drop --seed)")
-    if sign_consensus and n_sfts < 2:
-        raise InputError("--sign-consensus: elects signs across several SFTs; with one --sft it has no effect "
-                         "(drop it or add another --sft)")
+    return run(recipe, out=out, options=Options.gather(options, execution=execution, output=output, hub=hub,
+                                                       report=report))
 
 
 def fold(adapter: str | Path, base: str | Path, out: str | Path | None = None, **options) -> MergeSummary:
@@ -134,45 +90,45 @@ def build_recipe(fields: dict) -> Recipe:
         raise InputError(f"{where}: {error_text(err)}") from None
 
 
-def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bool = False, threads: int | None = None,
-        dry_run: bool = False, progress: bool = False, command: str | None = None,
-        chunk_elements: int | None = None, resume: bool = False, allow_nonfinite: bool = False,
-        allow_unmatched: bool = False, verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
-        memory: str | int | None = None, gpu_memory: str | int | None = None,
-        revision: str | None = None, commit_message: str | None = None, token: str | None = None,
-        card_sections: Sequence[str] = (), ray: str | None = None, workers: int | None = None) -> MergeSummary:
+def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, options: Options | None = None,
+        execution: ExecutionOptions | None = None, output: OutputOptions | None = None, hub: HubOptions | None = None,
+        report: ReportOptions | None = None) -> MergeSummary:
     """Run a recipe: resolve its models, plan, execute in bounded memory, and write ``out`` atomically.
 
-    ``memory`` (default 512MB) bounds the workers' buffers in host memory, ``gpu_memory``
-    (default 4GB) their buffers on a CUDA device (sizes like ``"2GB"``); fewer workers and smaller chunks are
-    used when a budget is tight, and the process itself (Python, torch) comes on top.
-    ``chunk_elements`` (advanced) is how many elements of a tensor are processed at once; results do not
-    depend on ``threads`` or the budgets, nor on chunks that are multiples of 2**17. An interrupted run
-    (Ctrl-C, full disk, kill) keeps its finished shards in
-    ``output.staging_dir(out)``; ``resume=True`` continues it, byte-identical to an uninterrupted run.
-    A NaN/Inf in any output tensor fails the run, naming the tensor and, when an input already holds it, that
-    input (``allow_nonfinite=True`` writes it anyway). A ``match`` rule (mergekit: ``filter``) that matches no
-    tensor is an error naming it and its line (``allow_unmatched=True``: a warning); ``verbose`` prints one
-    line per finished tensor to stderr.
-
-    ``push_to_hub="org/name"`` then uploads ``out`` (default ``./name``) with :func:`merge.hub.push`
-    (``private``, branch ``revision``, ``commit_message``); ``token`` (default: HF_TOKEN or the cached login)
-    is used for private inputs and the push. A failed push keeps ``out`` and says how to retry.
-    ``card_sections`` are markdown sections added to the model card (e.g. ``merge sweep``'s Recovery table).
-    ``ray`` (``"auto"``, ``"local"`` or an address) runs the output shards as tasks on a Ray cluster, at most
+    ``execution`` (:class:`~merge.options.ExecutionOptions`): ``memory`` (default 512MB) bounds the workers'
+    buffers in host memory, ``gpu_memory`` (default 4GB) their buffers on a CUDA device (sizes like ``"2GB"``);
+    fewer workers and smaller chunks are used when a budget is tight, and the process itself (Python, torch)
+    comes on top. ``chunk_elements`` (advanced) is how many elements of a tensor are processed at once; results
+    do not depend on ``threads`` or the budgets, nor on chunks that are multiples of 2**17. ``ray``
+    (``"auto"``, ``"local"`` or an address) runs the output shards as tasks on a Ray cluster, at most
     ``workers`` at a time (default: the cluster's CPUs), byte-identical to a local run (:mod:`merge.distributed`).
+
+    ``output`` (:class:`~merge.options.OutputOptions`): an interrupted run (Ctrl-C, full disk, kill) keeps its
+    finished shards in ``merge.io.output.staging_dir(out)``; ``resume=True`` continues it, byte-identical to an
+    uninterrupted run. A NaN/Inf in any output tensor fails the run, naming the tensor and, when an input already
+    holds it, that input (``allow_nonfinite=True`` writes it anyway). A ``match`` rule (mergekit: ``filter``)
+    that matches no tensor is an error naming it and its line (``allow_unmatched=True``: a warning).
+    ``card_sections`` are markdown sections added to the model card (e.g. ``merge sweep``'s Recovery table).
+
+    ``hub`` (:class:`~merge.options.HubOptions`): ``push_to_hub="org/name"`` then uploads ``out`` (default
+    ``./name``) with :func:`merge.hub.push`; ``token`` (default: HF_TOKEN or the cached login) is used for
+    private inputs and the push. A failed push keeps ``out`` and says how to retry.
+
+    ``report`` (:class:`~merge.options.ReportOptions`): progress bars, one line per finished tensor on stderr
+    (``verbose``), the command the card records.
     """
+    options = Options.gather(options, execution=execution, output=output, hub=hub, report=report)
+    ex, wo, hb, rp = options.execution, options.output, options.hub, options.report
     if isinstance(recipe, (str, Path)):
         from .recipes.loading import load_recipe
 
         recipe = load_recipe(recipe)
-    check_run_options(dry_run=dry_run, resume=resume, allow_nonfinite=allow_nonfinite, verbose=verbose, force=force,
-                      push_to_hub=push_to_hub, private=private, revision=revision, commit_message=commit_message,
-                      gpu_memory=gpu_memory, device=recipe.device)
+    options.check(recipe.device)
+    push_to_hub, dry_run, token, progress = hb.push_to_hub, wo.dry_run, hb.token, rp.progress
     primary = recipe.primary
     from .distributed import check_options
 
-    check_options(ray, workers, dry_run)
+    check_options(ex.ray, ex.workers, dry_run)
     if push_to_hub is not None:
         from .hub import check_repo_id
 
@@ -186,8 +142,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         out_path = out_path.resolve()
         if not dry_run:
             refs = {input_label(k, ref): ref for k, ref in recipe.input_refs().items()}
-            output.check_target(out_path, output.local_inputs(refs))
-            output.check_output(out_path, force, resume)
+            outdir.check_target(out_path, outdir.local_inputs(refs))
+            outdir.check_output(out_path, wo.force, wo.resume)
     started = time.perf_counter()
     # Hub weights stay on the Hub until every check has passed on their headers (and for dry runs, for good).
     with ExitStack() as stack:
@@ -195,13 +151,16 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
                              out=None if dry_run else out_path)
         resolved, labels, models, resolve_notes = inputs.resolved, inputs.labels, inputs.models, inputs.notes
         n_layers = Structure.of(models[primary].config, models[primary].names())
-        op_for = operations_for(recipe, n_layers)
-        t_values = op_for.t_values
         fp8_out = recipe.output_dtype == "fp8"  # bfloat16, then the FP8 weights re-quantised
         out_dtype = torch.bfloat16 if fp8_out else DTYPES[recipe.output_dtype] if recipe.output_dtype else None
-        plan = make_plan(models, labels, primary, op_for, out_dtype, parse_size(recipe.max_shard_size))
+        try:  # per-tensor parameters are resolved while planning: their errors name the recipe's line
+            op_for = operations_for(recipe, n_layers)
+            plan = make_plan(models, labels, primary, op_for, out_dtype, parse_size(recipe.max_shard_size))
+        except InputError as e:
+            raise InputError(locate_after(recipe, str(e))) from None
+        t_values = op_for.t_values
         unmatched = unmatched_rules(recipe, [j.name for j in plan.jobs])
-        if unmatched and not allow_unmatched:
+        if unmatched and not wo.allow_unmatched:
             raise InputError(f"{unmatched[0]}; fix the rule or pass --allow-unmatched (allow_unmatched=True)")
         if fp8_out:
             plan = fp8_output_plan(plan, models, primary, parse_size(recipe.max_shard_size))
@@ -223,30 +182,32 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
         if dry_run:
             from .execute import estimate_peak_bytes
             from .recipes.table import parameter_table
+            from .scheduler import read_bytes_at_most
 
             summary.parameter_table = parameter_table(plan, op_for, n_layers)
-            summary.peak_bytes = estimate_peak_bytes(plan, threads or default_threads(),
-                                                     chunk_elements or CHUNK_ELEMENTS, _size(memory, DEFAULT_MEMORY))
+            summary.read_bytes = read_bytes_at_most(plan, models)
+            summary.peak_bytes = estimate_peak_bytes(plan, ex.threads or default_threads(),
+                                                     ex.chunk_elements or CHUNK_ELEMENTS,
+                                                     _size(ex.memory, DEFAULT_MEMORY))
             return summary
         resolved, models = download_weights(resolved, models, labels, stack, token=token, progress=progress)
         summary.inputs = resolved
         cluster = None
-        if ray is not None:
+        if ex.ray is not None:
             from .distributed import Cluster
 
-            cluster = stack.enter_context(Cluster(ray, workers, threads, _size(memory, DEFAULT_MEMORY)))
+            cluster = stack.enter_context(Cluster(ex.ray, ex.workers, ex.threads, _size(ex.memory, DEFAULT_MEMORY)))
             cluster.check_visible(out_path, resolved)
-        with output.output_lock(out_path):
-            output.check_output(out_path, force, resume)  # again: a run that held the lock may have finished it
-            if not (resume and _already_complete(recipe, out_path, summary, resolved, plan, force)):
-                execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, threads, progress,
-                                   command, chunk_elements, resume, not allow_nonfinite, verbose, card_sections,
-                                   memory=memory, gpu_memory=gpu_memory, cluster=cluster, labels=labels, token=token)
+        with outdir.output_lock(out_path):
+            outdir.check_output(out_path, wo.force, wo.resume)  # again: a run that held the lock may have finished
+            if not (wo.resume and _already_complete(recipe, out_path, summary, resolved, plan, wo.force)):
+                execute_and_commit(recipe, out_path, summary, resolved, models, plan, started, options,
+                                   cluster=cluster, labels=labels)
     if push_to_hub is not None:
         from .hub import push
 
-        summary.pushed_to = push(out_path, push_to_hub, private=private, revision=revision,
-                                 commit_message=commit_message, token=token, progress=progress)
+        summary.pushed_to = push(out_path, push_to_hub, private=hb.private, revision=hb.revision,
+                                 commit_message=hb.commit_message, token=token, progress=progress)
     return summary
 
 
@@ -259,24 +220,6 @@ def _outside_message(recipe, t: float) -> str:
                 f"{'past the other model' if mk > 1 else 'away from the other model, past base_model'}")
     return (f"t={t:g} is outside [0, 1]: extrapolating "
             f"{'past the base' if t > 1 else 'away from the base, past the SFT'}")
-
-
-def check_run_options(*, dry_run: bool, resume: bool, allow_nonfinite: bool, verbose: bool, force: bool, push_to_hub,
-                      private: bool, revision, commit_message, gpu_memory, device: str) -> None:
-    """Refuse run options that would have no effect (one line naming the option)."""
-    if push_to_hub is None:
-        for name, v in (("--private", private or None), ("--revision", revision),
-                        ("--commit-message", commit_message)):
-            if v is not None:
-                raise InputError(f"{name}: only applies with --push-to-hub REPO")
-    if dry_run:
-        for name, v in (("--resume", resume), ("--allow-nonfinite", allow_nonfinite), ("--verbose", verbose),
-                        ("--force", force),
-                        ("--push-to-hub", push_to_hub is not None)):
-            if v:
-                raise InputError(f"{name}: has no effect with --dry-run, which writes nothing")
-    if gpu_memory is not None and device == "cpu":
-        raise InputError("--gpu-memory: has no effect with --device cpu (use --memory for host buffers)")
 
 
 def _identity(recipe: Recipe, summary: MergeSummary, resolved: dict, plan: Plan) -> dict:
@@ -294,7 +237,7 @@ def _already_complete(recipe: Recipe, out_path: Path, summary: MergeSummary, res
     output is refused unless ``force`` replaces it."""
     from .io.manifest import identity_difference
 
-    marker = output.read_marker(out_path) if out_path.is_dir() else None
+    marker = outdir.read_marker(out_path) if out_path.is_dir() else None
     if marker is None:
         return False
     identity = _identity(recipe, summary, resolved, plan)
@@ -310,10 +253,7 @@ def _already_complete(recipe: Recipe, out_path: Path, summary: MergeSummary, res
 
 
 def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, resolved: dict, models: dict,
-                       plan: Plan, started: float, threads, progress, command, chunk_elements, resume: bool,
-                       check_finite: bool, verbose: bool, card_sections: Sequence[str] = (),
-                       memory: str | int | None = None, gpu_memory: str | int | None = None, cluster=None,
-                       labels: dict | None = None, token=None) -> None:
+                       plan: Plan, started: float, options: Options, cluster=None, labels: dict | None = None) -> None:
     """Stage (journaled, resumable), execute, finish, verify and atomically commit one planned merge.
 
     The staging folder survives interrupts, full disks and crashes for ``resume``; it is removed when a
@@ -325,39 +265,39 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
     from .integrity import VerifyError, check_files
     from .io.manifest import Journal
 
-    stage = output.staging_dir(out_path)
+    stage = outdir.staging_dir(out_path)
     identity = _identity(recipe, summary, resolved, plan)
+    ex, wo, rp = options.execution, options.output, options.report
+    check_finite = not wo.allow_nonfinite
     keep, journal = True, None
     try:
-        journal, message = Journal.start(stage, plan.shards, identity, resume)
+        journal, message = Journal.start(stage, plan.shards, identity, wo.resume)
         if cluster is None:
-            stats = execute(plan, models, stage, recipe.device, threads, progress, chunk_elements,
-                            journal=journal, check_finite=check_finite, verbose=verbose, memory=memory,
-                            gpu_memory=gpu_memory)
+            stats = execute(plan, models, stage, recipe.device, ex, rp, journal=journal, check_finite=check_finite)
         else:  # the same shards, written by Ray tasks and journaled here as they finish
             stats = cluster.execute(plan, recipe, resolved, labels, stage, journal, device=recipe.device,
-                                    threads=threads, chunk_elements=chunk_elements, check_finite=check_finite,
-                                    memory=_size(memory, DEFAULT_MEMORY),
-                                    gpu_memory=_size(gpu_memory, DEFAULT_GPU_MEMORY), progress=progress,
-                                    verbose=verbose, token=token)
+                                    threads=ex.threads, chunk_elements=ex.chunk_elements, check_finite=check_finite,
+                                    memory=_size(ex.memory, DEFAULT_MEMORY),
+                                    gpu_memory=_size(ex.gpu_memory, DEFAULT_GPU_MEMORY), progress=rp.progress,
+                                    verbose=rp.verbose, token=options.hub.token)
             summary.cluster = cluster.stats
         summary.spherical, summary.linear_fallback = stats.spherical, stats.linear_fallback
         summary.max_angle = stats.max_angle
         summary.seconds = time.perf_counter() - started
-        finish_folder(stage, summary, recipe, models, plan, command, card_sections)
+        finish_folder(stage, summary, recipe, models, plan, rp.command, wo.card_sections)
         if message:  # after the card is written: it is about this run, not about the model
             summary.warnings.append(message)
             warnings.warn(message, stacklevel=3)
-        output.write_marker(stage, identity)  # what makes this folder ours (replaceable with --force)
+        outdir.write_marker(stage, identity)  # what makes this folder ours (replaceable with --force)
         journal.remove()
         try:
             check_files(stage)
         except MergeError as e:
             raise VerifyError(f"the merged folder failed verification before it was committed: {e}") from None
-        output.commit(stage, out_path)
+        outdir.commit(stage, out_path)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise output.DiskFull(
+            raise outdir.DiskFull(
                 f"no space left on the device of {stage.parent} ({plan.output_bytes / 1e9:.2f} GB of weights "
                 f"planned); {out_path} was not touched and finished shards are kept - free space and rerun "
                 "with --resume (resume=True)") from None
@@ -375,22 +315,22 @@ def _pinned(recipe: Recipe, summary: MergeSummary) -> Recipe:
     return recipe.pinned({k: m.pinned for k, m in summary.inputs.items()})
 
 
-def execute(plan: Plan, models: dict, stage: Path, device: str, threads: int | None, progress: bool,
-            chunk_elements: int | None = None, journal=None, check_finite: bool = True, verbose: bool = False,
-            memory: str | int | None = None, gpu_memory: str | int | None = None):
+def execute(plan: Plan, models: dict, stage: Path, device: str, execution: ExecutionOptions | None = None,
+            report: ReportOptions | None = None, journal=None, check_finite: bool = True):
     """Write every planned tensor into the shard files under ``stage`` (those ``journal`` has not already
     recorded as complete), recording each shard in the journal as it completes."""
     skip_files = journal.skip_files if journal else set()
     writer = ShardWriter(stage, plan.shards, skip=skip_files)
-    executor = Executor(resolve_device(device), threads or default_threads(), chunk_elements or CHUNK_ELEMENTS,
-                        check_finite=check_finite, memory=_size(memory, DEFAULT_MEMORY),
-                        gpu_memory=_size(gpu_memory, DEFAULT_GPU_MEMORY))
+    ex, report = execution or ExecutionOptions(), report or ReportOptions()
+    executor = Executor(resolve_device(device), ex.threads or default_threads(), ex.chunk_elements or CHUNK_ELEMENTS,
+                        check_finite=check_finite, memory=_size(ex.memory, DEFAULT_MEMORY),
+                        gpu_memory=_size(ex.gpu_memory, DEFAULT_GPU_MEMORY))
     stats = ExecutionStats()
     if journal:
         journal.attach(writer, stats)
-    on_done = _tensor_hook(journal, verbose, len(plan.jobs) - len(journal.skip_tensors if journal else ()))
+    on_done = _tensor_hook(journal, report.verbose, len(plan.jobs) - len(journal.skip_tensors if journal else ()))
     bar = None
-    if progress:
+    if report.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", leave=False)
@@ -447,8 +387,8 @@ def finish_folder(stage: Path, summary: MergeSummary, recipe: Recipe, models: di
     config = primary.config
     if dtype_name == "fp8":
         dtype_name, config = "bfloat16", fp8_config(models, recipe.primary)
-    output.write_config(config, stage, dtype_name, untied=plan.untied)
-    output.copy_side_files(Path(getattr(primary, "side_files_path", primary.path)), stage)
+    outdir.write_config(config, stage, dtype_name, untied=plan.untied)
+    outdir.copy_side_files(Path(primary.side_files_path), stage)
     recipe_yaml = _pinned(recipe, summary).to_yaml()
     (stage / "merge_recipe.yaml").write_text(recipe_yaml)
     command = command or f"merge run {summary.out}/merge_recipe.yaml -o OUT"

@@ -19,7 +19,7 @@ from .plan import TensorJob, TensorSource
 
 def reads_files(model: TensorSource) -> bool:
     """Whether ``model`` can read stored bytes into our buffers (checkpoints); LoRA adapters compute views."""
-    return hasattr(model, "read_into")
+    return model.reads_files
 
 
 class _Buffers(threading.local):

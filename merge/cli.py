@@ -126,14 +126,26 @@ def _report(summary, quiet: bool) -> None:
         click.echo(summary.report())
 
 
-def _merge(quiet: bool, **kwargs) -> None:
+RECIPE_FIELDS = ("dtype", "device", "max_shard_size")  # merge options that go into the recipe
+
+
+def _options(quiet: bool, flags: dict):
+    """The option objects (:mod:`merge.options`) of a merge command's ``flags``, which it removes from them."""
+    from .options import OPTION_FIELDS, Options
+
+    given = {k: flags.pop(k) for k in list(flags) if k in OPTION_FIELDS}
+    return Options.of(progress=not quiet and sys.stderr.isatty(), command=_command_line(), **given)
+
+
+def _merge(quiet: bool, method: str, sft, base, **kwargs) -> None:
     import warnings
 
     from . import api
 
+    options = _options(quiet, kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # warnings are part of the summary, printed once below
-        summary = api.merge(progress=not quiet and sys.stderr.isatty(), command=_command_line(), **kwargs)
+        summary = api.merge(method, sft, base, options=options, **kwargs)
     _report(summary, quiet)
 
 
@@ -264,8 +276,7 @@ def fold(adapter, base, quiet, **kwargs):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = api.fold(adapter, base, progress=not quiet and sys.stderr.isatty(), command=_command_line(),
-                           **kwargs)
+        summary = api.fold(adapter, base, options=_options(quiet, kwargs), **kwargs)
     _report(summary, quiet)
 
 
@@ -315,7 +326,7 @@ def run_recipe(recipe, quiet, dtype, device, max_shard_size, **kwargs):
     loaded = _recipe_with_overrides(recipe, dtype, device, max_shard_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = api.run(loaded, progress=not quiet and sys.stderr.isatty(), **kwargs)
+        summary = api.run(loaded, out=kwargs.pop("out"), options=_options(quiet, kwargs))
     _report(summary, quiet)
 
 
@@ -331,12 +342,13 @@ def plan(recipe, out, threads, allow_unmatched):
     import warnings
 
     from . import api
+    from .options import Options
     from .recipes.loading import load_recipe
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = api.run(load_recipe(recipe), out=out, threads=threads, dry_run=True,
-                          allow_unmatched=allow_unmatched)
+        summary = api.run(load_recipe(recipe), out=out, options=Options.of(threads=threads, dry_run=True,
+                                                                           allow_unmatched=allow_unmatched))
     _report(summary, False)
 
 

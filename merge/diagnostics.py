@@ -18,6 +18,7 @@ import torch
 
 from . import methods
 from .io.quantized import dequantised_of
+from .keys import BASE, PRIMARY
 from .methods.chunks import CHUNK_ELEMENTS, chunk_ranges
 from .scheduler import single_threaded_torch
 from .tensor_names import Structure, group_of
@@ -178,7 +179,7 @@ def inspect(sft: str, base: str, t: float = 0.5, *, plot: str | Path | None = No
     labels = {k: f"{'base' if k == 'base' else 'SFT'} {m.ref}" for k, m in resolved.items()}
     with ExitStack() as stack:
         models = {k: stack.enter_context(api.open_model(m, labels[k], resolved)) for k, m in resolved.items()}
-        s, b = models["sft0"], models["base"]
+        s, b = models[PRIMARY], models[BASE]
         report = InspectReport(str(sft), str(base), t, [], [])
         names_s, names_b = s.names(), b.names()
         set_b = set(names_b)
@@ -201,8 +202,7 @@ def inspect(sft: str, base: str, t: float = 0.5, *, plot: str | Path | None = No
             if fp8 is not None:
                 report.notes.append(f"{role}: {fp8.quantisation.describe()}, dequantised on read "
                                     f"({len(fp8.quantisation.scales)} weights; drift is of the dequantised weights)")
-        report.added_tokens = _added_tokens(Path(getattr(s, "side_files_path", s.path)),
-                                            Path(getattr(b, "side_files_path", b.path)))
+        report.added_tokens = _added_tokens(Path(s.side_files_path), Path(b.side_files_path))
     if plot is not None:
         report.plot(plot)
     return report

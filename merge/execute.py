@@ -247,5 +247,5 @@ def first_nonfinite(values: torch.Tensor) -> int | None:
 
 def _label(model: TensorSource) -> str:
     """How errors name an input: its role and folder (e.g. ``SFT ./med``)."""
-    role = getattr(model, "role", "input")
-    return role if " " in role else f"{role} {getattr(model, 'path', '')}".rstrip()
+    role = model.role
+    return role if " " in role else f"{role} {model.path}".rstrip()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -23,17 +24,30 @@ from .tensor_names import group_of
 
 
 class TensorSource(Protocol):
-    """What the planner and executor need from a model: a full checkpoint or a LoRA adapter over a base."""
+    """What the planner and executor need from a model: a full checkpoint (:class:`~merge.io.checkpoint.
+    Checkpoint`, also read from Hub headers), a LoRA adapter over a base (:class:`~merge.io.lora.LoraAdapter`)
+    or an FP8 checkpoint dequantised on read (:class:`~merge.io.quantized.DequantisedCheckpoint`).
 
-    path: object
+    ``role`` names it in errors (``SFT``, ``base``); ``side_files_path`` is the folder its tokenizer and other
+    side files come from; ``reads_files``: it stores the bytes ``view`` returns, so ``read_into`` can copy them
+    into a caller's buffer (adapters and dequantised checkpoints compute them instead).
+    """
+
+    path: Path
     config: dict
+    role: str
+    reads_files: bool
 
+    @property
+    def side_files_path(self) -> Path: ...
     def names(self) -> list[str]: ...
     def __contains__(self, name: str) -> bool: ...
     def info(self, name: str) -> TensorInfo: ...
-    # Flat elements [start, stop). Checkpoints give their stored dtype; a LoRA adapter gives computed tensors in
-    # float32/float64 (one rounding per merge): callers convert to what they need.
+    # Flat elements [start, stop), in ``view_dtype(name)``: the stored dtype of a checkpoint; float32/float64 for
+    # a LoRA adapter's computed tensors and dequantised FP8 (one rounding per merge). Callers convert.
     def view(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor: ...
+    def view_dtype(self, name: str) -> torch.dtype: ...
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor: ...  # only if reads_files
     def release(self, name: str) -> None: ...
 
 

@@ -92,6 +92,23 @@ def estimate_peak_bytes(plan: Plan, threads: int, chunk_elements: int = CHUNK_EL
     return fit_memory(plan, threads, chunk_elements, memory).host_bytes
 
 
+def read_bytes_at_most(plan: Plan, models) -> int:
+    """Input bytes a run reads at most: each merged tensor's inputs once per statistics pass its kernel declares
+    (``Kernel.passes``) plus once to merge, every copied tensor once (a one-chunk tensor stays loaded between
+    passes, so it is read once: the bound is loose there)."""
+    total = 0
+    for job in plan.jobs:
+        keys = job.op.inputs
+        stored = sum(models[k].info(job.source_name(k)).dtype.itemsize for k in keys if k in models)
+        if isinstance(job.op, Copy) or registry.for_kind(job.op.kind) is None:
+            total += job.numel * stored
+            continue
+        passes = registry.kernel_for(job.op).passes(job.op)
+        tail = models[job.primary].info(job.source_name(job.primary)).dtype.itemsize
+        total += job.merged_numel * stored * (1 + passes) + (job.numel - job.merged_numel) * tail
+    return total
+
+
 def order(jobs: list[TensorJob], threads: int) -> list[TensorJob]:
     """Largest first with several workers, so no big tensor is left to one worker at the end; else file order."""
     return sorted(jobs, key=lambda j: -j.numel) if threads > 1 else list(jobs)

@@ -27,6 +27,7 @@ class MergeSummary:
     dry_run: bool = False
     pushed_to: str | None = None  # the Hub URL after push_to_hub
     parameter_table: str | None = None  # dry runs: the resolved parameters per layer and tensor group
+    read_bytes: int | None = None  # dry runs: input bytes read at most (merge.scheduler.read_bytes_at_most)
     peak_bytes: int | None = None  # dry runs: estimated executor memory (merge.execute.estimate_peak_bytes)
     already_complete: bool = False  # resume=True found OUT already written by this same run: nothing written
     settings: list[str] = field(default_factory=list)  # task arithmetic: scales, sparsify, consensus (settings_of)
@@ -70,6 +71,9 @@ class MergeSummary:
             lines.append(self.cluster.line())
         if self.pushed_to:
             lines.append(f"pushed to {self.pushed_to}")
+        if self.read_bytes is not None:
+            lines.append(f"reads at most {self.read_bytes / 1e9:.2f} GB of the inputs (each merged tensor once, plus "
+                         "once per statistics pass its method needs: slerp's norms, magnitude ranks)")
         if self.peak_bytes is not None:
             lines.append(f"estimated peak memory of the merge buffers: {self.peak_bytes / 1e6:.1f} MB (an estimate: "
                          "each worker's chunk buffers, within --memory; "

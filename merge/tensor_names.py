@@ -21,6 +21,8 @@ STACKS = ("vision", "text")
 # The start of a layer of a stack (``layers.``, ``h.``...): the index follows. Every layer pattern derives from it.
 LAYER_PREFIX = r"(?:^|\.)(?:layers|layer|h|blocks|block)\."
 _LAYER = re.compile(LAYER_PREFIX + r"(\d+)(?:\.|$)")
+# A regex (for recipe rules) matching the names outside every layer stack: embeddings, final norm, lm_head.
+OUTSIDE_LAYERS = r"^(?!.*" + LAYER_PREFIX + r"\d+(?:\.|$))"
 PROJECTOR = re.compile(r"(?:^|\.)(?:multi_modal_projector|mm_projector|connector|visual\.merger)(?:\.|$)")
 VISION = re.compile(r"(?:^|\.)(?:vision_tower|vision_model|visual|vision_encoder)(?:\.|$)")
 _BEFORE_VISION_LAYERS = re.compile(r"(?:^|\.)pre_\w*(?:\.|$)")  # CLIP's pre_layrnorm sits before the layers

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import merge
 from merge.errors import InputError
 from merge.methods import registry
 from merge.methods.chunks import chunk_ranges
 from merge.methods.task_arithmetic import TieCursor
+from merge.options import Options
 
 PACKAGE = Path(merge.__file__).parent
 
@@ -140,7 +142,7 @@ def test_a_new_method_is_one_module_and_its_registration(pairs, tmp_path):
     registry.register(midpoint.SPEC)
     try:
         recipe = merge.Recipe.model_validate({"method": "midpoint", "base": str(base), "sft": str(sft)})
-        summary = merge.run(recipe, out=tmp_path / "o", chunk_elements=1000)
+        summary = merge.run(recipe, out=tmp_path / "o", options=Options.of(chunk_elements=1000))
     finally:
         registry.unregister("midpoint")
     b, s, out = load_tensors(base), load_tensors(sft), load_tensors(tmp_path / "o")
@@ -148,3 +150,14 @@ def test_a_new_method_is_one_module_and_its_registration(pairs, tmp_path):
     for name in s:
         assert torch.equal(out[name], (s[name] + b[name]) * 0.5), name
     assert "midpoint" not in registry.names()
+
+
+def test_dry_run_reads_bound_counts_each_kernels_statistics_passes(pairs):
+    """linear reads each input tensor once, slerp twice (its norms pass): the bound comes from Kernel.passes."""
+    base, sft = pairs("llama", torch.float32)
+    with safe_open(base / "model.safetensors", "pt") as b, safe_open(sft / "model.safetensors", "pt") as s:
+        once = sum(b.get_tensor(n).nbytes + s.get_tensor(n).nbytes for n in b.keys())
+    linear = merge.merge("linear", sft=sft, base=base, t=0.3, options=Options.of(dry_run=True))
+    slerp = merge.merge("slerp", sft=sft, base=base, t=0.3, options=Options.of(dry_run=True))
+    assert (linear.read_bytes, slerp.read_bytes) == (once, 2 * once)
+    assert f"reads at most {once / 1e9:.2f} GB" in linear.report()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import merge
 from merge.cli import main
+from merge.options import Options
 from tests.helpers import load_tensors
 
 INDEX = "model.safetensors.index.json"
@@ -286,7 +287,8 @@ def test_python_api_refuses_non_finite_outputs_unless_allowed(pairs, tmp_path):
         merge.merge("linear", sft=sft, base=base, t=1e308, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.warns(UserWarning):
-        merge.merge("linear", sft=sft, base=base, t=1e308, out=tmp_path / "out", allow_nonfinite=True)
+        merge.merge("linear", sft=sft, base=base, t=1e308, out=tmp_path / "out",
+                    options=Options.of(allow_nonfinite=True))
     assert not torch.isfinite(load_tensors(tmp_path / "out")["model.norm.weight"]).all()
 
 
@@ -359,7 +361,7 @@ def test_allow_unmatched_turns_the_error_into_a_warning(pairs, tmp_path):
     result = CliRunner().invoke(main, ["run", str(recipe), "-o", str(out), "--allow-unmatched", "-q"])
     assert result.exit_code == 0 and "warning:" in result.stderr and "'embedd' matches no tensor" in result.stderr
     with pytest.warns(UserWarning, match="embedd"):
-        merge.run(recipe, out=tmp_path / "py", allow_unmatched=True)
+        merge.run(recipe, out=tmp_path / "py", options=Options.of(allow_unmatched=True))
     with pytest.raises(merge.MergeError, match="embedd"):
         merge.run(recipe, out=tmp_path / "py2")
 

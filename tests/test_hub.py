@@ -25,6 +25,7 @@ from merge.cli import main
 from merge.errors import InputError
 from merge.hub import PushError
 from merge.io.resolve import ResolvedModel, infer_base
+from merge.options import Options
 from tests.checkpoints import make_pair
 
 MERGE_EXE = Path(sys.executable).with_name("merge")
@@ -149,7 +150,7 @@ def test_missing_repo_revision_and_private_repo_are_one_line_errors(hub_server, 
     assert not (tmp_path / "o").exists()
     # The Python API takes a token for private inputs.
     summary = merge.merge("linear", sft=hub_models.private_id, base=hub_models.base_id, t=0.5, out=tmp_path / "p",
-                          token=hub_server.read_token)
+                          options=Options.of(token=hub_server.read_token))
     assert summary.inputs["sft0"].repo_id == hub_models.private_id
 
 
@@ -232,8 +233,8 @@ def test_offline_merge_uses_the_warm_cache(hub_server, hub_models, local_merges,
 def test_push_public_round_trip_private_and_branch(hub_server, hub_models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     repo = hub_server.new_repo_id("recovered")
-    summary = merge.merge("slerp", sft=str(hub_models.sft), base=hub_models.base_id, t=0.3, push_to_hub=repo,
-                          token=hub_server.write_token)
+    summary = merge.merge("slerp", sft=str(hub_models.sft), base=hub_models.base_id, t=0.3,
+                          options=Options.of(push_to_hub=repo, token=hub_server.write_token))
     out = tmp_path / repo.split("/")[1]  # no out given: ./NAME
     assert summary.out == out and summary.pushed_to == f"{hub_server.endpoint}/{repo}"
     assert f"pushed to {hub_server.endpoint}/{repo}" in summary.report()

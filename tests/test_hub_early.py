@@ -25,6 +25,7 @@ import merge
 from merge.cli import main
 from merge.hub import HEADER_PROBE_BYTES, read_headers
 from merge.io.safetensors_file import read_header
+from merge.options import Options
 from tests.checkpoints import perturb, save_tokenizer
 
 MERGE_EXE = Path(sys.executable).with_name("merge")
@@ -140,8 +141,9 @@ def test_a_mismatched_hub_sft_fails_from_headers_before_any_weight_download(hub_
 
 def test_dry_run_and_merge_plan_read_headers_only(hub_server, folders, upload, tmp_path):
     base_id, sft_id = upload(folders["base"], "base"), upload(folders["sft"], "sft")
-    local = merge.merge("linear", sft=str(folders["sft"]), base=str(folders["base"]), t=0.5, dry_run=True)
-    summary = merge.merge("linear", sft=sft_id, base=base_id, t=0.5, dry_run=True)
+    local = merge.merge("linear", sft=str(folders["sft"]), base=str(folders["base"]), t=0.5,
+                        options=Options.of(dry_run=True))
+    summary = merge.merge("linear", sft=sft_id, base=base_id, t=0.5, options=Options.of(dry_run=True))
     assert (summary.tensors, summary.output_bytes, summary.shards) == (local.tensors, local.output_bytes, local.shards)
     assert summary.peak_bytes == local.peak_bytes
     assert summary.parameter_table == local.parameter_table
@@ -207,7 +209,7 @@ def test_a_local_lora_adapter_over_a_hub_base_is_planned_from_headers(hub_server
     model.save_pretrained(tmp_path / "adapter")
     base_id = upload(folders["base"], "base")
     merge.merge("linear", sft=str(tmp_path / "adapter"), base=str(folders["base"]), t=0.0, out=tmp_path / "local")
-    merge.merge("linear", sft=str(tmp_path / "adapter"), base=base_id, t=0.0, dry_run=True)
+    merge.merge("linear", sft=str(tmp_path / "adapter"), base=base_id, t=0.0, options=Options.of(dry_run=True))
     assert_no_weights_downloaded(hub_server, base_id, folders["base"])
     assert len(weight_reads(hub_server, base_id)) == 1  # the adapter and the run share one header read
     merge.merge("linear", sft=str(tmp_path / "adapter"), base=base_id, t=0.0, out=tmp_path / "hub")

@@ -12,6 +12,7 @@ import merge
 from merge.cli import main
 from merge.io.lora import LoraAdapter
 from merge.methods.reference import slerp as slerp_fn
+from merge.options import Options
 from tests.checkpoints import make_model
 from tests.helpers import load_logits, load_tensors
 
@@ -104,8 +105,9 @@ def test_linear_task_arithmetic_and_slerp_follow_the_formulas(adapters, tmp_path
 
 def test_output_is_independent_of_chunking_and_threads(adapters, tmp_path):
     base, folder, _, _ = adapters("dora")
-    merge.merge("linear", sft=folder, base=base, t=0.25, out=tmp_path / "a", threads=1)
-    merge.merge("linear", sft=folder, base=base, t=0.25, out=tmp_path / "b", threads=3, chunk_elements=100)
+    merge.merge("linear", sft=folder, base=base, t=0.25, out=tmp_path / "a", options=Options.of(threads=1))
+    merge.merge("linear", sft=folder, base=base, t=0.25, out=tmp_path / "b",
+                options=Options.of(threads=3, chunk_elements=100))
     a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -7,6 +7,7 @@ import torch
 
 import merge
 from merge.methods.reference import slerp as slerp_fn
+from merge.options import Options
 from tests.helpers import file_bytes, index, load_logits, load_tensors
 
 
@@ -101,8 +102,8 @@ def test_deterministic_across_threads_chunks_and_memory_budgets(pairs, tmp_path,
     outs = []
     runs = [(1, 1 << 22, None), (3, 1000, "256MB"), (2, 777, None), (2, 512, "1080KB")]
     for i, (threads, chunk, memory) in enumerate(runs):
-        merge.merge(method, sft=sft if method == "slerp" else [sft], base=base, out=tmp_path / f"o{i}",
-                    threads=threads, chunk_elements=chunk, memory=memory, **kw)
+        merge.merge(method, sft=sft if method == "slerp" else [sft], base=base, out=tmp_path / f"o{i}", **kw,
+                    options=Options.of(threads=threads, chunk_elements=chunk, memory=memory))
         outs.append(file_bytes(tmp_path / f"o{i}"))
     assert outs[0] == outs[1] == outs[2] == outs[3]
 

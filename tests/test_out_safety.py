@@ -16,6 +16,7 @@ import merge
 from merge.cli import _resume_command, main
 from merge.errors import MergeError
 from merge.io import output
+from merge.options import Options
 from tests.helpers import file_bytes
 from tests.test_resume import _start_and_stop
 
@@ -94,7 +95,7 @@ def test_python_api_refuses_out_equal_to_the_sft(models):
     base, sft = models
     before = snapshot(sft)
     with pytest.raises(MergeError, match="is the folder of SFT"):
-        merge.merge("linear", sft=sft, base=base, t=0.5, out=sft, force=True)
+        merge.merge("linear", sft=sft, base=base, t=0.5, out=sft, options=Options.of(force=True))
     assert snapshot(sft) == before
 
 
@@ -134,7 +135,7 @@ def test_force_refuses_a_user_folder_and_a_file(models, tmp_path):
     assert snapshot(tmp_path) == before
     (tmp_path / "f").write_text("a file")
     with pytest.raises(MergeError, match="is a file"):  # (the CLI's -o already refuses a file)
-        merge.merge("linear", sft=sft, base=base, t=0.5, out=tmp_path / "f", force=True)
+        merge.merge("linear", sft=sft, base=base, t=0.5, out=tmp_path / "f", options=Options.of(force=True))
     assert (tmp_path / "f").read_text() == "a file"
 
 
@@ -183,7 +184,7 @@ def test_resume_of_a_finished_output_is_a_no_op(models, tmp_path):
     assert "already complete" in r.output and "nothing written" in r.output
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o"]
-    summary = merge.merge("linear", sft=sft, base=base, t=0.3, out=out, resume=True)
+    summary = merge.merge("linear", sft=sft, base=base, t=0.3, out=out, options=Options.of(resume=True))
     assert summary.already_complete and snapshot(out) == before
 
 

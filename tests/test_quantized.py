@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import merge
 from merge.cli import main
+from merge.options import Options
 from tests.helpers import load_logits, load_tensors
 
 BLOCK = [12, 12]  # tiny Llama shapes (32, 16, 64) are not multiples of it: partial blocks at the edges
@@ -111,7 +112,8 @@ def test_dequantising_view_of_any_range_equals_the_reference(fp8):
 def test_linear_dequantises_fp8_and_merges_in_float32(fp8, tmp_path, sides, t, chunk):
     base = fp8["fp8_base"]
     sft = fp8["fp8_sft"] if sides == "both" else fp8["sft"]
-    summary = merge.merge("linear", sft=sft, base=base, t=t, out=tmp_path / "o", chunk_elements=chunk)
+    summary = merge.merge("linear", sft=sft, base=base, t=t, out=tmp_path / "o",
+                          options=Options.of(chunk_elements=chunk))
     b = float_view(base)
     s = float_view(sft) if sides == "both" else {n: w.float() for n, w in load_file(sft / "model.safetensors").items()}
     out = load_tensors(tmp_path / "o")
@@ -321,7 +323,8 @@ def test_dtype_fp8_writes_block_scaled_fp8_back(fp8, tmp_path, sides, chunk):
 
     base = fp8["fp8_base"]
     sft = fp8["fp8_sft"] if sides == "both" else fp8["sft"]
-    summary = merge.merge("linear", sft=sft, base=base, t=0.3, out=tmp_path / "o", dtype="fp8", chunk_elements=chunk)
+    summary = merge.merge("linear", sft=sft, base=base, t=0.3, out=tmp_path / "o", dtype="fp8",
+                          options=Options.of(chunk_elements=chunk))
     assert any("--dtype fp8" in n and "FP8 block-scaled (12x12)" in n for n in summary.notes)
     b = float_view(base)
     s = float_view(sft) if sides == "both" else {n: w.float() for n, w in load_file(sft / "model.safetensors").items()}
@@ -351,8 +354,10 @@ def test_dtype_fp8_writes_block_scaled_fp8_back(fp8, tmp_path, sides, chunk):
 
 def test_dtype_fp8_bytes_do_not_depend_on_chunks_threads_or_shards(fp8, tmp_path):
     args = dict(sft=fp8["sft"], base=fp8["fp8_base_16x24"], t=0.4, dtype="fp8")
-    merge.merge("slerp", out=tmp_path / "a", threads=1, **args)
-    merge.merge("slerp", out=tmp_path / "b", threads=3, chunk_elements=250, max_shard_size="8KB", **args)
+    merge.merge("slerp", out=tmp_path / "a", **args,
+                options=Options.of(threads=1))
+    merge.merge("slerp", out=tmp_path / "b", max_shard_size="8KB", **args,
+                options=Options.of(threads=3, chunk_elements=250))
     assert len(list((tmp_path / "b").glob("*.safetensors"))) > 2
     a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
     assert set(a) == set(b) and all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)

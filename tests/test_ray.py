@@ -26,6 +26,7 @@ from merge.cli import main
 from merge.errors import InputError
 from merge.io.manifest import MANIFEST_NAME
 from merge.io.output import staging_dir
+from merge.options import Options
 from tests.checkpoints import make_model
 from tests.helpers import file_bytes
 
@@ -104,7 +105,7 @@ def test_single_file_ties_is_split_across_workers(cluster, pairs, tmp_path):
     kw = dict(method="task_arithmetic", sft=sft, base=base, scale=0.7, sparsify="magnitude", density=0.3)
     reference = _local(tmp_path, "ties", **kw)
     out = tmp_path / "ray"
-    summary = merge.merge(out=out, ray="auto", workers=2, memory=MEMORY, **kw)
+    summary = merge.merge(out=out, **kw, options=Options.of(ray="auto", workers=2, memory=MEMORY))
     assert list(file_bytes(out)) == ["model.safetensors"]
     assert summary.cluster.units == 4  # one file, cut into tensor ranges: 2 per worker
     assert _outputs(out) == reference
@@ -119,7 +120,7 @@ def test_lora_sft_equals_local(cluster, pairs, tmp_path):
     kw = dict(method="linear", sft=adapter, base=base, t=0.25, max_shard_size="40KB")
     reference = _local(tmp_path, "lora", **kw)
     out = tmp_path / "ray"
-    merge.merge(out=out, ray="auto", memory=MEMORY, **kw)
+    merge.merge(out=out, **kw, options=Options.of(ray="auto", memory=MEMORY))
     assert _outputs(out) == reference
 
 
@@ -135,7 +136,7 @@ def test_killed_worker_is_retried_and_output_identical(cluster, pairs, tmp_path,
 
     def drive():
         try:
-            outcome["summary"] = merge.merge(out=out, ray="auto", memory=MEMORY, **kw)
+            outcome["summary"] = merge.merge(out=out, **kw, options=Options.of(ray="auto", memory=MEMORY))
         except BaseException as e:  # noqa: BLE001
             outcome["error"] = e
 
@@ -171,7 +172,7 @@ def test_lost_node_its_units_rerun_elsewhere_and_output_identical(cluster, pairs
 
     def drive():
         try:
-            outcome["summary"] = merge.merge(out=out, ray="auto", memory=MEMORY, **kw)
+            outcome["summary"] = merge.merge(out=out, **kw, options=Options.of(ray="auto", memory=MEMORY))
         except BaseException as e:  # noqa: BLE001
             outcome["error"] = e
 
@@ -239,7 +240,7 @@ def test_killed_driver_resumes_from_the_journal(cluster, pairs, tmp_path):
             child.kill()
             child.wait()
     assert not out.exists() and journaled() == 1
-    summary = merge.merge(out=out, ray=cluster.address, memory=MEMORY, resume=True, **kw)
+    summary = merge.merge(out=out, **kw, options=Options.of(ray=cluster.address, memory=MEMORY, resume=True))
     assert any("reusing 1 of 12 shard(s)" in w for w in summary.warnings)
     assert summary.cluster.units == 11  # finished shards are never redone
     assert _outputs(out) == reference
@@ -254,7 +255,7 @@ def test_staging_invisible_to_a_node_is_one_clear_error(cluster, pairs, tmp_path
     out = tmp_path / "ray"
     try:
         with pytest.raises(InputError, match=r"^--ray: node \S+ cannot see .* put -o on storage every node mounts"):
-            merge.merge("linear", sft=sft, base=base, t=0.3, out=out, ray="auto", memory=MEMORY)
+            merge.merge("linear", sft=sft, base=base, t=0.3, out=out, options=Options.of(ray="auto", memory=MEMORY))
     finally:
         cluster.remove_node(blind)
         cluster.wait_for_nodes()
@@ -282,9 +283,10 @@ def test_ray_missing_is_one_line(pairs, tmp_path):
 def test_workers_without_ray_and_ray_with_dry_run_are_errors(pairs, tmp_path):
     base, sft = pairs("llama", torch.float32)
     with pytest.raises(InputError, match="^--workers needs --ray"):
-        merge.merge("linear", sft=sft, base=base, t=0.3, out=tmp_path / "a", workers=2)
+        merge.merge("linear", sft=sft, base=base, t=0.3, out=tmp_path / "a", options=Options.of(workers=2))
     with pytest.raises(InputError, match="^--ray has no effect with --dry-run"):
-        merge.merge("linear", sft=sft, base=base, t=0.3, out=tmp_path / "b", ray="local", dry_run=True)
+        merge.merge("linear", sft=sft, base=base, t=0.3, out=tmp_path / "b",
+                    options=Options.of(ray="local", dry_run=True))
     assert not any(tmp_path.iterdir())
 
 
@@ -319,7 +321,7 @@ def test_hub_inputs_are_fetched_at_the_pinned_commit_by_the_workers(cluster, hub
     reference = tmp_path / "local"
     merge.merge(out=reference, base=base, **kw)
     out = tmp_path / "ray"
-    summary = merge.merge(out=out, base=base_id, ray="auto", memory=MEMORY, **kw)
+    summary = merge.merge(out=out, base=base_id, **kw, options=Options.of(ray="auto", memory=MEMORY))
     assert summary.inputs["base"].revision == commit and summary.cluster.units == 12
     assert file_bytes(out) == file_bytes(reference)
 
@@ -351,6 +353,6 @@ def test_fp8_inputs_and_output_split_across_workers_equal_local(cluster, pairs, 
     kw = dict(method="slerp", sft=fp8_sft, base=fp8_base, t=0.3, dtype="fp8")
     reference = _local(tmp_path, "fp8", **kw)
     out = tmp_path / "ray"
-    summary = merge.merge(out=out, ray="auto", workers=2, memory=MEMORY, **kw)
+    summary = merge.merge(out=out, **kw, options=Options.of(ray="auto", workers=2, memory=MEMORY))
     assert list(file_bytes(out)) == ["model.safetensors"] and summary.cluster.units == 4
     assert _outputs(out) == reference

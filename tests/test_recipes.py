@@ -14,6 +14,7 @@ import merge
 from merge.cli import main
 from merge.errors import InputError
 from merge.execute import estimate_peak_bytes
+from merge.options import Options
 from merge.recipes.loading import parse_text
 from merge.recipes.mergekit import MergekitRecipe
 from merge.recipes.operations import operations_for
@@ -124,6 +125,21 @@ def test_mergekit_frankenmerge_slices_are_refused_when_they_do_not_cover_all_lay
         merge.run(recipe, out=tmp_path / "o")
 
 
+@pytest.mark.parametrize("body, expected", [
+    ("parameters: {{weight: 1}}\nmodels:\n  - model: {sft}\n    parameters: {{weight: heavy}}\n  - model: {base}\n",
+     r"^\S*/r\.yaml:5: models\.0\.parameters: weight must be a number, got 'heavy'"),
+    ("parameters: {{weight: 1}}\nslices:\n  - sources: [{{model: {sft}, layer_range: [0, 2]}}, "
+     "{{model: {base}, layer_range: [0, 2]}}]\n", r"^\S*/r\.yaml:3: slices: the slices cover layers \[0, 2\)"),
+])
+def test_mergekit_errors_found_while_planning_name_the_recipe_line(pairs, tmp_path, body, expected):
+    base, sft = pairs("llama", torch.float32)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: linear\n" + body.format(sft=sft, base=base))
+    with pytest.raises(InputError, match=expected):
+        merge.run(recipe, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 # -- plan, convert, reproduction -----------------------------------------------------------------------------
 def test_plan_prints_the_table_size_shards_and_peak_estimate(pairs, tmp_path):
     base, sft = pairs("llama", torch.float32)
@@ -142,7 +158,7 @@ def test_plan_prints_the_table_size_shards_and_peak_estimate(pairs, tmp_path):
 def test_peak_estimate_reflects_threads_and_chunks(pairs):
     base, sft = pairs("llama", torch.float32)
     summary = merge.merge("task_arithmetic", sft=[sft], base=base, scale=0.5, sparsify="magnitude", density=0.5,
-                          dry_run=True)
+                          options=Options.of(dry_run=True))
     assert summary.peak_bytes > 2 * (1 << 16) * 8
     plan = _plan(base, sft)
     one, two = estimate_peak_bytes(plan, 1, 1 << 10), estimate_peak_bytes(plan, 2, 1 << 10)

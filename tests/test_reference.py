@@ -8,6 +8,7 @@ import torch
 
 import merge
 from merge.methods import reference
+from merge.options import Options
 
 from .helpers import load_tensors
 
@@ -38,7 +39,7 @@ def test_task_arithmetic_streams_what_the_reference_computes(pairs, tmp_path, ca
     kw = TA_CASES[case]
     sign = case in ("ties", "plain")
     merge.merge("task_arithmetic", sft=[s0, s1], base=base, scale=[0.6, 0.9], sign_consensus=sign,
-                out=tmp_path / "o", chunk_elements=chunk, **kw)
+                out=tmp_path / "o", **kw, options=Options.of(chunk_elements=chunk))
     b, fine, out = load_tensors(base), [load_tensors(s0), load_tensors(s1)], load_tensors(tmp_path / "o")
     for name in b:
         x, fs = b[name].float(), [f[name].float() for f in fine]
@@ -53,7 +54,7 @@ def test_task_arithmetic_streams_what_the_reference_computes(pairs, tmp_path, ca
 @pytest.mark.parametrize("method", ["linear", "slerp"])
 def test_interpolations_stream_what_the_reference_computes(pairs, tmp_path, method):
     base, sft = pairs("llama", torch.float32, scale=0.5)
-    merge.merge(method, sft=sft, base=base, t=0.4, out=tmp_path / "o", chunk_elements=1 << 17)
+    merge.merge(method, sft=sft, base=base, t=0.4, out=tmp_path / "o", options=Options.of(chunk_elements=1 << 17))
     b, s, out = load_tensors(base), load_tensors(sft), load_tensors(tmp_path / "o")
     for name in s:
         expected = reference.slerp_textbook(s[name], b[name], 0.4) if method == "slerp" else \

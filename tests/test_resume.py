@@ -20,6 +20,7 @@ import merge
 from merge.cli import main
 from merge.io import output
 from merge.io.manifest import MANIFEST_NAME
+from merge.options import Options
 from tests.helpers import file_bytes
 
 SHARD = "16KB"  # the tiny float32 llama (~136 KB) becomes 12 shards of a few tensors each
@@ -141,7 +142,7 @@ def test_resume_rewrites_a_damaged_shard_and_reuses_the_rest(pair_and_reference,
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match=f"reusing {len(done) - 1} of 12 shard.*rewriting 1"):
-        merge.merge("linear", sft=sft, base=base, t=0.3, out=out, max_shard_size=SHARD, resume=True)
+        merge.merge("linear", sft=sft, base=base, t=0.3, out=out, max_shard_size=SHARD, options=Options.of(resume=True))
     assert _outputs(out) == reference
 
 

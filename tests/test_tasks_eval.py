@@ -24,6 +24,7 @@ from merge.evaluate.benchmark import forgetting, load_model
 from merge.evaluate.cache import ResultCache, TaskEvaluator, candidate_fingerprint
 from merge.evaluate.harness import EvalSettings
 from merge.evaluate.tasks import TaskSuite
+from merge.options import Options
 
 TASKS = Path(__file__).with_name("tasks")
 NAMES = ["tiny_gen", "tiny_ll", "tiny_mc"]
@@ -201,7 +202,8 @@ def test_merge_evaluate_forgetting_and_recovery(pairs, tmp_path):
                            cache_dir=tmp_path / "cache", threads=1)
     assert [m.cached for m in again.models] == [3, 3, 3]
     assert again.to_dict()["models"][2]["scores"] == data["models"][2]["scores"]
-    merge.merge("linear", sft=str(sft), base=str(base), t=0.2, out=str(mid), force=True)  # same name, new weights
+    merge.merge("linear", sft=str(sft), base=str(base), t=0.2, out=str(mid),
+                options=Options.of(force=True))  # same name, new weights
     changed = merge.evaluate([str(mid)], base=str(base), sft=str(sft), general_tasks=f"{TASKS}/tiny_mc.yaml",
                              apply_chat_template=False, cache_dir=tmp_path / "cache", threads=1)
     assert [m.cached for m in changed.models] == [1, 1, 0]

@@ -11,6 +11,7 @@ import yaml
 import merge
 from merge.errors import InputError
 from merge.methods.reference import slerp as slerp_fn
+from merge.options import Options
 from tests.checkpoints import perturb, save_tokenizer, tiny_config
 from tests.helpers import load_tensors
 
@@ -230,7 +231,7 @@ def test_card_lists_only_hub_inputs_as_base_model(tie_models, tmp_path, monkeypa
 
 def test_dry_run_of_slerp_prints_no_computed_statistics(tie_models):
     summary = merge.merge("slerp", sft=tie_models[("sft", False)], base=tie_models[("base", False)], t=0.3,
-                          dry_run=True)
+                          options=Options.of(dry_run=True))
     text = summary.report()
     assert "took the spherical branch" not in text and "fell back" not in text and " deg" not in text
     assert "slerp: each tensor's angle between the two inputs is computed while merging" in text
@@ -248,11 +249,12 @@ def test_task_arithmetic_summary_and_card_state_every_setting(pairs, tmp_path):
     method = (tmp_path / "dare" / "README.md").read_text().split("## Method")[1].split("## Inputs")[0]
     assert "Sparsify: random" in method and "density 0.5, seed 7" in method and "Sign consensus: sum" in method
     plain = merge.merge("task_arithmetic", sft=[s0], base=base, scale=0.7, sparsify="breadcrumbs", density=0.4,
-                        gamma=0.05, dry_run=True).report().splitlines()
+                        gamma=0.05, options=Options.of(dry_run=True)).report().splitlines()
     assert f"scale: 0.7 (SFT {s0})" in plain and "sign consensus: none" in plain
     assert ("sparsify: breadcrumbs (the largest gamma and the smallest entries dropped), density 0.4, gamma 0.05"
             in plain)
-    whole = merge.merge("task_arithmetic", sft=[s0], base=base, scale=0.7, dry_run=True).report().splitlines()
+    whole = merge.merge("task_arithmetic", sft=[s0], base=base, scale=0.7,
+                        options=Options.of(dry_run=True)).report().splitlines()
     assert "sparsify: none (whole deltas are added)" in whole
 
 

@@ -98,7 +98,10 @@ class BinFile:
 
 
 class Checkpoint:
-    """The tensors of one model folder, by name, read lazily from its weight files."""
+    """The tensors of one model folder, by name, read lazily from its weight files (a
+    :class:`~merge.plan.TensorSource`)."""
+
+    reads_files = True
 
     def __init__(self, path: str | os.PathLike, role: str = "model"):
         self.path = Path(path)
@@ -190,6 +193,13 @@ class Checkpoint:
     def view(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Flat elements [start, stop) of ``name`` in its stored dtype, zero-copy where possible."""
         return self._where[name].view(name, start, stop)
+
+    def view_dtype(self, name: str) -> torch.dtype:
+        return self.info(name).dtype
+
+    @property
+    def side_files_path(self) -> Path:
+        return self.path
 
     def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """Copy flat elements [start, start + out.numel()) of ``name`` (stored dtype) into ``out``."""

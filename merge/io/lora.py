@@ -281,6 +281,15 @@ class LoraAdapter:
             return replace(self.file.tensors[self.replaced[name]], name=name, dtype=base_info.dtype)
         return base_info
 
+    reads_files = False  # changed tensors are computed
+
+    def view_dtype(self, name: str) -> torch.dtype:
+        if name in self.targets:
+            return torch.float64 if self.info(name).dtype == torch.float64 else torch.float32
+        if name in self.replaced:
+            return self.file.tensors[self.replaced[name]].dtype
+        return self.base.view_dtype(name)
+
     def changes(self, name: str) -> bool:
         """Whether the fine-tuned tensor differs from the base's (targeted or replaced by the adapter)."""
         return name in self.targets or name in self.replaced

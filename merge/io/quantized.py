@@ -176,8 +176,17 @@ class DequantisedCheckpoint:
         info = self.checkpoint.info(name)
         return replace(info, dtype=DEQUANTISED_DTYPE) if name in self.quantisation.scales else info
 
+    reads_files = False  # weights are dequantised on read
+
     def is_quantised(self, name: str) -> bool:
         return name in self.quantisation.scales
+
+    def view_dtype(self, name: str) -> torch.dtype:
+        return torch.float32 if self.is_quantised(name) else self.checkpoint.view_dtype(name)
+
+    @property
+    def side_files_path(self):
+        return self.checkpoint.side_files_path
 
     def view(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Flat elements [start, stop); a quantised weight's covering rows are dequantised, in float32."""

@@ -11,7 +11,7 @@ into the executor.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -141,7 +141,10 @@ class MethodSpec:
     - ``mergekit``: the mergekit methods it runs, ``plan_mergekit(variant, recipe, resolver, name)``,
       ``check_mergekit(variant, recipe)`` and ``convert(variant, recipe, chains, fields, problems, notes)``
       (our format's equivalent, for ``merge convert``); ``mergekit_legend``;
-    - ``sweepable``: ``merge sweep`` can evaluate it in place.
+    - ``sweepable``: ``merge sweep`` can evaluate it in place;
+    - ``python_params``: the keywords ``merge.merge(method, ...)`` (and the CLI command) take for it;
+      ``python_fields(sfts, params)`` turns them into recipe fields (default: ``sft`` plus the keywords as
+      they are); ``hints``: a better line than "only for <other method>" for a keyword it does not take.
     """
 
     name: str
@@ -161,3 +164,12 @@ class MethodSpec:
     convert: Callable[..., None] | None = None
     mergekit_legend: str = ""
     sweepable: bool = False
+    python_params: tuple[str, ...] = ()
+    python_fields: Callable[[list[str], dict], dict] | None = None
+    hints: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    def recipe_fields(self, sfts: list[str], params: dict) -> dict:
+        """The recipe fields of ``merge.merge(self.name, sfts, base, **params)`` (base and options aside)."""
+        if self.python_fields is not None:
+            return self.python_fields(sfts, params)
+        return {"sft": sfts, **params}

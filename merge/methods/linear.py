@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, Field, field_validator
 
+from ..keys import BASE, PRIMARY
 from ..params import Value, finite_value
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 
@@ -124,8 +125,8 @@ INTERPOLATION_LEGEND = "t (share of the base: 0 = SFT, 1 = base)"
 def _plan(recipe, values, name: str) -> Planned:
     t = values.t_of(name)
     if t == 0:
-        return Planned(Copy(("sft0",)), f"{t:g}", t)
-    return Planned(Linear(("sft0", "base"), (1.0 - t, t)), f"{t:g}", t)
+        return Planned(Copy((PRIMARY,)), f"{t:g}", t)
+    return Planned(Linear((PRIMARY, BASE), (1.0 - t, t)), f"{t:g}", t)
 
 
 def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
@@ -182,4 +183,5 @@ SPEC = MethodSpec(
     convert=_convert,
     mergekit_legend="mergekit weight of each model ({order})",
     sweepable=True,
+    python_params=("t",),
 )

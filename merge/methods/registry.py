@@ -103,6 +103,22 @@ def chunk_elements(op: Operation, shape: tuple[int, ...], numel: int, chunk: int
     return kernel_chunk(chunk, granule, numel)
 
 
+def check_python_params(spec: MethodSpec, params: dict) -> None:
+    """Refuse a ``merge.merge``/CLI keyword ``spec`` does not take (one line naming the option and the fix):
+    it would have no effect."""
+    for name, value in params.items():
+        if value is None or value is False or name in spec.python_params:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in spec.hints:
+            raise InputError(f"{flag}: {spec.hints[name]}")
+        owners = [s.name.replace("_", "-") for s in _METHODS.values() if name in s.python_params]
+        if owners:
+            raise InputError(f"{flag}: only for {', '.join(owners)}; {spec.name.replace('_', '-')} has no effect of it")
+        known = ", ".join(spec.python_params) or "none"
+        raise InputError(f"{name}: not a parameter of {spec.name} (its parameters: {known})")
+
+
 def sweepable() -> tuple[str, ...]:
     """The methods ``merge sweep`` evaluates in place."""
     return tuple(n for n, s in _METHODS.items() if s.sweepable)

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from ..keys import BASE, PRIMARY
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 from .linear import INTERPOLATION_LEGEND, InterpolationParams, check_interpolation, linear
 
@@ -127,8 +128,8 @@ class SlerpKernel(KernelBase):
 def _plan(recipe, values, name: str) -> Planned:
     t = values.t_of(name)
     if t == 0:
-        return Planned(Copy(("sft0",)), f"{t:g}", t)
-    return Planned(Slerp(("sft0", "base"), t=t), f"{t:g}", t)
+        return Planned(Copy((PRIMARY,)), f"{t:g}", t)
+    return Planned(Slerp((PRIMARY, BASE), t=t), f"{t:g}", t)
 
 
 def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
@@ -182,4 +183,5 @@ SPEC = MethodSpec(
     convert=_convert,
     mergekit_legend="mergekit t (share of the non-base model: 0 = base_model)",
     sweepable=True,
+    python_params=("t",),
 )

@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, Field, field_validator
 
+from ..errors import InputError
 from ..params import Bool, Sparsify, Value, finite_value
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 from .chunks import Chunk, sample_ranges
@@ -442,6 +443,41 @@ def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: 
                              "distribution, different entries")
 
 
+# -- merge.merge / CLI keywords ----------------------------------------------------------------------------------
+PYTHON_PARAMS = ("scale", "sparsify", "density", "gamma", "seed", "sign_consensus")
+
+
+def _python_fields(sfts: list[str], params: dict) -> dict:
+    """``scale`` (one for all SFTs or one per SFT), ``sparsify`` with ``density`` (``gamma``: breadcrumbs,
+    ``seed``: random) and ``sign_consensus`` as recipe fields; options without effect are refused."""
+    scale, sparsify, density = params.get("scale"), params.get("sparsify"), params.get("density")
+    gamma, seed, consensus = params.get("gamma"), params.get("seed"), params.get("sign_consensus", False)
+    if sparsify is None:
+        for name, v in (("--density", density), ("--gamma", gamma), ("--seed", seed)):
+            if v is not None:
+                raise InputError(f"{name}: has no effect without --sparsify magnitude|random|breadcrumbs")
+    else:
+        if gamma is not None and sparsify != "breadcrumbs":
+            raise InputError(f"--gamma: only breadcrumbs drops the largest entries; --sparsify {sparsify} has "
+                             "no gamma (drop --gamma)")
+        if seed is not None and sparsify != "random":
+            raise InputError(f"--seed: only --sparsify random draws random masks; --sparsify {sparsify} is "
+                             "deterministic (drop --seed)")
+        if density is None:
+            raise InputError("--sparsify needs --density (the fraction of each delta kept, 0..1]")
+    if consensus and len(sfts) < 2:
+        raise InputError("--sign-consensus: elects signs across several SFTs; with one --sft it has no effect "
+                         "(drop it or add another --sft)")
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(sfts)
+    if len(scales) != len(sfts):
+        raise InputError(f"--scale: give one scale for all SFTs or one per SFT ({len(sfts)}), got {len(scales)}")
+    fields = {"sft": [{"model": s, "scale": sc} for s, sc in zip(sfts, scales)], "sign_consensus": consensus}
+    if sparsify:
+        fields["sparsify"] = {"method": sparsify, "density": density}
+        fields["sparsify"].update({k: v for k, v in (("gamma", gamma), ("seed", seed)) if v is not None})
+    return fields
+
+
 # -- summary and card wording ----------------------------------------------------------------------------------
 _SPARSIFY = {"magnitude": "magnitude (TIES trimming: the largest |delta| entries kept)",
              "random": "random (DARE: entries kept at random)",
@@ -519,4 +555,8 @@ SPEC = MethodSpec(
     convert=_convert,
     mergekit_legend="mergekit weight of each model's delta (d = density)",
     sweepable=True,
+    python_params=PYTHON_PARAMS,
+    python_fields=_python_fields,
+    hints={"t": "task-arithmetic uses --scale (the multiplier of each delta; scale 1-t equals linear with t), "
+                "not --t"},
 )

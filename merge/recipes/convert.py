@@ -14,10 +14,9 @@ from collections.abc import Callable
 
 from ..errors import InputError
 from ..methods import registry
+from ..tensor_names import OUTSIDE_LAYERS
 from .mergekit import MergekitRecipe, method_params
 from .schema import Recipe
-
-OUTSIDE_LAYERS = r"^(?!.*(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+(?:\.|$))"
 
 
 class _Unexpressible(Exception):

@@ -43,9 +43,7 @@ def parse_text(text: str, source: str = "recipe"):
 
     node, data = parse_yaml(text, source)
     if "merge_method" in data:
-        recipe = validate(MergekitRecipe, data, node, source, MergekitRecipe.known_keys)
-        recipe._source_text = text
-        return recipe
+        return validate(MergekitRecipe, data, node, source, MergekitRecipe.known_keys)
     return validate(Recipe, data, node, source, Recipe.known_keys)
 
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 from ..errors import InputError
+from ..keys import BASE, PRIMARY
 from ..methods import registry
 from ..methods.base import ParamSpec
 from ..tensor_names import Structure
@@ -86,8 +87,8 @@ class MergekitRecipe(_Loose):
     tokenizer: dict[str, Any] | None = None
     chat_template: str | None = None
     mergeback: MergebackOptions | None = None
-    _source_text: str = PrivateAttr("")
-    _lines: dict = PrivateAttr(default_factory=dict)
+    _lines: dict = PrivateAttr(default_factory=dict)  # key path -> line in the file it was read from
+    _source: str = PrivateAttr("recipe")
 
     # -- validation ------------------------------------------------------------------------------------------
     @model_validator(mode="after")
@@ -193,7 +194,7 @@ class MergekitRecipe(_Loose):
     @property
     def primary(self) -> str:
         """Output layout, config and tokenizer come from base_model, else the first model (as in mergekit)."""
-        return "base" if self.base_model is not None else "sft0"
+        return BASE if self.base_model is not None else PRIMARY
 
     @property
     def method(self) -> str:
@@ -280,10 +281,6 @@ class MergekitRecipe(_Loose):
                 if "layer_range" in src:
                     src["layer_range"] = list(src["layer_range"])
         return yaml.safe_dump(data, sort_keys=False)
-
-    def line_of(self, path: tuple) -> int | None:
-        """The line of a key path in the file this recipe was read from (None when unknown)."""
-        return self._lines.get(path)
 
 
 def _check_setting(value, path: str) -> None:

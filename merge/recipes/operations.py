@@ -13,8 +13,7 @@ from collections.abc import Callable
 from ..errors import InputError
 from ..methods import registry
 from ..methods.base import Operation, Planned
-from ..tensor_names import Structure
-from .convert import OUTSIDE_LAYERS
+from ..tensor_names import OUTSIDE_LAYERS, Structure
 from .mergekit import MergekitRecipe, Resolver
 from .schema import BottomKSchedule, LinesSchedule, Recipe
 from .values import matches, value_for

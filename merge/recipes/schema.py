@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 
 from ..errors import InputError
+from ..keys import PRIMARY
 from ..params import Bool, Int, Number, Rule, Sparsify, Value  # noqa: F401  (Rule, Sparsify, Bool: re-exported)
 from .yaml_source import model_keys, parse_yaml, validate
 
@@ -117,7 +118,7 @@ class Recipe(BaseModel):
     @property
     def primary(self) -> str:
         """The input whose layout, config and tokenizer the output takes: the (first) SFT."""
-        return "sft0"
+        return PRIMARY
 
     @property
     def output_dtype(self) -> str | None:

@@ -137,6 +137,20 @@ def locate_message(msg: str, node, source: str) -> str:
     return f"{source}:{_line(node)}: {msg}"
 
 
+def locate_after(recipe, msg: str) -> str:
+    """``key.path: message`` raised after validation (planning), with the file and line of the longest
+    prefix of that key path the recipe's file has; unchanged for recipes not read from a file."""
+    lines: dict = getattr(recipe, "_lines", None) or {}
+    m = re.match(r"^([\w.]+): ", msg)
+    if not lines or not m or re.match(r"^[^:\s]+:\d+: ", msg):
+        return msg
+    path = tuple(int(p) if p.isdigit() else p for p in m.group(1).split("."))
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines:
+            return f"{recipe._source}:{lines[path[:n]]}: {msg}"
+    return msg
+
+
 def walk(node, loc) -> tuple[list[str], int]:
     """Follow ``loc`` through the YAML node tree as far as it goes: (the keys found, the line reached).
 

@@ -21,6 +21,7 @@ import torch
 from ..errors import InputError, MergeError
 from ..execute import first_nonfinite
 from ..io.writer import format_size
+from ..keys import BASE, PRIMARY
 from ..methods import registry
 from ..methods.base import Copy
 from ..methods.chunks import CHUNK_ELEMENTS, chunk_ranges
@@ -39,7 +40,7 @@ class InPlaceModel:
     def __init__(self, models: dict, labels: dict, device: torch.device, template_recipe,
                  eval_dtype: torch.dtype | None = None):
         self.models, self.labels, self.device = models, labels, device
-        self.primary = "sft0"
+        self.primary = PRIMARY
         self.n_layers = Structure.of(models[self.primary].config, models[self.primary].names())
         layout = self.plan(template_recipe)
         check_memory(layout, models, device)
@@ -50,7 +51,7 @@ class InPlaceModel:
         for job in layout.jobs:
             if job.name not in self.params:
                 continue
-            for key in ("sft0", "base"):
+            for key in (PRIMARY, BASE):
                 name = job.source_name(key)
                 if key in models and name in models[key] and (key, name) not in self.inputs:
                     self.inputs[(key, name)] = models[key].view(name).to(device, copy=True)
@@ -241,7 +242,7 @@ def estimate_bytes(layout: Plan, models: dict) -> int:
     for job in layout.jobs:
         total += job.numel * max(job.out_dtype.itemsize, 4)
         largest = max(largest, job.numel)
-        for key in ("sft0", "base"):
+        for key in (PRIMARY, BASE):
             name = job.source_name(key)
             if key in models and name in models[key]:
                 total += job.numel * _read_itemsize(models[key], name)
@@ -249,15 +250,9 @@ def estimate_bytes(layout: Plan, models: dict) -> int:
 
 
 def _read_itemsize(model, name: str) -> int:
-    """Bytes per element that ``view`` returns (a LoRA adapter computes changed tensors in float32)."""
-    info = model.info(name)
-    changes = getattr(model, "changes", None)
-    if changes is not None and changes(name):
-        return max(4, info.dtype.itemsize)
-    quantised = getattr(model, "is_quantised", None)  # FP8 weights are dequantised to float32
-    if quantised is not None and quantised(name):
-        return 4
-    return info.dtype.itemsize
+    """Bytes per element that ``view`` returns (a LoRA adapter computes changed tensors in float32, FP8 weights
+    are dequantised to float32)."""
+    return model.view_dtype(name).itemsize
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -26,6 +26,7 @@ from ..evaluate.tasks import split_specs
 from ..inputs import open_inputs
 from ..keys import BASE, PRIMARY
 from ..methods import registry
+from ..options import OutputOptions, ReportOptions
 from .inplace import InPlaceModel
 from .result import Candidate, Reported, ScheduleOutcome, SweepResult, plot_tradeoff, with_recovery
 from .search import blocks_recipe, coordinate_search, lines_recipe
@@ -159,7 +160,7 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
             if sum(d.num_bytes for d in docs) == 0:
                 raise InputError(f"{probes[k].name}: the scored text is empty (0 bytes), so bits per byte cannot "
                                  "be computed; give probes with non-empty responses/documents")
-        inplace = InPlaceModel(models, labels, dev, template, _written_dtype(models["sft0"]) if tasks else None)
+        inplace = InPlaceModel(models, labels, dev, template, _written_dtype(models[PRIMARY]) if tasks else None)
         if tasks is not None:
             say(tasks.start(inplace.model, tokenizer, o["apply_chat_template"], resolved,
                             {"eval_dtype": str(inplace.model.dtype), "device": dev.type}))
@@ -305,7 +306,8 @@ def _write(result: SweepResult, written: Candidate, out_path: Path, force: bool,
     from .. import api
     from ..io import output
 
-    api.run(written.recipe, out=out_path, force=force, command=command, card_sections=[result.card_section()])
+    api.run(written.recipe, out=out_path, output=OutputOptions(force=force, card_sections=(result.card_section(),)),
+            report=ReportOptions(command=command))
     result.out = out_path
     result.plot = plot_tradeoff(result, Path(plot) if plot else out_path / "tradeoff.png")
     if result.schedule and result.schedule.beats_on_selection:
@@ -336,7 +338,7 @@ def load_tokenizer(sft, base):
 
     last = None
     for model in (sft, base):
-        folder = Path(getattr(model, "side_files_path", model.path))
+        folder = Path(model.side_files_path)
         if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             continue
         try:
