@@ -210,3 +210,14 @@ def check_against_reference(method: str, base_dir: Path, sft_dir: Path, out_dir:
     if method == "ties":
         result["entries_tied_at_cut"] = tied
     return result
+
+
+def compare_bytes(a: Path, b: Path) -> dict:
+    """Whether two output folders hold byte-identical weights and index (what ``cmp`` would say per file)."""
+    import filecmp
+
+    names = sorted(p.name for p in Path(a).iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
+    other = sorted(p.name for p in Path(b).iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
+    same = names == other and all(filecmp.cmp(Path(a) / n, Path(b) / n, shallow=False) for n in names)
+    return {"verdict": "identical" if same else "differs", "files": names,
+            "differing_fraction": 0.0 if same else 1.0, "max_abs_diff": 0.0 if same else float("nan")}

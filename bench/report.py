@@ -36,6 +36,9 @@ def _add_ratios(rows: list[dict]) -> None:
                 row[key] = round(row["median_s"] / floor["median_s"], 2)
         if row["tool"] != "ours":
             continue
+        before = index.get((row["size"], row["method"], "before"), {})
+        if "median_s" in row and before.get("median_s"):
+            row["time_ours_over_before"] = round(row["median_s"] / before["median_s"], 3)
         theirs = index.get((row["size"], row["method"], "mergekit"), {})
         if "median_s" in row and theirs.get("median_s"):
             row["time_ours_over_mergekit"] = round(row["median_s"] / theirs["median_s"], 2)
@@ -64,10 +67,10 @@ def markdown(result: dict) -> str:
         "Wall time includes process start-up; inputs are in the page cache before every run.",
         "",
         "| size | method | tool | ok/runs | median s | min s | max s | peak RSS MB "
-        "| x floor | x direct floor | ours/mergekit time | ours/mergekit RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| x floor | x direct floor | ours/mergekit time | ours/mergekit RSS | ours/before time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {"ours": 0, "mergekit": 1, "floor": 2, "floor_direct": 3}
+    order = {"ours": 0, "before": 1, "mergekit": 2, "floor": 3, "floor_direct": 4}
     for r in sorted(result["summary"], key=lambda r: (r["size"], r["method"], order.get(r["tool"], 9))):
         lines.append(
             f"| {r['size']} | {r['method']} | {r['tool']} | {r['ok']}/{r['runs']} "
@@ -75,7 +78,7 @@ def markdown(result: dict) -> str:
             f"| {_cell(r.get('max_s'), '{:.2f}')} | {_cell(r.get('peak_rss_mb'), '{:.0f}')} "
             f"| {_cell(r.get('time_vs_floor'))} | {_cell(r.get('time_vs_floor_direct'))} "
             f"| {_cell(r.get('time_ours_over_mergekit'))} "
-            f"| {_cell(r.get('rss_ours_over_mergekit'))} |"
+            f"| {_cell(r.get('rss_ours_over_mergekit'))} | {_cell(r.get('time_ours_over_before'))} |"
         )
     if result["checks"]:
         lines += [

@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0.1b", help=f"comma list of {','.join(make_pair.SIZES)}")
     parser.add_argument("--methods", default=",".join(tools.METHODS))
-    parser.add_argument("--tools", default=",".join(tools.TOOLS))
+    parser.add_argument("--tools", default=",".join(tools.DEFAULT_TOOLS),
+                        help=f"comma list of {','.join(tools.TOOLS)} (before: needs --before-cmd)")
     parser.add_argument("--mergekit-sizes", help="sizes at which mergekit runs (default: all of --sizes)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--t", type=float, default=0.3, help="share of BASE (ta scale = 1 - t)")
@@ -45,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=tools.BENCH_DIR / "work")
     parser.add_argument("--results", type=Path, default=tools.BENCH_DIR / "results")
     parser.add_argument("--ours-cmd", help="our CLI as a command line (default: find `merge`)")
+    parser.add_argument("--before-cmd", help="tool `before`: our CLI at an earlier commit, as a command line, e.g. "
+                                             "'env PYTHONPATH=/work/old python -m merge.cli'; its outputs must be "
+                                             "byte-identical to ours (checked)")
     parser.add_argument("--ours-args", default="",
                         help="extra options appended to each of our merges, e.g. --ours-args=--allow-nonfinite")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic pairs")
@@ -72,7 +76,7 @@ def _choices(text: str, allowed, what: str) -> list[str]:
 
 
 def jobs_for(methods, tools_wanted) -> list[tuple[str, str]]:
-    jobs = [(m, t) for m in methods for t in ("ours", "mergekit") if t in tools_wanted]
+    jobs = [(m, t) for m in methods for t in ("ours", "before", "mergekit") if t in tools_wanted]
     return jobs + [("any", f) for f in FLOORS if f in tools_wanted]
 
 
@@ -116,6 +120,10 @@ class Bench:
             self.prefix["mergekit"], why = tools.find_mergekit()
             if why:
                 self.note(f"skipping mergekit: {why}")
+        if "before" in self.args.tools:
+            self.prefix["before"] = shlex.split(self.args.before_cmd) if self.args.before_cmd else None
+            if not self.args.before_cmd:
+                self.note("skipping before: give --before-cmd")
         self.prefix["floor"] = self.prefix["floor_direct"] = []
 
     def command(self, size: str, method: str, tool: str, base: Path, sft: Path, out: Path):
@@ -123,8 +131,8 @@ class Bench:
             return tools.floor_args(base, sft, out, direct=tool == "floor_direct")
         if self.prefix.get(tool) is None:
             return None
-        if tool == "ours":
-            return self.prefix["ours"] + tools.ours_args(method, base, sft, out, self.params) \
+        if tool in ("ours", "before"):
+            return self.prefix[tool] + tools.ours_args(method, base, sft, out, self.params) \
                 + shlex.split(self.args.ours_args)
         config = tools.mergekit_config(method, base, sft, self.params)
         self.configs[f"{size}/{method}"] = config
@@ -186,7 +194,7 @@ class Bench:
 
     def check_if_ready(self, size: str, method: str, base: Path, sft: Path, method_dir: Path) -> None:
         """Once every tool's final output for a method exists, compare them, then delete them."""
-        wanted = [t for t in ("ours", "mergekit") if t in self.args.tools and self.prefix.get(t)
+        wanted = [t for t in ("ours", "before", "mergekit") if t in self.args.tools and self.prefix.get(t)
                   and (t != "mergekit" or size in self.args.mergekit_sizes)]
         final = [r for r in self.runs if r["size"] == size and r["method"] == method
                  and r["rep"] == self.args.repeats - 1]
@@ -198,7 +206,10 @@ class Bench:
             result = compare.check_against_reference(method, base, sft, method_dir / tool, params,
                                                      self.args.check_tensors)
             self.add_check(size, method, f"{tool} vs reference", result)
-        if len(ok) == 2:
+        if {"ours", "before"} <= set(ok):
+            self.add_check(size, method, "ours vs before (bytes)",
+                           compare.compare_bytes(method_dir / "ours", method_dir / "before"))
+        if {"ours", "mergekit"} <= set(ok):
             result = compare.compare_dirs(method_dir / "ours", method_dir / "mergekit")
             self.add_check(size, method, "ours vs mergekit", result)
             if method == "ties" and TIES_NOTE not in self.notes:

@@ -24,7 +24,8 @@ import yaml
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 METHODS = ("linear", "slerp", "ta", "ties")
-TOOLS = ("ours", "mergekit", "floor", "floor_direct")
+TOOLS = ("ours", "mergekit", "floor", "floor_direct", "before")
+DEFAULT_TOOLS = TOOLS[:4]  # "before": our CLI at another commit (--before-cmd), for before/after comparisons
 # The pairs ship no tokenizer, so mergekit's default tokenizer copy would only log a
 # traceback; everything else stays at mergekit's defaults (5B-parameter output shards,
 # no lazy unpickle, torch's default thread count) because that is what users run.
