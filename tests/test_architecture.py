@@ -1,9 +1,6 @@
-"""The package's shape: no import cycles among merge's modules, and one place per method (the registry)."""
+"""The package's shape: one place per method (the registry); import cycles are tests/test_imports.py's."""
 
 from __future__ import annotations
-
-import ast
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,77 +12,6 @@ from merge.methods import registry
 from merge.methods.chunks import chunk_ranges
 from merge.methods.task_arithmetic import TieCursor
 from merge.options import Options
-
-PACKAGE = Path(merge.__file__).parent
-
-
-def module_imports() -> dict[str, set[str]]:
-    """Module -> the merge modules it imports anywhere (top level or inside functions; not the imports under
-    ``if TYPE_CHECKING:``, which never run)."""
-    modules = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = ("merge",) + path.relative_to(PACKAGE).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        modules[name] = (path, path.name == "__init__.py")
-    graph: dict[str, set[str]] = {}
-    for name, (path, is_package) in modules.items():
-        package = name if is_package else name.rsplit(".", 1)[0]
-        found = set()
-        tree = ast.parse(path.read_text())
-        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
-                       for stmt in block.body for n in ast.walk(stmt)}
-        for node in ast.walk(tree):
-            if id(node) in typing_only:  # `if TYPE_CHECKING:` imports never run
-                continue
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")
-                    anchor = anchor[:len(anchor) - (node.level - 1)]
-                    base = ".".join(anchor + ([base] if base else []))
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
-            else:
-                continue
-            found |= {t for t in targets if t in modules and t != name}
-        graph[name] = found
-    return graph
-
-
-def _is_type_checking(test) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Every import cycle (as a path a -> ... -> a), found by depth-first search."""
-    found, state = [], {}
-
-    def visit(node, stack):
-        state[node] = "open"
-        stack.append(node)
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == "open":
-                found.append(stack[stack.index(nxt):] + [nxt])
-            elif nxt not in state:
-                visit(nxt, stack)
-        stack.pop()
-        state[node] = "done"
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [])
-    return found
-
-
-def test_no_import_cycles_among_merge_modules():
-    found = cycles(module_imports())
-    assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
-
-
-def test_the_cycle_finder_finds_a_cycle():
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 
 def test_unknown_method_fails_in_one_line_listing_the_known_ones(tmp_path):
