@@ -32,6 +32,16 @@ class Operation:
         """Whether equal inputs give that same tensor back (so equal inputs can be copied instead)."""
         return False
 
+    def result_dtype(self, working: torch.dtype | None) -> torch.dtype | None:
+        """The dtype results are rounded to before the output cast, for a working dtype (None: none).
+        mergekit methods whose float32 masks or factors widen bfloat16 math return ``float32`` here."""
+        return working
+
+    def writes_result_dtype(self) -> bool:
+        """Whether the output tensor is written in :meth:`result_dtype` instead of the planned output dtype
+        (mergekit writes such widened results as they are when a recipe sets no ``out_dtype``)."""
+        return False
+
 
 @dataclass(frozen=True)
 class Copy(Operation):
@@ -141,7 +151,9 @@ class MethodSpec:
     - ``mergekit``: the mergekit methods it runs, ``plan_mergekit(variant, recipe, resolver, name)``,
       ``check_mergekit(variant, recipe)`` and ``convert(variant, recipe, chains, fields, problems, notes)``
       (our format's equivalent, for ``merge convert``); ``mergekit_legend``;
-    - ``sweepable``: ``merge sweep`` can evaluate it in place.
+    - ``sweepable``: ``merge sweep`` can evaluate it in place;
+    - ``slice_sources_vary``: mergekit ``slices`` may each take their own models (passthrough frankenmerges:
+      one source per slice), instead of the same models in every slice.
     """
 
     name: str
@@ -161,3 +173,4 @@ class MethodSpec:
     convert: Callable[..., None] | None = None
     mergekit_legend: str = ""
     sweepable: bool = False
+    slice_sources_vary: bool = False
