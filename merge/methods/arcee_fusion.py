@@ -178,7 +178,8 @@ def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: 
     other = next(r for r in recipe.model_refs() if r != recipe.base_model)
     fields.update(method="arcee_fusion", base=recipe.base_model, sft=[other])
     notes.append("arcee_fusion computes in float32 here (mergekit: in the checkpoints' dtype, writing float32); "
-                 "above 1e6 entries both sample the quantiles, from different random streams")
+                 "above 1e6 entries the quartiles are sampled with seed 0 per tensor (mergekit: its global "
+                 "--random-seed generator)")
 
 
 SPEC = MethodSpec(

@@ -47,8 +47,8 @@ class NearSwap(Operation):
     t: float = 0.0
     working_dtype: str | None = None
 
-    def preserves_equal_inputs(self) -> bool:
-        return True
+    def preserves_equal_inputs(self) -> bool:  # w is 0 or 1 where X == B, except for 0 < t < 1e-6
+        return not 0 < self.t < DIFF_EPS
 
 
 class NearSwapKernel(KernelBase):
