@@ -262,6 +262,56 @@ def task_arithmetic(base, sfts, scales, quiet, **kwargs):
     _merge(quiet, method="task_arithmetic", sft=list(sfts), base=base, scale=scale, **kwargs)
 
 
+@main.command(help=(
+    "NearSwap: W = w*W_sft + (1-w)*W_base per entry, w = clamp(d / |W_sft - W_base|, 0, 1), i.e. the SFT's "
+    "change of each entry kept up to the distance d and cut to d beyond (W_base + clamp(delta, -d, d)).\n\n"
+    "--distance is mergekit's nearswap t (a distance in weight units, not a share of the base)."))
+@click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--distance", type=click.FloatRange(0, min_open=True), required=True,
+              help="Largest change of an entry kept (mergekit's t), > 0.")
+@merge_options
+@user_errors
+def nearswap(sft, base, distance, quiet, **kwargs):
+    _merge(quiet, "nearswap", [sft], base, distance=distance, **kwargs)
+
+
+@main.command(help=(
+    "RAM (Reinforced Agent Merging) of several SFTs: with d_i = W_sft_i - W_base, c_i = |d_i| > epsilon and "
+    "n = sum_i c_i per entry, W = W_base + sum_i c_i*d_i*([n = 1]*lambda_i + [n > 1]/n): the base where no SFT "
+    "changed an entry, a change only one SFT made taken whole, shared changes averaged. lambda_i = 1; --plus "
+    "(RAM+, tensor-local): lambda_i = 1 + r*clamp(rho_i, 0, alpha), rho_i = SFT i's count of shared over unique "
+    "changed entries in the tensor."))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--sft", "sfts", multiple=True, required=True,
+              help=MODEL_REF_HELP.format("Fine-tuned model") + " Repeatable.")
+@click.option("--epsilon", type=click.FloatRange(0), default=1e-5, show_default=True,
+              help="An entry counts as changed when |W_sft - W_base| > epsilon.")
+@click.option("--plus", is_flag=True, help="RAM+ (mergekit's ramplus_tl): lone changes scaled by lambda_i.")
+@click.option("--r", "r", type=float, help="--plus: r (default 0.1).")
+@click.option("--alpha", type=float, help="--plus: alpha, the cap of rho (default 0.2).")
+@merge_options
+@user_errors
+def ram(base, sfts, epsilon, plus, r, alpha, quiet, **kwargs):
+    from .errors import InputError
+
+    if not plus and (r is not None or alpha is not None):
+        raise InputError("--r/--alpha: only with --plus (RAM+); add --plus or drop them")
+    _merge(quiet, "ram", list(sfts), base, epsilon=epsilon, plus=plus, r=r, alpha=alpha, **kwargs)
+
+
+@main.command(help=(
+    "Arcee Fusion: importance I = |W_sft - W_base| * KL(softmax(W_sft) || softmax(W_base)) (KL per row); "
+    "W = W_base + (W_sft - W_base) * [I >= Q2 + 1.5*(Q3 - Q1)] (quartiles of I over the tensor; tensors above "
+    "1e6 entries take them from 1e6 entries sampled with seed 0): only the SFT's salient changes are kept."))
+@click.option("--sft", required=True, help=MODEL_REF_HELP.format("Fine-tuned model"))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@merge_options
+@user_errors
+def fusion(sft, base, quiet, **kwargs):
+    _merge(quiet, "arcee_fusion", [sft], base, **kwargs)
+
+
 @main.command(help="Fold a LoRA/DoRA adapter into its base: W = W_base + s*B@A (s = alpha/r, or alpha/sqrt(r) "
                    "with rsLoRA), streamed tensor by tensor; the same as `merge linear --sft ADAPTER --t 0`. "
                    "Every merge command also accepts an adapter folder wherever it takes an SFT.")

@@ -139,12 +139,13 @@ class Executor:
         kernel = registry.kernel_for(job.op)
         reader = self.io.reader(job, models)
         state = kernel.prepare(job, reader)
+        round_to = job.op.result_dtype(job.round_to)
 
         def chunks():
             for chunk in reader.ranges():
                 result = kernel.apply(job, reader.load(*chunk), state, chunk, reader)
-                if job.round_to is not None and result.dtype != job.round_to:
-                    result = result.to(job.round_to)
+                if round_to is not None and result.dtype != round_to:
+                    result = result.to(round_to)
                 yield chunk, result
 
         return kernel, state, chunks()

@@ -130,6 +130,8 @@ def make_plan(models: Mapping[str, TensorSource], labels: Mapping[str, str], pri
         compute, round_to = torch.float32, None
         if not isinstance(op, Copy):
             compute, round_to = compute_dtypes(op, [models[k].info(aliases.get(k, name)).dtype for k in op.inputs])
+            if op.writes_result_dtype() and round_to is not None:
+                dtype = op.result_dtype(round_to)
         jobs.append(TensorJob(name, info.shape, dtype, op, merged, primary, aliases, compute, round_to))
     if missing:
         key, lacking = next(iter(missing.items()))

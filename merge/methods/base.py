@@ -32,6 +32,16 @@ class Operation:
         """Whether equal inputs give that same tensor back (so equal inputs can be copied instead)."""
         return False
 
+    def result_dtype(self, working: torch.dtype | None) -> torch.dtype | None:
+        """The dtype results are rounded to before the output cast, for a working dtype (None: none).
+        mergekit methods whose float32 masks or factors widen bfloat16 math return ``float32`` here."""
+        return working
+
+    def writes_result_dtype(self) -> bool:
+        """Whether the output tensor is written in :meth:`result_dtype` instead of the planned output dtype
+        (mergekit writes such widened results as they are when a recipe sets no ``out_dtype``)."""
+        return False
+
 
 @dataclass(frozen=True)
 class Copy(Operation):
@@ -144,7 +154,9 @@ class MethodSpec:
     - ``sweepable``: ``merge sweep`` can evaluate it in place;
     - ``python_params``: the keywords ``merge.merge(method, ...)`` (and the CLI command) take for it;
       ``python_fields(sfts, params)`` turns them into recipe fields (default: ``sft`` plus the keywords as
-      they are); ``hints``: a better line than "only for <other method>" for a keyword it does not take.
+      they are); ``hints``: a better line than "only for <other method>" for a keyword it does not take;
+    - ``slice_sources_vary``: mergekit ``slices`` may each take their own models (passthrough frankenmerges:
+      one source per slice), instead of the same models in every slice.
     """
 
     name: str
@@ -167,6 +179,7 @@ class MethodSpec:
     python_params: tuple[str, ...] = ()
     python_fields: Callable[[list[str], dict], dict] | None = None
     hints: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    slice_sources_vary: bool = False
 
     def recipe_fields(self, sfts: list[str], params: dict) -> dict:
         """The recipe fields of ``merge.merge(self.name, sfts, base, **params)`` (base and options aside)."""

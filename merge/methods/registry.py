@@ -5,13 +5,17 @@ and summary look a method up. Adding a method is one module in ``merge/methods/`
 from __future__ import annotations
 
 from ..errors import InputError
+from .arcee_fusion import SPEC as ARCEE_FUSION
 from .base import Copy, Kernel, MergekitVariant, MethodSpec, Operation
 from .chunks import kernel_chunk
 from .linear import SPEC as LINEAR
+from .nearswap import SPEC as NEARSWAP
+from .passthrough import SPEC as PASSTHROUGH
+from .ram import SPEC as RAM
 from .slerp import SPEC as SLERP
 from .task_arithmetic import SPEC as TASK_ARITHMETIC
 
-_BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC)
+_BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC, NEARSWAP, ARCEE_FUSION, RAM, PASSTHROUGH)
 
 _METHODS: dict[str, MethodSpec] = {}
 _MERGEKIT: dict[str, tuple[MethodSpec, MergekitVariant]] = {}

@@ -1,7 +1,8 @@
 """mergekit-format recipes (``merge_method:`` at the top), run with mergekit 0.1.5's semantics.
 
-Supported: linear, slerp, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties over
-``models:`` or ``slices:`` that cover every layer in order with the same range for every source. Anything
+Supported: the methods of :mod:`merge.methods.registry` (linear, slerp, the task-arithmetic family, nearswap,
+arcee_fusion, ram, ramplus_tl, passthrough, ...) over ``models:`` or ``slices:`` that cover every layer in order
+with the same range for every source (passthrough: one source per slice, from any model). Anything
 else (other methods, ``modules``, frankenmerge slices, tokenizer building, chat templates, ``+lora`` refs)
 is refused with an error that names it. See docs/mergekit-semantics.md for the semantics reproduced here.
 
@@ -24,8 +25,8 @@ from ..tensor_names import Structure
 from .yaml_source import model_keys
 
 SUPPORTED = registry.mergekit_names()
-KNOWN_UNSUPPORTED = ("della", "della_linear", "model_stock", "nuslerp", "passthrough", "karcher", "sce",
-                     "multislerp", "nearswap", "arcee_fusion", "task_adapter")
+KNOWN_UNSUPPORTED = ("della", "della_linear", "model_stock", "nuslerp", "karcher", "sce", "multislerp",
+                     "task_adapter")
 DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "float64": "float64",
                "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32", "fp32": "float32",
                "double": "float64"}
@@ -124,7 +125,7 @@ class MergekitRecipe(_Loose):
             for name, value in (params or {}).items():
                 _check_setting(value, f"{path}.{name}")
         if self.slices is not None:
-            _check_slices(self.slices, self.base_model)
+            _check_slices(self.slices, self.base_model, registry.for_mergekit(method)[0].slice_sources_vary)
         self._check_inputs()
         return self
 
@@ -164,9 +165,9 @@ class MergekitRecipe(_Loose):
 
     # -- inputs ----------------------------------------------------------------------------------------------
     def source_refs(self) -> list[str]:
-        """The models as listed (the first slice's sources for slices), duplicates removed."""
+        """The models as listed (for slices: every slice's sources in order), duplicates removed."""
         listed = [m.model for m in self.models] if self.models is not None else \
-            [s.model for s in self.slices[0].sources]
+            [src.model for s in self.slices for src in s.sources]
         return list(dict.fromkeys(listed))
 
     def model_refs(self) -> list[str]:
@@ -303,8 +304,9 @@ def _check_setting(value, path: str) -> None:
         raise ValueError(f"{path}: expected a number, a gradient list or {{filter, value}} entries")
 
 
-def _check_slices(slices: list[MkSlice], base_model: str | None) -> None:
-    """Slices must tile the layers in order, every source of a slice with the same range and models."""
+def _check_slices(slices: list[MkSlice], base_model: str | None, sources_vary: bool = False) -> None:
+    """Slices must tile the layers in order, every source of a slice with the same range, and every slice over
+    the same models (unless the method lets each slice take its own: ``sources_vary``)."""
     first = [s.model for s in slices[0].sources]
     end = 0
     for i, s in enumerate(slices):
@@ -322,7 +324,7 @@ def _check_slices(slices: list[MkSlice], base_model: str | None) -> None:
                              f"{end}; mergeback supports only slices that tile all layers in order "
                              "(frankenmerge slices are not supported)")
         end = stop
-        if [src.model for src in s.sources] != first:
+        if not sources_vary and [src.model for src in s.sources] != first:
             raise ValueError(f"slices.{i}.sources: the models differ from slices.0's; mergeback supports only "
                              "slices over the same models in the same order")
         if s.base_model is not None and s.base_model != base_model:
