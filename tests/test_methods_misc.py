@@ -110,7 +110,8 @@ def outputs(pairs, big_pair, tmp_path_factory):
         chunked = None
         if name in CHUNKED:
             chunked = root / "chunked" / name
-            merge.run(str(path), out=chunked, options=Options.of(threads=3, chunk_elements=64 if name != "fusion_big" else 4096))
+            chunk = 64 if name != "fusion_big" else 4096
+            merge.run(str(path), out=chunked, options=Options.of(threads=3, chunk_elements=chunk))
         ours[name] = (root / "ours" / name, chunked)
     thread.join()
     if isinstance(oracle["run"], BaseException):
