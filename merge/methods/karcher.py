@@ -23,8 +23,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
+from .gram import BLOCK, gram_of
 
 DEFAULT_MAX_ITER = 10
 DEFAULT_TOL = 1e-5
@@ -120,3 +125,69 @@ def karcher_coefficients(gram: torch.Tensor, weights: Sequence[float] | None = N
             mean = mean / length(mean)
     scale = sum(w * nm for w, nm in zip(weights, norms))
     return (scale * mean).tolist()
+
+
+# -- the method: operation, kernel and mergekit bindings --------------------------------------------------------
+@dataclass(frozen=True)
+class Karcher(Operation):
+    """The Karcher mean of every input (equal weights ``1/N``), ``W = sum_i c_i X_i`` with ``c`` from the
+    iteration on the Gram matrix (:func:`karcher_coefficients`)."""
+
+    kind: ClassVar[str] = "karcher"
+    max_iter: int = DEFAULT_MAX_ITER
+    tol: float = DEFAULT_TOL
+    working_dtype: str | None = None
+
+
+class KarcherKernel(KernelBase):
+    """One statistics pass (the inputs' float64 Gram matrix), the iteration on N coefficients, then
+    ``sum_i c_i X_i`` per chunk."""
+
+    def passes(self, op):
+        return 1
+
+    def buffer_bytes(self, op, elems):
+        return (len(op.inputs) + 1) * BLOCK * 8
+
+    def prepare(self, job, reader):
+        n = len(job.op.inputs)
+        gram = gram_of(reader.passes(stored=True))
+        gram = torch.zeros(n, n, dtype=torch.float64) if gram is None else gram.cpu()
+        return karcher_coefficients(gram, None, int(job.op.max_iter), float(job.op.tol))
+
+    def apply(self, job, xs, state, chunk, reader):
+        out = xs[0].mul_(state[0])
+        for c, x in zip(state[1:], xs[1:]):
+            out.add_(x, alpha=c)
+        return out
+
+
+def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
+    keys = recipe.keys()
+    refs = recipe.model_refs()
+    if len(refs) == 1:
+        return Planned(Copy((keys[refs[0]],)), "1 input")
+    max_iter = resolver.value("max_iter", name)
+    if max_iter != int(max_iter):
+        from ..errors import InputError
+        raise InputError(f"parameters: max_iter must be a whole number, got {max_iter:g}")
+    op = Karcher(tuple(keys[r] for r in refs), max_iter=int(max_iter), tol=resolver.value("tol", name),
+                 working_dtype=recipe.working_dtype or "inputs")
+    return Planned(op, f"{len(refs)} inputs")
+
+
+SPEC = MethodSpec(
+    name="karcher",
+    operation=Karcher,
+    kernel=KarcherKernel(),
+    check_recipe=lambda recipe: None,
+    plan=lambda recipe, values, name: None,
+    legend=lambda recipe: "",
+    describe=lambda t: ("Karcher (Riemannian) mean per tensor of the inputs on the unit hypersphere, rescaled by "
+                        "their mean norm: `W = (sum_i |X_i|/N) * m`, `m` the point minimising "
+                        "`sum_i angle(m, X_i)^2`."),
+    mergekit=(MergekitVariant("karcher", (ParamSpec("max_iter", "shared", DEFAULT_MAX_ITER),
+                                          ParamSpec("tol", "shared", DEFAULT_TOL))),),
+    plan_mergekit=_plan_mergekit,
+    mergekit_legend="karcher: every model, base_model included, weight 1/N",
+)

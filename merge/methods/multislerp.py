@@ -22,8 +22,14 @@ the whole-tensor function to float32 rounding (the rounding noise mergekit's tan
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from ..errors import MergeError
+from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
+from .gram import BLOCK, gram_of
 
 EPS = 1e-8
 
@@ -84,3 +90,88 @@ def multislerp_coefficients(gram: torch.Tensor, weights: Sequence[float], normal
                              "with balancing weights); choose other weights")
         return w.tolist()
     return (c / mean_norm * float(w @ norms)).tolist()
+
+
+# -- the method: operation, kernel and mergekit bindings --------------------------------------------------------
+@dataclass(frozen=True)
+class Multislerp(Operation):
+    """Multi-SLERP of the models in ``inputs`` (after the base when ``with_base``: then of their deltas, added to
+    the base), with one weight per model; ``W = sum_i a_i x_i`` (+ base), ``a`` from the Gram matrix."""
+
+    kind: ClassVar[str] = "multislerp"
+    weights: tuple[float, ...] = ()
+    normalize_weights: bool = True
+    eps: float = EPS
+    with_base: bool = False
+    working_dtype: str | None = None
+
+
+class MultislerpKernel(KernelBase):
+    """One statistics pass (the float64 Gram matrix of the vectors), then ``sum_i a_i x_i`` (+ base) per chunk."""
+
+    def passes(self, op):
+        return 1
+
+    def buffer_bytes(self, op, elems):
+        return (len(op.inputs) + 1) * BLOCK * 8
+
+    def prepare(self, job, reader):
+        op = job.op
+        gram = gram_of(reader.passes(stored=True), origin_slot=0 if op.with_base else None)
+        n = len(op.weights)
+        gram = torch.zeros(n, n, dtype=torch.float64) if gram is None else gram.cpu()
+        try:
+            return multislerp_coefficients(gram, op.weights, op.normalize_weights, op.eps)
+        except ValueError as e:
+            raise MergeError(f"tensor {job.name!r}: {e}") from None
+
+    def apply(self, job, xs, state, chunk, reader):
+        if job.op.with_base:
+            base, fine = xs[0], xs[1:]
+            out = torch.zeros_like(base)
+            for a, x in zip(state, fine):
+                out.add_(x.sub_(base), alpha=a)
+            return out.add_(base)
+        out = xs[0].mul_(state[0])
+        for a, x in zip(state[1:], xs[1:]):
+            out.add_(x, alpha=a)
+        return out
+
+
+def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
+    keys = recipe.keys()
+    others = [r for r in recipe.model_refs() if r != recipe.base_model]
+    weights = tuple(resolver.value("weight", name, r) for r in others)
+    text = "/".join(f"{w:g}" for w in weights)
+    if len(others) == 1:
+        return Planned(Copy((keys[others[0]],)), text)
+    with_base = recipe.base_model is not None
+    op = Multislerp((("base",) if with_base else ()) + tuple(keys[r] for r in others), weights,
+                    normalize_weights=bool(resolver.value("normalize_weights", name)),
+                    eps=resolver.value("eps", name), with_base=with_base,
+                    working_dtype=recipe.working_dtype or "inputs")
+    return Planned(op, text)
+
+
+def _check_mergekit(variant, recipe) -> None:
+    if not [r for r in recipe.model_refs() if r != recipe.base_model]:
+        raise ValueError("models: multislerp needs at least one model besides base_model")
+
+
+SPEC = MethodSpec(
+    name="multislerp",
+    operation=Multislerp,
+    kernel=MultislerpKernel(),
+    check_recipe=lambda recipe: None,
+    plan=lambda recipe, values, name: None,
+    legend=lambda recipe: "",
+    describe=lambda t: ("Multi-SLERP per tensor: the direction of the weighted mean of the unit (delta) vectors "
+                        "times their weighted mean norm, `W = W_base + (m/|m|) * sum_i w_i |d_i|`, "
+                        "`m = sum_i w_i d_i/|d_i|`."),
+    mergekit=(MergekitVariant("multislerp", (ParamSpec("weight", "non_base", required=True),
+                                             ParamSpec("normalize_weights", "shared", True),
+                                             ParamSpec("eps", "shared", EPS))),),
+    plan_mergekit=_plan_mergekit,
+    check_mergekit=_check_mergekit,
+    mergekit_legend="multislerp weight of each model",
+)

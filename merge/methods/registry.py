@@ -7,11 +7,15 @@ from __future__ import annotations
 from ..errors import InputError
 from .base import Copy, Kernel, MergekitVariant, MethodSpec, Operation
 from .chunks import kernel_chunk
+from .karcher import SPEC as KARCHER
 from .linear import SPEC as LINEAR
+from .model_stock import SPEC as MODEL_STOCK
+from .multislerp import SPEC as MULTISLERP
+from .nuslerp import SPEC as NUSLERP
 from .slerp import SPEC as SLERP
 from .task_arithmetic import SPEC as TASK_ARITHMETIC
 
-_BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC)
+_BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC, MODEL_STOCK, NUSLERP, MULTISLERP, KARCHER)
 
 _METHODS: dict[str, MethodSpec] = {}
 _MERGEKIT: dict[str, tuple[MethodSpec, MergekitVariant]] = {}

@@ -364,7 +364,7 @@ def evaluate_setting(setting, name: str, t: float):
 def coerce(value, spec: ParamSpec, where: str):
     """pydantic's lax validation as mergekit applies it: floats from numbers/numeric strings (not from
     booleans: ``t: true`` is refused), bools from bools/0/1/'true'/'false'."""
-    if spec.name in BOOL_PARAMS:
+    if spec.name in BOOL_PARAMS or isinstance(spec.default, bool):
         if isinstance(value, bool):
             return value
         if isinstance(value, (int, float)) and value in (0, 1):
