@@ -42,13 +42,15 @@ def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | P
           allow_unmatched: bool = False, memory: str | int | None = None, gpu_memory: str | int | None = None,
           verbose: bool = False, push_to_hub: str | None = None, private: bool = False,
           revision: str | None = None, commit_message: str | None = None, token: str | None = None,
-          ray: str | None = None, workers: int | None = None) -> MergeSummary:
+          ray: str | None = None, workers: int | None = None, params: dict | None = None) -> MergeSummary:
     """Merge an SFT checkpoint back with its base and write a Hugging Face model folder to ``out``.
 
     ``t`` is the share of the base (0 = SFT unchanged, 1 = base). ``method`` is ``linear``, ``slerp`` or
     ``task_arithmetic`` (with ``scale`` per SFT, and optional ``sparsify`` = magnitude|random|breadcrumbs).
     Models are folders, Hub ids (``org/name@rev``) or aliases; ``base="auto"`` reads the SFT's metadata.
-    ``push_to_hub`` uploads the result, ``ray`` runs it on a Ray cluster (see :func:`run`).
+    ``push_to_hub`` uploads the result, ``ray`` runs it on a Ray cluster (see :func:`run`). ``params``: other
+    parameters of the method in our recipe format, e.g. ``{"filter_wise": True}`` for ``model_stock``,
+    ``{"weights": [0.7, 0.3]}`` for ``nuslerp``/``multislerp``.
     """
     method = method.replace("-", "_")
     sfts = [sft] if isinstance(sft, (str, Path)) else list(sft)
@@ -70,7 +72,7 @@ def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | P
     else:
         fields["sft"] = [str(s) for s in sfts]
         fields["t"] = t
-    recipe = build_recipe(fields)
+    recipe = build_recipe({**fields, **(params or {})})
     return run(recipe, out=out, force=force, threads=threads, dry_run=dry_run, progress=progress, command=command,
                chunk_elements=chunk_elements, resume=resume, allow_nonfinite=allow_nonfinite,
                allow_unmatched=allow_unmatched, verbose=verbose,

@@ -202,7 +202,7 @@ def test_model_stock_of_identical_deltas_is_their_average(pairs, tmp_path):
     shutil.copytree(sfts[0], copy)
     for filter_wise in (False, True):
         out = tmp_path / f"o{filter_wise}"
-        merge.merge("model_stock", sft=[sfts[0], copy], base=base, filter_wise=filter_wise, out=out)
+        merge.merge("model_stock", sft=[sfts[0], copy], base=base, params={"filter_wise": filter_wise}, out=out)
         for name, value in load_tensors(out).items():
             torch.testing.assert_close(value, load_tensors(sfts[0])[name], rtol=1e-6, atol=1e-7)
 
@@ -218,3 +218,98 @@ def test_model_stock_of_the_base_itself_is_the_base(pairs, tmp_path):
     assert load_tensors(tmp_path / "o").keys() == load_tensors(base).keys()
     for name, value in load_tensors(tmp_path / "o").items():
         assert torch.equal(value, load_tensors(base)[name]), name
+
+
+# ---------------------------------------------------------------- our format, CLI and merge convert
+
+def same_tensors(a: Path, b: Path) -> None:
+    x, y = load_tensors(a), load_tensors(b)
+    assert x.keys() == y.keys()
+    for name in x:
+        assert x[name].dtype == y[name].dtype and torch.equal(x[name], y[name]), name
+
+
+@pytest.mark.parametrize("name,args", [
+    ("model_stock_3", ["model-stock", "--sft", "{s0}", "--sft", "{s1}", "--sft", "{s2}"]),
+    ("model_stock_fw_2", ["model-stock", "--sft", "{s0}", "--sft", "{s1}", "--filter-wise"]),
+    ("multislerp_3_plain", ["multislerp", "--sft", "{s0}", "--sft", "{s1}", "--sft", "{s2}", "--weight", "0.5",
+                            "--weight", "0.2", "--weight", "0.3"]),
+    ("nuslerp_column_plain", ["nuslerp", "--sft", "{s0}", "--sft", "{s1}", "--weight", "0.6", "--weight", "0.4",
+                              "--vectors", "column"]),
+    ("karcher_base", ["karcher", "--sft", "{s0}", "--sft", "{s1}"]),
+])
+def test_cli_and_converted_recipe_equal_the_mergekit_recipe(pairs, tmp_path, name, args):
+    """`merge model-stock` (etc.) and `merge convert` of the mergekit recipe give the tensors `merge run` of the
+    mergekit recipe gives."""
+    base, (s0, s1, s2) = pairs("llama", torch.bfloat16, sft_count=3)
+    configs = recipes(base, s0, s1, s2)
+    configs["multislerp_3_plain"] = {"merge_method": "multislerp", "base_model": str(base),
+                                     "models": [m(s0, weight=0.5), m(s1, weight=0.2), m(s2, weight=0.3)]}
+    configs["nuslerp_column_plain"] = {"merge_method": "nuslerp", "base_model": str(base),
+                                       "models": [m(s0, weight=0.6), m(s1, weight=0.4)],
+                                       "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}}
+    reference = run_ours(configs[name], tmp_path / "mergekit_format")
+    argv = [a.format(s0=s0, s1=s1, s2=s2) for a in args] + ["--base", str(base), "-o", str(tmp_path / "cli"), "-q"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    same_tensors(reference, tmp_path / "cli")
+    path = tmp_path / "mk.yml"
+    path.write_text(yaml.safe_dump(configs[name]))
+    result = CliRunner().invoke(main, ["convert", str(path)])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "ours.yml").write_text(result.output)
+    merge.run(tmp_path / "ours.yml", out=tmp_path / "converted")
+    same_tensors(reference, tmp_path / "converted")
+
+
+def test_nuslerp_of_one_sft_interpolates_towards_the_base(pairs, tmp_path):
+    """One SFT: W = S(W_sft, W_base, t) with t the share of the base; t=0 is the SFT bit for bit."""
+    base, sft = pairs("llama", torch.float32)
+    b, s = load_tensors(base), load_tensors(sft)
+    for vectors, (row_wise, flatten) in {"tensor": (False, True), "row": (False, False),
+                                         "column": (True, False)}.items():
+        out = tmp_path / vectors
+        merge.merge("nuslerp", sft=sft, base=base, t=0.4, out=out, params={"vectors": vectors}, chunk_elements=64)
+        for name, value in load_tensors(out).items():
+            expected = nuslerp.nuslerp(s[name], b[name], 0.4, row_wise, flatten)
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=f"{vectors} {name}")
+    merge.merge("nuslerp", sft=sft, base=base, t=0.0, out=tmp_path / "t0")
+    assert file_bytes(tmp_path / "t0")["model.safetensors"] == file_bytes(sft)["model.safetensors"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model-stock", "--sft", "{s0}"], "model_stock needs at least two fine-tuned models"),
+    (["nuslerp", "--sft", "{s0}"], "t: required for nuslerp with one SFT"),
+    (["nuslerp", "--sft", "{s0}", "--sft", "{s1}", "--t", "0.3"], "give weights: [w_1, w_2] instead of t"),
+    (["nuslerp", "--sft", "{s0}", "--sft", "{s1}", "--weight", "1"], "needs weights: [w_1, w_2], one per SFT"),
+    (["nuslerp", "--sft", "{s0}", "--t", "0.3", "--weight", "1"], "weights are for two SFTs"),
+    (["multislerp", "--sft", "{s0}"], "multislerp needs at least two SFTs"),
+    (["multislerp", "--sft", "{s0}", "--sft", "{s1}", "--weight", "1"], "give one weight per SFT (2), got 1"),
+    (["multislerp", "--sft", "{s0}", "--sft", "{s1}", "--weight", "1", "--weight", "-1"], "they sum to 0"),
+    (["karcher", "--sft", "{s0}", "--max-iter", "0"], "--max-iter"),
+])
+def test_bad_parameters_are_one_line_errors(pairs, tmp_path, args, message):
+    base, (s0, s1, _) = pairs("llama", torch.bfloat16, sft_count=3)
+    argv = [a.format(s0=s0, s1=s1) for a in args] + ["--base", str(base), "-o", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_refuses_what_our_format_cannot_say(tmp_path):
+    from merge.recipes.convert import convert
+    from merge.recipes.loading import parse_text
+
+    cases = {
+        "nuslerp without base_model": {"merge_method": "nuslerp", "models": [m("a", weight=1), m("b", weight=1)]},
+        "per-tensor weights": {"merge_method": "nuslerp", "base_model": "c",
+                               "models": [m("a", weight=[0, 1]), m("b", weight=1)]},
+        "normalize_weights: false": {"merge_method": "multislerp", "base_model": "c",
+                                     "parameters": {"normalize_weights": False},
+                                     "models": [m("a", weight=1), m("b", weight=1)]},
+        "karcher without base_model": {"merge_method": "karcher", "models": [m("a"), m("b")]},
+    }
+    for message, config in cases.items():
+        with pytest.raises(merge.errors.InputError, match=message):
+            convert(parse_text(yaml.safe_dump(config), "r.yml"))

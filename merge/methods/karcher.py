@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, Field
 
+from ..params import Int, Number
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 from .gram import BLOCK, gram_of
 
@@ -162,6 +164,40 @@ class KarcherKernel(KernelBase):
         return out
 
 
+class KarcherParams(BaseModel):
+    """Our recipe's parameters of the Karcher mean (of the SFTs and the base, equal weights)."""
+
+    max_iter: Int = Field(DEFAULT_MAX_ITER, ge=1, description="karcher: most iterations")
+    tol: Number = Field(DEFAULT_TOL, gt=0, allow_inf_nan=False, description="karcher: convergence tolerance")
+
+
+def _check_recipe(recipe) -> None:
+    for i, s in enumerate(recipe.sft):
+        if s.scale is not None:
+            raise ValueError(f"sft.{i}.scale: only for method task_arithmetic (karcher weighs every input 1/N)")
+    if recipe.schedule is not None:
+        raise ValueError("schedule: karcher has no t or scale for a schedule to set; remove it")
+
+
+def _plan(recipe, values, name: str) -> Planned:
+    inputs = tuple(f"sft{i}" for i in range(len(recipe.sft))) + ("base",)
+    return Planned(Karcher(inputs, max_iter=int(recipe.max_iter), tol=float(recipe.tol)), f"{len(inputs)} inputs")
+
+
+def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: list[str]) -> None:
+    max_iter, tol = chains.scalar("max_iter", None), chains.scalar("tol", None)
+    others = [r for r in recipe.model_refs() if r != recipe.base_model]
+    if recipe.base_model is None or not others:
+        problems.append("karcher without base_model (our karcher is the mean of the SFTs and their base)")
+    elif max_iter is None or tol is None:
+        problems.append("karcher with per-tensor max_iter or tol (gradients or filters)")
+    else:
+        fields.update(method="karcher", base=recipe.base_model, sft=others, max_iter=int(max_iter), tol=tol)
+        if recipe.base_model in recipe.source_refs() and recipe.source_refs()[-1] != recipe.base_model:
+            notes.append("karcher: mergeback takes the base last among the inputs; mergekit in the order listed "
+                         "(the mean is the same up to rounding)")
+
+
 def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
     keys = recipe.keys()
     refs = recipe.model_refs()
@@ -180,14 +216,16 @@ SPEC = MethodSpec(
     name="karcher",
     operation=Karcher,
     kernel=KarcherKernel(),
-    check_recipe=lambda recipe: None,
-    plan=lambda recipe, values, name: None,
-    legend=lambda recipe: "",
+    params=KarcherParams,
+    check_recipe=_check_recipe,
+    plan=_plan,
+    legend=lambda recipe: "karcher: the SFTs and the base, weight 1/N each",
     describe=lambda t: ("Karcher (Riemannian) mean per tensor of the inputs on the unit hypersphere, rescaled by "
                         "their mean norm: `W = (sum_i |X_i|/N) * m`, `m` the point minimising "
                         "`sum_i angle(m, X_i)^2`."),
     mergekit=(MergekitVariant("karcher", (ParamSpec("max_iter", "shared", DEFAULT_MAX_ITER),
                                           ParamSpec("tol", "shared", DEFAULT_TOL))),),
     plan_mergekit=_plan_mergekit,
+    convert=_convert,
     mergekit_legend="karcher: every model, base_model included, weight 1/N",
 )

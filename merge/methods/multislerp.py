@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, Field
 
 from ..errors import MergeError
+from ..params import Number
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 from .gram import BLOCK, gram_of
 
@@ -138,6 +140,49 @@ class MultislerpKernel(KernelBase):
         return out
 
 
+class MultislerpParams(BaseModel):
+    """Our recipe's parameter of Multi-SLERP: the weight of each SFT's delta (default: equal)."""
+
+    weights: list[Number] | None = Field(None, description="multislerp: the weight of each SFT (default equal)")
+
+
+def _check_recipe(recipe) -> None:
+    if len(recipe.sft) < 2:
+        raise ValueError("sft: multislerp needs at least two SFTs (of one it is that SFT itself)")
+    if recipe.weights is not None and len(recipe.weights) != len(recipe.sft):
+        raise ValueError(f"weights: give one weight per SFT ({len(recipe.sft)}), got {len(recipe.weights)}")
+    if recipe.weights is not None and abs(sum(recipe.weights)) < 1e-12:
+        raise ValueError("weights: they sum to 0; multislerp divides by their sum")
+    for i, s in enumerate(recipe.sft):
+        if s.scale is not None:
+            raise ValueError(f"sft.{i}.scale: only for method task_arithmetic (multislerp takes weights)")
+    if recipe.schedule is not None:
+        raise ValueError("schedule: multislerp has no t or scale for a schedule to set; remove it")
+
+
+def _plan(recipe, values, name: str) -> Planned:
+    n = len(recipe.sft)
+    weights = tuple(float(w) for w in recipe.weights) if recipe.weights is not None else (1.0,) * n
+    op = Multislerp(("base",) + tuple(f"sft{i}" for i in range(n)), weights, with_base=True)
+    return Planned(op, "/".join(f"{w:g}" for w in weights))
+
+
+def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: list[str]) -> None:
+    others = [r for r in recipe.model_refs() if r != recipe.base_model]
+    weights = [chains.scalar("weight", r) for r in others]
+    normalize, eps = chains.scalar("normalize_weights", None), chains.scalar("eps", None)
+    if recipe.base_model is None or len(others) < 2:
+        problems.append("multislerp without base_model or of fewer than two models (our multislerp spreads the "
+                        "deltas of two or more SFTs from a base)")
+    elif None in weights or normalize is None or eps is None:
+        problems.append("multislerp with per-tensor weights or settings (gradients or filters)")
+    elif not normalize or eps != EPS:
+        problems.append("multislerp with normalize_weights: false or another eps (ours normalises the weights, "
+                        "eps 1e-8)")
+    else:
+        fields.update(method="multislerp", base=recipe.base_model, sft=others, weights=weights)
+
+
 def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
     keys = recipe.keys()
     others = [r for r in recipe.model_refs() if r != recipe.base_model]
@@ -162,9 +207,10 @@ SPEC = MethodSpec(
     name="multislerp",
     operation=Multislerp,
     kernel=MultislerpKernel(),
-    check_recipe=lambda recipe: None,
-    plan=lambda recipe, values, name: None,
-    legend=lambda recipe: "",
+    params=MultislerpParams,
+    check_recipe=_check_recipe,
+    plan=_plan,
+    legend=lambda recipe: "multislerp weight of each SFT's delta (sft0/sft1/...)",
     describe=lambda t: ("Multi-SLERP per tensor: the direction of the weighted mean of the unit (delta) vectors "
                         "times their weighted mean norm, `W = W_base + (m/|m|) * sum_i w_i |d_i|`, "
                         "`m = sum_i w_i d_i/|d_i|`."),
@@ -173,5 +219,6 @@ SPEC = MethodSpec(
                                              ParamSpec("eps", "shared", EPS))),),
     plan_mergekit=_plan_mergekit,
     check_mergekit=_check_mergekit,
+    convert=_convert,
     mergekit_legend="multislerp weight of each model",
 )

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, Field, field_validator
 
-from .base import KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
+from ..params import Number, Value, finite_value
+from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 from .gram import BLOCK, gram_of
 
 NORM_EPS = 1e-7
@@ -191,6 +193,71 @@ class NuslerpKernel(KernelBase):
         return result.add_(xs[0]) if op.with_base else result
 
 
+VECTORS = {"tensor": "flat", "row": "row", "column": "column"}
+
+
+class NuslerpParams(BaseModel):
+    """Our recipe's parameters of NuSLERP: one SFT with ``t`` (share of the base), or two SFTs with ``weights``
+    (their deltas from the base interpolated, ``t = w_2 / (w_1 + w_2)`` of the second); ``vectors``: whole
+    tensors, rows, or columns (mergekit's ``nuslerp_row_wise``)."""
+
+    t: Value | None = Field(None, description="nuslerp with one SFT: share of the base model: 0 = SFT, 1 = base")
+    weights: list[Number] | None = Field(None, description="nuslerp with two SFTs: the weight of each")
+    vectors: Literal["tensor", "row", "column"] = Field("tensor", description="nuslerp: vectors interpolated")
+
+    @field_validator("t")
+    @classmethod
+    def _finite(cls, v):
+        return finite_value(v)
+
+
+def _check_recipe(recipe) -> None:
+    for i, s in enumerate(recipe.sft):
+        if s.scale is not None:
+            raise ValueError(f"sft.{i}.scale: only for method task_arithmetic (nuslerp takes t or weights)")
+    if len(recipe.sft) == 1:
+        if recipe.weights is not None:
+            raise ValueError("weights: nuslerp with one SFT interpolates it with the base by t; weights are for "
+                             "two SFTs")
+        if recipe.t is None and recipe.schedule is None:
+            raise ValueError("t: required for nuslerp with one SFT (share of the base, 0..1)")
+    elif len(recipe.sft) == 2:
+        if recipe.t is not None or recipe.schedule is not None:
+            raise ValueError("t: nuslerp with two SFTs interpolates their deltas by weights (t = w_2/(w_1+w_2) of "
+                             "the second); give weights: [w_1, w_2] instead of t or a schedule")
+        if recipe.weights is None or len(recipe.weights) != 2:
+            raise ValueError("weights: nuslerp with two SFTs needs weights: [w_1, w_2], one per SFT")
+    else:
+        raise ValueError(f"sft: nuslerp takes one SFT (with t) or two (with weights), got {len(recipe.sft)}")
+
+
+def _plan(recipe, values, name: str) -> Planned:
+    mode = VECTORS[recipe.vectors]
+    if len(recipe.sft) == 1:
+        t = values.t_of(name)
+        if t == 0:
+            return Planned(Copy(("sft0",)), f"{t:g}", t)
+        return Planned(Nuslerp(("sft0", "base"), t=t, mode=mode), f"{t:g}", t)
+    t = nuslerp_t(*recipe.weights)
+    return Planned(Nuslerp(("base", "sft0", "sft1"), t=t, mode=mode, with_base=True), f"{t:g} of sft1")
+
+
+def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: list[str]) -> None:
+    others = [r for r in recipe.model_refs() if r != recipe.base_model]
+    if recipe.base_model is None:
+        problems.append("nuslerp without base_model (our format interpolates deltas from a base, or one SFT "
+                        "with its base)")
+        return
+    weights = [chains.scalar("weight", r) for r in others]
+    flatten, row_wise = chains.scalar("nuslerp_flatten", None), chains.scalar("nuslerp_row_wise", None)
+    if None in weights or flatten is None or row_wise is None:
+        problems.append("nuslerp with per-tensor weights or flags (gradients or filters)")
+        return
+    mode = nuslerp_mode(bool(flatten), bool(row_wise))
+    fields.update(method="nuslerp", base=recipe.base_model, sft=others, weights=weights,
+                  vectors={v: k for k, v in VECTORS.items()}[mode])
+
+
 def _check_mergekit(variant, recipe) -> None:
     others = [r for r in recipe.model_refs() if r != recipe.base_model]
     if len(others) != 2:
@@ -213,9 +280,11 @@ SPEC = MethodSpec(
     name="nuslerp",
     operation=Nuslerp,
     kernel=NuslerpKernel(),
-    check_recipe=lambda recipe: None,
-    plan=lambda recipe, values, name: None,
-    legend=lambda recipe: "",
+    params=NuslerpParams,
+    check_recipe=_check_recipe,
+    plan=_plan,
+    legend=lambda recipe: ("t (share of the base: 0 = SFT, 1 = base)" if len(recipe.sft) == 1 else
+                           "nuslerp t (share of sft1's delta, from the weights)"),
     describe=lambda t: ("NuSLERP: spherical interpolation of two models (of their deltas from the base when there "
                         "is one), per tensor, row or column, `S = (sin((1-t)θ) v0 + sin(tθ) v1) / sin θ`. " + t),
     mergekit=(MergekitVariant("nuslerp", (ParamSpec("weight", "non_base", required=True),
@@ -223,5 +292,6 @@ SPEC = MethodSpec(
                                           ParamSpec("nuslerp_row_wise", "shared", False))),),
     plan_mergekit=_plan_mergekit,
     check_mergekit=_check_mergekit,
+    convert=_convert,
     mergekit_legend="nuslerp t = w_2/(w_1+w_2) (share of the second model) and vectors (flat/row/column)",
 )
