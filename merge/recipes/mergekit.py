@@ -1,6 +1,7 @@
 """mergekit-format recipes (``merge_method:`` at the top), run with mergekit 0.1.5's semantics.
 
-Supported: linear, slerp, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties over
+Supported: linear, slerp, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
+model_stock, nuslerp, multislerp, karcher over
 ``models:`` or ``slices:`` that cover every layer in order with the same range for every source. Anything
 else (other methods, ``modules``, frankenmerge slices, tokenizer building, chat templates, ``+lora`` refs)
 is refused with an error that names it. See docs/mergekit-semantics.md for the semantics reproduced here.
