@@ -225,6 +225,7 @@ SPEC = MethodSpec(
                         "`sum_i angle(m, X_i)^2`."),
     mergekit=(MergekitVariant("karcher", (ParamSpec("max_iter", "shared", DEFAULT_MAX_ITER),
                                           ParamSpec("tol", "shared", DEFAULT_TOL))),),
+    lora_note="The Karcher mean runs on the materialised W_base + s*B@A of each targeted tensor",
     plan_mergekit=_plan_mergekit,
     convert=_convert,
     mergekit_legend="karcher: every model, base_model included, weight 1/N",

@@ -217,6 +217,7 @@ SPEC = MethodSpec(
     mergekit=(MergekitVariant("multislerp", (ParamSpec("weight", "non_base", required=True),
                                              ParamSpec("normalize_weights", "shared", True),
                                              ParamSpec("eps", "shared", EPS))),),
+    lora_note="Multi-SLERP runs on the materialised W_base + s*B@A of each targeted tensor",
     plan_mergekit=_plan_mergekit,
     check_mergekit=_check_mergekit,
     convert=_convert,

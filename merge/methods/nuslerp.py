@@ -290,6 +290,7 @@ SPEC = MethodSpec(
     mergekit=(MergekitVariant("nuslerp", (ParamSpec("weight", "non_base", required=True),
                                           ParamSpec("nuslerp_flatten", "shared", True),
                                           ParamSpec("nuslerp_row_wise", "shared", False))),),
+    lora_note="NuSLERP runs on the materialised W_base + s*B@A of each targeted tensor",
     plan_mergekit=_plan_mergekit,
     check_mergekit=_check_mergekit,
     convert=_convert,
