@@ -223,8 +223,9 @@ def _check_recipe(recipe) -> None:
             raise ValueError("t: required for nuslerp with one SFT (share of the base, 0..1)")
     elif len(recipe.sft) == 2:
         if recipe.t is not None or recipe.schedule is not None:
-            raise ValueError("t: nuslerp with two SFTs interpolates their deltas by weights (t = w_2/(w_1+w_2) of "
-                             "the second); give weights: [w_1, w_2] instead of t or a schedule")
+            key = "t" if recipe.t is not None else "schedule"
+            raise ValueError(f"{key}: nuslerp with two SFTs interpolates their deltas by weights (t = w_2/(w_1+w_2) "
+                             f"of the second); give weights: [w_1, w_2] instead of {key}")
         if recipe.weights is None or len(recipe.weights) != 2:
             raise ValueError("weights: nuslerp with two SFTs needs weights: [w_1, w_2], one per SFT")
     else:
