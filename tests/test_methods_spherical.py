@@ -314,3 +314,22 @@ def test_convert_refuses_what_our_format_cannot_say(tmp_path):
     for message, config in cases.items():
         with pytest.raises(merge.errors.InputError, match=message):
             convert(parse_text(yaml.safe_dump(config), "r.yml"))
+
+
+def test_gram_sums_over_blocks_and_chunks():
+    """Float64 Gram sums of deltas over several 2**17 blocks: equal to a direct float64 computation, and the same
+    bits for the whole tensor and for chunks that are multiples of the block."""
+    from merge.methods.gram import BLOCK, gram_partial_sums
+
+    g = torch.Generator().manual_seed(3)
+    n = 3 * BLOCK + 1234
+    base = torch.randn(n, generator=g)
+    xs = [base + 0.01 * torch.randn(n, generator=g) for _ in range(3)]
+    whole = gram_partial_sums(xs, base)
+    d = torch.stack([x.double() - base.double() for x in xs])
+    torch.testing.assert_close(whole, d @ d.T, rtol=1e-12, atol=0)
+    acc = None
+    for start in range(0, n, 2 * BLOCK):
+        acc = gram_partial_sums([x[start:start + 2 * BLOCK] for x in xs], base[start:start + 2 * BLOCK], acc)
+    assert torch.equal(acc, whole)
+    assert torch.equal(whole, whole.T)
