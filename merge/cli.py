@@ -253,8 +253,9 @@ def task_arithmetic(base, sfts, scales, quiet, **kwargs):
 @main.command("model-stock", help=(
     "Model Stock: W = t*mean_i(W_sft_i) + (1-t)*W_base, with t = N*cos/(1+(N-1)*cos) per tensor, cos the mean "
     "pairwise cosine between the deltas W_sft_i - W_base of the N >= 2 SFTs (t = 0, the base, where "
-    "1+(N-1)*cos ~ 0). --filter-wise: one t per row (last-dim slice) instead of per tensor. Here t is set by "
-    "the angles, not given."))
+    "1+(N-1)*cos ~ 0). --filter-wise: one t per row (last-dim slice) instead of per tensor. This t is Model "
+    "Stock's own ratio (the share of the SFTs' mean, set by the angles; 1-t is the share of the base), not an "
+    "option."))
 @click.option("--base", required=True, help=BASE_REF_HELP)
 @click.option("--sft", "sfts", multiple=True, required=True,
               help=MODEL_REF_HELP.format("Fine-tuned model") + " Repeatable; at least two.")

@@ -210,7 +210,9 @@ SPEC = MethodSpec(
     check_recipe=_check_recipe,
     plan=_plan,
     legend=lambda recipe: "Model Stock ratio t (share of the SFTs' mean, from the angle between their deltas)",
-    describe=lambda t: f"Model Stock per tensor (or per row with filter_wise): `{FORMULA}`.",
+    describe=lambda t: (f"Model Stock per tensor (or per row with filter_wise): `{FORMULA}`; this t is Model "
+                        "Stock's ratio (the share of the SFTs' mean, set by the angles): 1-t is the share of the "
+                        "base."),
     mergekit=(MergekitVariant("model_stock", (ParamSpec("filter_wise", "shared", False),)),),
     lora_note="Model Stock runs on the materialised W_base + s*B@A of each targeted tensor",
     plan_mergekit=_plan_mergekit,
