@@ -312,6 +312,72 @@ def fusion(sft, base, quiet, **kwargs):
     _merge(quiet, "arcee_fusion", [sft], base, **kwargs)
 
 
+@main.command("model-stock", help=(
+    "Model Stock: W = t*mean_i(W_sft_i) + (1-t)*W_base, with t = N*cos/(1+(N-1)*cos) per tensor, cos the mean "
+    "pairwise cosine between the deltas W_sft_i - W_base of the N >= 2 SFTs (t = 0, the base, where "
+    "1+(N-1)*cos ~ 0). --filter-wise: one t per row (last-dim slice) instead of per tensor. This t is Model "
+    "Stock's own ratio (the share of the SFTs' mean, set by the angles; 1-t is the share of the base), not an "
+    "option."))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--sft", "sfts", multiple=True, required=True,
+              help=MODEL_REF_HELP.format("Fine-tuned model") + " Repeatable; at least two.")
+@click.option("--filter-wise", is_flag=True, help="One ratio per row (last-dim slice) instead of per tensor.")
+@merge_options
+@user_errors
+def model_stock(base, sfts, filter_wise, quiet, **kwargs):
+    _merge(quiet, "model_stock", list(sfts), base, filter_wise=filter_wise, **kwargs)
+
+
+VECTORS_HELP = "Vectors interpolated: whole tensors, rows (last-dim slices) or columns (dim-0 slices)."
+
+
+@main.command(help=(
+    "NuSLERP: spherical interpolation S(v0, v1, t) = (sin((1-t)θ) v0 + sin(tθ) v1) / sin θ per tensor, row or "
+    "column (θ the angle between v0 and v1; linear where they are colinear; no 0.9995 fallback). One --sft: "
+    "W = S(W_sft, W_base, t), t the share of the base. Two --sft with --weight w1 --weight w2: "
+    f"W = W_base + S(W_sft1 - W_base, W_sft2 - W_base, w2/(w1+w2)).\n\n{T_CONVENTION}"))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--sft", "sfts", multiple=True, required=True,
+              help=MODEL_REF_HELP.format("Fine-tuned model") + " Once (with --t) or twice (with --weight).")
+@click.option("--t", "t", type=float, help="One SFT: share of the base, 0..1.")
+@click.option("--weight", "weights", type=float, multiple=True, help="Two SFTs: the weight of each (twice).")
+@click.option("--vectors", type=click.Choice(["tensor", "row", "column"]), default="tensor", show_default=True,
+              help=VECTORS_HELP)
+@merge_options
+@user_errors
+def nuslerp(base, sfts, t, weights, vectors, quiet, **kwargs):
+    _merge(quiet, "nuslerp", list(sfts), base, t=t, weights=list(weights) or None, vectors=vectors, **kwargs)
+
+
+@main.command(help=(
+    "Multi-SLERP of two or more SFTs' deltas from the base: W = W_base + (m/|m|) * sum_i w_i |d_i|, "
+    "m = sum_i w_i d_i/|d_i|, d_i = W_sft_i - W_base, weights normalised to sum 1 (per tensor)."))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--sft", "sfts", multiple=True, required=True,
+              help=MODEL_REF_HELP.format("Fine-tuned model") + " Repeatable; at least two.")
+@click.option("--weight", "weights", type=float, multiple=True,
+              help="The weight of each SFT, once per --sft (default: equal).")
+@merge_options
+@user_errors
+def multislerp(base, sfts, weights, quiet, **kwargs):
+    _merge(quiet, "multislerp", list(sfts), base, weights=list(weights) or None, **kwargs)
+
+
+@main.command(help=(
+    "Karcher mean of the SFTs and the base on the unit hypersphere, rescaled by their mean norm: "
+    "W = (sum_i |W_i|/N) * m, m minimising sum_i angle(m, W_i)^2 over the N inputs (the base included, "
+    "weight 1/N each), found by at most --max-iter Riemannian gradient steps (per tensor)."))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--sft", "sfts", multiple=True, required=True,
+              help=MODEL_REF_HELP.format("Fine-tuned model") + " Repeatable.")
+@click.option("--max-iter", type=click.IntRange(1), help="Most iterations (default 10).")
+@click.option("--tol", type=click.FloatRange(0, min_open=True), help="Convergence tolerance (default 1e-5).")
+@merge_options
+@user_errors
+def karcher(base, sfts, max_iter, tol, quiet, **kwargs):
+    _merge(quiet, "karcher", list(sfts), base, max_iter=max_iter, tol=tol, **kwargs)
+
+
 @main.command(help="Fold a LoRA/DoRA adapter into its base: W = W_base + s*B@A (s = alpha/r, or alpha/sqrt(r) "
                    "with rsLoRA), streamed tensor by tensor; the same as `merge linear --sft ADAPTER --t 0`. "
                    "Every merge command also accepts an adapter folder wherever it takes an SFT.")

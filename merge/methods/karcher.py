@@ -23,8 +23,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, Field
+
+from ..params import Int, Number
+from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
+from .gram import BLOCK, gram_of
 
 DEFAULT_MAX_ITER = 10
 DEFAULT_TOL = 1e-5
@@ -120,3 +127,107 @@ def karcher_coefficients(gram: torch.Tensor, weights: Sequence[float] | None = N
             mean = mean / length(mean)
     scale = sum(w * nm for w, nm in zip(weights, norms))
     return (scale * mean).tolist()
+
+
+# -- the method: operation, kernel and mergekit bindings --------------------------------------------------------
+@dataclass(frozen=True)
+class Karcher(Operation):
+    """The Karcher mean of every input (equal weights ``1/N``), ``W = sum_i c_i X_i`` with ``c`` from the
+    iteration on the Gram matrix (:func:`karcher_coefficients`)."""
+
+    kind: ClassVar[str] = "karcher"
+    max_iter: int = DEFAULT_MAX_ITER
+    tol: float = DEFAULT_TOL
+    working_dtype: str | None = None
+
+
+class KarcherKernel(KernelBase):
+    """One statistics pass (the inputs' float64 Gram matrix), the iteration on N coefficients, then
+    ``sum_i c_i X_i`` per chunk."""
+
+    def passes(self, op):
+        return 1
+
+    def buffer_bytes(self, op, elems):
+        return (len(op.inputs) + 1) * BLOCK * 8
+
+    def prepare(self, job, reader):
+        n = len(job.op.inputs)
+        gram = gram_of(reader.passes(stored=True))
+        gram = torch.zeros(n, n, dtype=torch.float64) if gram is None else gram.cpu()
+        return karcher_coefficients(gram, None, int(job.op.max_iter), float(job.op.tol))
+
+    def apply(self, job, xs, state, chunk, reader):
+        out = xs[0].mul_(state[0])
+        for c, x in zip(state[1:], xs[1:]):
+            out.add_(x, alpha=c)
+        return out
+
+
+class KarcherParams(BaseModel):
+    """Our recipe's parameters of the Karcher mean (of the SFTs and the base, equal weights)."""
+
+    max_iter: Int = Field(DEFAULT_MAX_ITER, ge=1, description="karcher: most iterations")
+    tol: Number = Field(DEFAULT_TOL, gt=0, allow_inf_nan=False, description="karcher: convergence tolerance")
+
+
+def _check_recipe(recipe) -> None:
+    for i, s in enumerate(recipe.sft):
+        if s.scale is not None:
+            raise ValueError(f"sft.{i}.scale: only for method task_arithmetic (karcher weighs every input 1/N)")
+    if recipe.schedule is not None:
+        raise ValueError("schedule: karcher has no t or scale for a schedule to set; remove it")
+
+
+def _plan(recipe, values, name: str) -> Planned:
+    inputs = tuple(f"sft{i}" for i in range(len(recipe.sft))) + ("base",)
+    return Planned(Karcher(inputs, max_iter=int(recipe.max_iter), tol=float(recipe.tol)), f"{len(inputs)} inputs")
+
+
+def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: list[str]) -> None:
+    max_iter, tol = chains.scalar("max_iter", None), chains.scalar("tol", None)
+    others = [r for r in recipe.model_refs() if r != recipe.base_model]
+    if recipe.base_model is None or not others:
+        problems.append("karcher without base_model (our karcher is the mean of the SFTs and their base)")
+    elif max_iter is None or tol is None:
+        problems.append("karcher with per-tensor max_iter or tol (gradients or filters)")
+    else:
+        fields.update(method="karcher", base=recipe.base_model, sft=others, max_iter=int(max_iter), tol=tol)
+        if recipe.base_model in recipe.source_refs() and recipe.source_refs()[-1] != recipe.base_model:
+            notes.append("karcher: mergeback takes the base last among the inputs; mergekit in the order listed "
+                         "(the mean is the same up to rounding)")
+
+
+def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
+    keys = recipe.keys()
+    refs = recipe.model_refs()
+    if len(refs) == 1:
+        return Planned(Copy((keys[refs[0]],)), "1 input")
+    max_iter = resolver.value("max_iter", name)
+    if max_iter != int(max_iter):
+        from ..errors import InputError
+        raise InputError(f"parameters: max_iter must be a whole number, got {max_iter:g}")
+    op = Karcher(tuple(keys[r] for r in refs), max_iter=int(max_iter), tol=resolver.value("tol", name),
+                 working_dtype=recipe.working_dtype or "inputs")
+    return Planned(op, f"{len(refs)} inputs")
+
+
+SPEC = MethodSpec(
+    name="karcher",
+    operation=Karcher,
+    kernel=KarcherKernel(),
+    params=KarcherParams,
+    check_recipe=_check_recipe,
+    plan=_plan,
+    legend=lambda recipe: "karcher: the SFTs and the base, weight 1/N each",
+    describe=lambda t: ("Karcher (Riemannian) mean per tensor of the inputs on the unit hypersphere, rescaled by "
+                        "their mean norm: `W = (sum_i |X_i|/N) * m`, `m` the point minimising "
+                        "`sum_i angle(m, X_i)^2`."),
+    mergekit=(MergekitVariant("karcher", (ParamSpec("max_iter", "shared", DEFAULT_MAX_ITER),
+                                          ParamSpec("tol", "shared", DEFAULT_TOL))),),
+    lora_note="The Karcher mean runs on the materialised W_base + s*B@A of each targeted tensor",
+    plan_mergekit=_plan_mergekit,
+    convert=_convert,
+    mergekit_legend="karcher: every model, base_model included, weight 1/N",
+    python_params=("max_iter", "tol"),
+)

@@ -22,8 +22,16 @@ the whole-tensor function to float32 rounding (the rounding noise mergekit's tan
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, Field
+
+from ..errors import MergeError
+from ..params import Number
+from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
+from .gram import BLOCK, gram_of
 
 EPS = 1e-8
 
@@ -84,3 +92,135 @@ def multislerp_coefficients(gram: torch.Tensor, weights: Sequence[float], normal
                              "with balancing weights); choose other weights")
         return w.tolist()
     return (c / mean_norm * float(w @ norms)).tolist()
+
+
+# -- the method: operation, kernel and mergekit bindings --------------------------------------------------------
+@dataclass(frozen=True)
+class Multislerp(Operation):
+    """Multi-SLERP of the models in ``inputs`` (after the base when ``with_base``: then of their deltas, added to
+    the base), with one weight per model; ``W = sum_i a_i x_i`` (+ base), ``a`` from the Gram matrix."""
+
+    kind: ClassVar[str] = "multislerp"
+    weights: tuple[float, ...] = ()
+    normalize_weights: bool = True
+    eps: float = EPS
+    with_base: bool = False
+    working_dtype: str | None = None
+
+
+class MultislerpKernel(KernelBase):
+    """One statistics pass (the float64 Gram matrix of the vectors), then ``sum_i a_i x_i`` (+ base) per chunk."""
+
+    def passes(self, op):
+        return 1
+
+    def buffer_bytes(self, op, elems):
+        return (len(op.inputs) + 1) * BLOCK * 8
+
+    def prepare(self, job, reader):
+        op = job.op
+        gram = gram_of(reader.passes(stored=True), origin_slot=0 if op.with_base else None)
+        n = len(op.weights)
+        gram = torch.zeros(n, n, dtype=torch.float64) if gram is None else gram.cpu()
+        try:
+            return multislerp_coefficients(gram, op.weights, op.normalize_weights, op.eps)
+        except ValueError as e:
+            raise MergeError(f"tensor {job.name!r}: {e}") from None
+
+    def apply(self, job, xs, state, chunk, reader):
+        if job.op.with_base:
+            base, fine = xs[0], xs[1:]
+            out = torch.zeros_like(base)
+            for a, x in zip(state, fine):
+                out.add_(x.sub_(base), alpha=a)
+            return out.add_(base)
+        out = xs[0].mul_(state[0])
+        for a, x in zip(state[1:], xs[1:]):
+            out.add_(x, alpha=a)
+        return out
+
+
+class MultislerpParams(BaseModel):
+    """Our recipe's parameter of Multi-SLERP: the weight of each SFT's delta (default: equal)."""
+
+    weights: list[Number] | None = Field(None, description="multislerp: the weight of each SFT (default equal)")
+
+
+def _check_recipe(recipe) -> None:
+    if len(recipe.sft) < 2:
+        raise ValueError("sft: multislerp needs at least two SFTs (of one it is that SFT itself)")
+    if recipe.weights is not None and len(recipe.weights) != len(recipe.sft):
+        raise ValueError(f"weights: give one weight per SFT ({len(recipe.sft)}), got {len(recipe.weights)}")
+    if recipe.weights is not None and abs(sum(recipe.weights)) < 1e-12:
+        raise ValueError("weights: they sum to 0; multislerp divides by their sum")
+    for i, s in enumerate(recipe.sft):
+        if s.scale is not None:
+            raise ValueError(f"sft.{i}.scale: only for method task_arithmetic (multislerp takes weights)")
+    if recipe.schedule is not None:
+        raise ValueError("schedule: multislerp has no t or scale for a schedule to set; remove it")
+
+
+def _plan(recipe, values, name: str) -> Planned:
+    n = len(recipe.sft)
+    weights = tuple(float(w) for w in recipe.weights) if recipe.weights is not None else (1.0,) * n
+    op = Multislerp(("base",) + tuple(f"sft{i}" for i in range(n)), weights, with_base=True)
+    return Planned(op, "/".join(f"{w:g}" for w in weights))
+
+
+def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: list[str]) -> None:
+    others = [r for r in recipe.model_refs() if r != recipe.base_model]
+    weights = [chains.scalar("weight", r) for r in others]
+    normalize, eps = chains.scalar("normalize_weights", None), chains.scalar("eps", None)
+    if recipe.base_model is None or len(others) < 2:
+        problems.append("multislerp without base_model or of fewer than two models (our multislerp spreads the "
+                        "deltas of two or more SFTs from a base)")
+    elif None in weights or normalize is None or eps is None:
+        problems.append("multislerp with per-tensor weights or settings (gradients or filters)")
+    elif not normalize or eps != EPS:
+        problems.append("multislerp with normalize_weights: false or another eps (ours normalises the weights, "
+                        "eps 1e-8)")
+    else:
+        fields.update(method="multislerp", base=recipe.base_model, sft=others, weights=weights)
+
+
+def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
+    keys = recipe.keys()
+    others = [r for r in recipe.model_refs() if r != recipe.base_model]
+    weights = tuple(resolver.value("weight", name, r) for r in others)
+    text = "/".join(f"{w:g}" for w in weights)
+    if len(others) == 1:
+        return Planned(Copy((keys[others[0]],)), text)
+    with_base = recipe.base_model is not None
+    op = Multislerp((("base",) if with_base else ()) + tuple(keys[r] for r in others), weights,
+                    normalize_weights=bool(resolver.value("normalize_weights", name)),
+                    eps=resolver.value("eps", name), with_base=with_base,
+                    working_dtype=recipe.working_dtype or "inputs")
+    return Planned(op, text)
+
+
+def _check_mergekit(variant, recipe) -> None:
+    if not [r for r in recipe.model_refs() if r != recipe.base_model]:
+        raise ValueError("models: multislerp needs at least one model besides base_model")
+
+
+SPEC = MethodSpec(
+    name="multislerp",
+    operation=Multislerp,
+    kernel=MultislerpKernel(),
+    params=MultislerpParams,
+    check_recipe=_check_recipe,
+    plan=_plan,
+    legend=lambda recipe: "multislerp weight of each SFT's delta (sft0/sft1/...)",
+    describe=lambda t: ("Multi-SLERP per tensor: the direction of the weighted mean of the unit (delta) vectors "
+                        "times their weighted mean norm, `W = W_base + (m/|m|) * sum_i w_i |d_i|`, "
+                        "`m = sum_i w_i d_i/|d_i|`."),
+    mergekit=(MergekitVariant("multislerp", (ParamSpec("weight", "non_base", required=True),
+                                             ParamSpec("normalize_weights", "shared", True),
+                                             ParamSpec("eps", "shared", EPS))),),
+    lora_note="Multi-SLERP runs on the materialised W_base + s*B@A of each targeted tensor",
+    plan_mergekit=_plan_mergekit,
+    check_mergekit=_check_mergekit,
+    convert=_convert,
+    mergekit_legend="multislerp weight of each model",
+    python_params=("weights",),
+)

@@ -8,14 +8,19 @@ from ..errors import InputError
 from .arcee_fusion import SPEC as ARCEE_FUSION
 from .base import Copy, Kernel, MergekitVariant, MethodSpec, Operation
 from .chunks import kernel_chunk
+from .karcher import SPEC as KARCHER
 from .linear import SPEC as LINEAR
+from .model_stock import SPEC as MODEL_STOCK
+from .multislerp import SPEC as MULTISLERP
 from .nearswap import SPEC as NEARSWAP
+from .nuslerp import SPEC as NUSLERP
 from .passthrough import SPEC as PASSTHROUGH
 from .ram import SPEC as RAM
 from .slerp import SPEC as SLERP
 from .task_arithmetic import SPEC as TASK_ARITHMETIC
 
-_BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC, NEARSWAP, ARCEE_FUSION, RAM, PASSTHROUGH)
+_BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC, MODEL_STOCK, NUSLERP, MULTISLERP, KARCHER,
+                                    NEARSWAP, ARCEE_FUSION, RAM, PASSTHROUGH)
 
 _METHODS: dict[str, MethodSpec] = {}
 _MERGEKIT: dict[str, tuple[MethodSpec, MergekitVariant]] = {}

@@ -25,8 +25,7 @@ from ..tensor_names import Structure
 from .yaml_source import model_keys
 
 SUPPORTED = registry.mergekit_names()
-KNOWN_UNSUPPORTED = ("della", "della_linear", "model_stock", "nuslerp", "karcher", "sce", "multislerp",
-                     "task_adapter")
+KNOWN_UNSUPPORTED = ("della", "della_linear", "sce", "task_adapter")
 DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "float64": "float64",
                "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32", "fp32": "float32",
                "double": "float64"}
@@ -363,7 +362,7 @@ def evaluate_setting(setting, name: str, t: float):
 def coerce(value, spec: ParamSpec, where: str):
     """pydantic's lax validation as mergekit applies it: floats from numbers/numeric strings (not from
     booleans: ``t: true`` is refused), bools from bools/0/1/'true'/'false'."""
-    if spec.name in BOOL_PARAMS:
+    if spec.name in BOOL_PARAMS or isinstance(spec.default, bool):
         if isinstance(value, bool):
             return value
         if isinstance(value, (int, float)) and value in (0, 1):
