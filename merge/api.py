@@ -18,7 +18,7 @@ from .dtypes import OUTPUT_DTYPES
 from .errors import InputError, MergeError
 from .execute import CHUNK_ELEMENTS, DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, ExecutionStats, Executor, resolve_device
 from .fp8_output import fp8_output_plan
-from .inputs import download_weights, open_inputs, open_model, resolve_inputs  # noqa: F401  (also served here)
+from .inputs import download_weights, input_views, open_inputs, open_model, resolve_inputs  # noqa: F401  (also served here)
 from .io import output
 from .io.lora import adapter_notes, is_adapter
 from .io.quantized import fp8_config, quantisation_notes
@@ -193,7 +193,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
     with ExitStack() as stack:
         inputs = open_inputs(recipe, stack, token=token, progress=progress, weights=False,
                              out=None if dry_run else out_path)
-        resolved, labels, models, resolve_notes = inputs.resolved, inputs.labels, inputs.models, inputs.notes
+        resolved, labels, raw, resolve_notes = inputs.resolved, inputs.labels, inputs.models, inputs.notes
+        models = input_views(recipe, raw, labels)
         n_layers = Structure.of(models[primary].config, models[primary].names())
         op_for = operations_for(recipe, n_layers)
         t_values = op_for.t_values
@@ -205,7 +206,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
             raise InputError(f"{unmatched[0]}; fix the rule or pass --allow-unmatched (allow_unmatched=True)")
         if fp8_out:
             plan = fp8_output_plan(plan, models, primary, parse_size(recipe.max_shard_size))
-        notes = (resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
+        notes = (resolve_notes + list(plan.notes) + adapter_notes(recipe.method, raw)
                  + quantisation_notes(models, recipe.output_dtype))
         summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
                                shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run,
@@ -228,7 +229,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
             summary.peak_bytes = estimate_peak_bytes(plan, threads or default_threads(),
                                                      chunk_elements or CHUNK_ELEMENTS, _size(memory, DEFAULT_MEMORY))
             return summary
-        resolved, models = download_weights(resolved, models, labels, stack, token=token, progress=progress)
+        resolved, raw = download_weights(resolved, raw, labels, stack, token=token, progress=progress)
+        models = input_views(recipe, raw, labels)
         summary.inputs = resolved
         cluster = None
         if ray is not None:
@@ -449,6 +451,9 @@ def finish_folder(stage: Path, summary: MergeSummary, recipe: Recipe, models: di
         dtype_name, config = "bfloat16", fp8_config(models, recipe.primary)
     output.write_config(config, stage, dtype_name, untied=plan.untied)
     output.copy_side_files(Path(getattr(primary, "side_files_path", primary.path)), stage)
+    finish_tokenizer = getattr(recipe, "finish_tokenizer", None)  # mergekit's tokenizer_source, chat_template
+    if finish_tokenizer is not None:
+        finish_tokenizer(stage, models)
     recipe_yaml = _pinned(recipe, summary).to_yaml()
     (stage / "merge_recipe.yaml").write_text(recipe_yaml)
     command = command or f"merge run {summary.out}/merge_recipe.yaml -o OUT"
