@@ -25,6 +25,7 @@ from .io.quantized import fp8_config, quantisation_notes
 from .io.writer import ShardWriter, parse_size, write_index
 from .keys import input_label
 from .plan import Plan, make_plan
+from .recipes.mergekit_inputs import finish_tokenizer
 from .recipes.operations import operations_for, unmatched_rules
 from .recipes.schema import Recipe
 from .summary import MergeSummary, settings_of
@@ -451,9 +452,7 @@ def finish_folder(stage: Path, summary: MergeSummary, recipe: Recipe, models: di
         dtype_name, config = "bfloat16", fp8_config(models, recipe.primary)
     output.write_config(config, stage, dtype_name, untied=plan.untied)
     output.copy_side_files(Path(getattr(primary, "side_files_path", primary.path)), stage)
-    finish_tokenizer = getattr(recipe, "finish_tokenizer", None)  # mergekit's tokenizer_source, chat_template
-    if finish_tokenizer is not None:
-        finish_tokenizer(stage, models)
+    finish_tokenizer(recipe, stage, models)  # a mergekit recipe's tokenizer_source and chat_template
     recipe_yaml = _pinned(recipe, summary).to_yaml()
     (stage / "merge_recipe.yaml").write_text(recipe_yaml)
     command = command or f"merge run {summary.out}/merge_recipe.yaml -o OUT"

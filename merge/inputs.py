@@ -117,8 +117,9 @@ def _checkpoint(resolved: ResolvedModel, label: str, token):
 def input_views(recipe, models: dict, labels: dict) -> dict:
     """The models as the recipe reads them: a mergekit recipe's frankenmerge slices and ``tokenizer_source``
     reshape its inputs (:func:`merge.recipes.mergekit_inputs.views`); other recipes read them as they are."""
-    views = getattr(recipe, "input_views", None)
-    return views(models, labels) if views is not None else models
+    from .recipes.mergekit_inputs import views
+
+    return views(recipe, models, labels)
 
 
 def download_weights(resolved: dict, models: dict, labels: dict, stack: ExitStack, *, token=None,

@@ -284,20 +284,6 @@ class MergekitRecipe(_Loose):
                     src["layer_range"] = list(src["layer_range"])
         return yaml.safe_dump(data, sort_keys=False)
 
-    def input_views(self, models: dict, labels: dict) -> dict:
-        """The models as this recipe reads them (frankenmerge slices, tokenizer_source): see
-        :func:`merge.recipes.mergekit_inputs.views`."""
-        from .mergekit_inputs import views
-
-        return views(self, models, labels)
-
-    def finish_tokenizer(self, stage, models: dict) -> None:
-        """The output's tokenizer files (tokenizer_source, chat_template): see
-        :func:`merge.recipes.mergekit_inputs.finish_tokenizer`."""
-        from .mergekit_inputs import finish_tokenizer
-
-        finish_tokenizer(self, stage, models)
-
     def line_of(self, path: tuple) -> int | None:
         """The line of a key path in the file this recipe was read from (None when unknown)."""
         return self._lines.get(path)

@@ -23,7 +23,10 @@ TOKENIZER_FILES = tuple(n for n in SIDE_FILES if n not in ("generation_config.js
 
 def views(recipe: MergekitRecipe, models: dict, labels: dict) -> dict:
     """``models`` (by key) as the recipe reads them: vocabulary rows in the output tokenizer's order when
-    ``tokenizer_source`` is set, the layer stack rebuilt when slices reorder, repeat or drop layers."""
+    ``tokenizer_source`` is set, the layer stack rebuilt when slices reorder, repeat or drop layers (other
+    recipes: ``models`` as they are)."""
+    if not isinstance(recipe, MergekitRecipe):
+        return models
     if recipe.chat_template is not None or recipe.tokenizer_source not in (None, "base"):
         if _tokenizer_folder(recipe, models) is None:
             raise InputError("chat_template: the output has no tokenizer to carry it (the tokenizer's model has no "
@@ -140,7 +143,10 @@ def _template_of(folder: Path) -> str | None:
 
 def finish_tokenizer(recipe: MergekitRecipe, stage: Path, models: dict) -> None:
     """The output's tokenizer files: tokenizer_source's model's (else the copied primary's), and the chat
-    template written as transformers 5 saves it (``chat_template.jinja``; none left in tokenizer_config.json)."""
+    template written as transformers 5 saves it (``chat_template.jinja``; none left in tokenizer_config.json).
+    Other recipes: nothing (the primary's copied files stay)."""
+    if not isinstance(recipe, MergekitRecipe):
+        return
     folder = _tokenizer_folder(recipe, models)
     if folder is None:
         return
