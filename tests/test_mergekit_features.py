@@ -3,7 +3,7 @@ tokenizer_source (different vocabularies), ``model+lora`` references, and config
 
 Every oracle run happens in ONE mergekit process (module fixture). Tolerances: bit-exact where mergekit's
 arithmetic is reproduced (linear, task arithmetic, LoRA folding in float32), float32 rounding for slerp
-(mergekit computes its coefficients in float32, we in float64), ~1 ulp for float16 example configs.
+(mergekit computes its coefficients in float32, we in float64), ~1 ulp for float16/bfloat16 configs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizerFast
 
 import merge
 from merge.cli import main
@@ -42,8 +42,29 @@ def ckpt(tmp_path_factory):
                            LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                       target_modules=["q_proj", "v_proj", "down_proj"]))
     model.save_pretrained(lora)
-    return {k: str(v) for k, v in dict(base=base, s0=s0, s1=s1, vbase=vbase, vsft=vsft, lora=lora, hbase=hbase,
-                                       h0=h0, h1=h1).items()}
+    paths = dict(base=base, s0=s0, s1=s1, vbase=vbase, vsft=vsft, lora=lora, hbase=hbase, h0=h0, h1=h1)
+    # mergekit's tests/test_tokenizer.py models: 64 BPE tokens; "padded" adds 4 tokens past its 64 rows;
+    # "chatml" (and a second one here) 2 added tokens with 66 rows
+    for i, (name, rows, added) in enumerate([("tbase", 64, []), ("tpadded", 64, [f"<UNUSED_{k}>" for k in range(4)]),
+                                             ("tchatml", 66, ["<|im_start|>", "<|im_end|>"]),
+                                             ("tchatml2", 66, ["<|im_start|>", "<|im_end|>"])]):
+        folder = root / name
+        make_model("llama", 10 + i, torch.float32, vocab=rows).save_pretrained(folder)
+        _bpe_tokenizer(64, added, root / f"{name}-scratch").save_pretrained(folder)
+        paths[name] = folder
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _bpe_tokenizer(vocab_size: int, added: list[str], scratch: Path):
+    """mergekit's tests' ``make_tokenizer``: ``<unk> <s> </s> _tok_3...`` as a BPE vocabulary, plus added tokens."""
+    tokens = (["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)])[:vocab_size]
+    data = {"version": "1.0", "model": {"type": "BPE", "vocab": dict(zip(tokens, range(vocab_size))), "merges": []},
+            "added_tokens": []}
+    scratch.mkdir(parents=True)
+    (scratch / "tokenizer.json").write_text(json.dumps(data))
+    tok = LlamaTokenizerFast(tokenizer_file=str(scratch / "tokenizer.json"))
+    tok.add_tokens(added)
+    return tok
 
 
 def _src(ref, layers, **params):
@@ -78,6 +99,36 @@ def recipes(c: dict) -> dict[str, dict]:
         "lora_linear": {"merge_method": "linear",
                         "models": [_m(f"{b}+{c['lora']}", weight=0.6), _m(s0, weight=0.4)]},
         **examples(c),
+        **mergekit_tests(c),
+    }
+
+
+def mergekit_tests(c: dict) -> dict[str, dict]:
+    """Configs of mergekit's own tests (tests/test_basic_merges.py two_model_config, test_chat_template.py,
+    test_tokenizer.py make_config) over the tiny checkpoints."""
+    def two(method, base=None, **params):
+        return {"merge_method": method, **({"base_model": base} if base else {}),
+                "models": [_m(c["s0"], weight=0.6), _m(c["s1"], weight=0.4)], "dtype": "bfloat16",
+                **({"parameters": params} if params else {})}
+
+    def tokens(models, source=None):
+        return {"merge_method": "linear", "base_model": c["tbase"], "models": [_m(c[m], weight=1.0) for m in models],
+                "dtype": "float32", **({"tokenizer_source": source} if source else {})}
+
+    def chat(template):
+        return {"merge_method": "linear", "base_model": c["tbase"], "dtype": "bfloat16", "chat_template": template,
+                "models": [_m(c["tbase"], weight=0.5), _m(c["tpadded"], weight=0.5)]}
+
+    return {
+        "mk_linear": two("linear"),
+        "mk_slerp": two("slerp", c["s0"], t=0.35),
+        "mk_task_arithmetic": two("task_arithmetic", c["base"]),
+        "mk_chat_chatml": chat("chatml"),
+        "mk_chat_literal": chat("{{messages[0]['content']}}"),
+        "mk_tokenizer_source_base": tokens(["tbase", "tpadded", "tchatml"], "base"),
+        "mk_tokenizer_source_model": tokens(["tbase", "tpadded", "tchatml"], c["tchatml"]),
+        # <|im_start|> is in two models but not in base_model: the others get the average of those two rows
+        "tokenizer_average": tokens(["tbase", "tpadded", "tchatml", "tchatml2"], c["tchatml"]),
     }
 
 
@@ -142,6 +193,8 @@ def _compare(outputs, name, exact=True):
         assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k
         if exact:
             assert torch.equal(ours[k], theirs[k]), (k, (ours[k].float() - theirs[k].float()).abs().max())
+        elif theirs[k].dtype == torch.bfloat16:  # within ~1 bf16 ulp where mergekit computes in bf16
+            torch.testing.assert_close(ours[k].float(), theirs[k].float(), rtol=2 ** -7, atol=1e-5, msg=k)
         elif theirs[k].dtype == torch.float16:
             torch.testing.assert_close(ours[k].float(), theirs[k].float(), rtol=2 ** -10, atol=1e-5, msg=k)
         else:
@@ -273,6 +326,25 @@ def test_lora_reference_changes_only_the_adapted_tensors(outputs, ckpt, tmp_path
 @pytest.mark.parametrize("name", sorted(examples({k: "" for k in ("hbase", "h0", "h1", "base", "s0", "s1")})))
 def test_mergekit_examples_agree(outputs, name):
     _compare(outputs, name, exact=False)
+
+
+@pytest.mark.parametrize("name", sorted(mergekit_tests(dict.fromkeys(
+    ("s0", "s1", "base", "tbase", "tpadded", "tchatml", "tchatml2"), ""))))
+def test_mergekit_test_configs_agree(outputs, name):
+    theirs, ours = _compare(outputs, name, exact=not name.startswith(("mk_linear", "mk_slerp", "mk_task")))
+    mk, here = outputs[name]
+    assert _config(here).get("vocab_size") == _config(mk).get("vocab_size")
+    if "chat" in name or "tokenizer" in name:
+        assert AutoTokenizer.from_pretrained(here).get_vocab() == AutoTokenizer.from_pretrained(mk).get_vocab()
+        assert AutoTokenizer.from_pretrained(here).chat_template == AutoTokenizer.from_pretrained(mk).chat_template
+
+
+def test_a_token_two_models_share_takes_their_average(outputs, ckpt):
+    _, ours = _compare(outputs, "tokenizer_average")
+    emb = "model.embed_tokens.weight"
+    a, b = load_tensors(Path(ckpt["tchatml"]))[emb][64], load_tensors(Path(ckpt["tchatml2"]))[emb][64]
+    average = (torch.zeros_like(a) + a + b) / 2  # what tbase and tpadded take for <|im_start|>
+    assert torch.equal(ours[emb][64], ((average + average) + a + b) / 4)
 
 
 # -- refusals --------------------------------------------------------------------------------------------------
