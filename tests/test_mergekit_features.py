@@ -371,3 +371,20 @@ def test_a_layer_past_the_model_is_named(ckpt, tmp_path):
     result = CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "layer 3" in result.output and "does not exist" in result.output, result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"slices": [{"sources": [_src("A", [0, 2]), _src("B", [0, 2])]},
+                 {"sources": [_src("A", [1, 2]), _src("B", [1, 2])]}]}, "slices that reorder or repeat layers"),
+    ({"chat_template": "chatml"}, "chat_template"),
+    ({"tokenizer_source": "A"}, "tokenizer_source: A"),
+    ({"models": [_m("A+L", weight=0.5), _m("B", weight=0.5)]}, "'A+L' (a LoRA folded over another model"),
+])
+def test_convert_names_the_features_our_format_lacks(tmp_path, change, problem):
+    config = {"merge_method": "linear", "base_model": "B", "models": [_m("A", weight=0.5), _m("B", weight=0.5)],
+              **change}
+    if "slices" in change:
+        del config["models"]
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "mk.yaml")])
+    assert result.exit_code == 2 and "cannot express" in result.output and problem in result.output, result.output
