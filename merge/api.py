@@ -25,7 +25,7 @@ from .io.quantized import fp8_config, quantisation_notes
 from .io.writer import ShardWriter, parse_size, write_index
 from .keys import input_label
 from .plan import Plan, make_plan
-from .recipes.mergekit_inputs import finish_tokenizer
+from .recipes.mergekit_inputs import finish_tokenizer, view_notes
 from .recipes.operations import operations_for, unmatched_rules
 from .recipes.schema import Recipe
 from .summary import MergeSummary, settings_of
@@ -207,7 +207,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, force: bo
             raise InputError(f"{unmatched[0]}; fix the rule or pass --allow-unmatched (allow_unmatched=True)")
         if fp8_out:
             plan = fp8_output_plan(plan, models, primary, parse_size(recipe.max_shard_size))
-        notes = (resolve_notes + list(plan.notes) + adapter_notes(recipe.method, raw)
+        notes = (resolve_notes + list(plan.notes) + view_notes(models, labels) + adapter_notes(recipe.method, raw)
                  + quantisation_notes(models, recipe.output_dtype))
         summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
                                shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run,

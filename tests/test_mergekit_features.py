@@ -388,3 +388,12 @@ def test_convert_names_the_features_our_format_lacks(tmp_path, change, problem):
     (tmp_path / "mk.yaml").write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(main, ["convert", str(tmp_path / "mk.yaml")])
     assert result.exit_code == 2 and "cannot express" in result.output and problem in result.output, result.output
+
+
+def test_the_plan_says_which_layers_and_rows_the_output_reads(ckpt, tmp_path):
+    for name, expected in [("franken_linear", "5 layers read its layers 0, 1, 2, 1, 2"),
+                           ("tok_model", "100 vocabulary rows in the output tokenizer's order by token string, 4 "
+                                         "filled")]:
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipes(ckpt)[name], sort_keys=False))
+        summary = merge.run(tmp_path / f"{name}.yaml", dry_run=True)
+        assert any(expected in note for note in summary.notes), summary.notes

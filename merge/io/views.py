@@ -34,10 +34,15 @@ class _View:
     def __getattr__(self, attr):
         if attr == "read_into":  # only where the view's names read the wrapped model's bytes unchanged
             return self._read_into()
+        if attr == "changes":  # a LoRA adapter's "differs from its base", by the view's names
+            return self._changes()
         return getattr(self.inner, attr)
 
     def _read_into(self):
         raise AttributeError("read_into")
+
+    def _changes(self):
+        raise AttributeError("changes")
 
     def __contains__(self, name: str) -> bool:
         return name in self.inner
@@ -132,6 +137,10 @@ class LayerMapped(_View):
         inner = self.inner.read_into  # AttributeError when the wrapped model computes its tensors
         return lambda name, start, out: inner(self.source(name), start, out)
 
+    def _changes(self):
+        inner = self.inner.changes
+        return lambda name: inner(self.source(name))
+
     def release(self, name: str) -> None:
         self.inner.release(self.source(name))
 
@@ -208,6 +217,10 @@ class VocabMapped(_View):
         if self._vocab:
             raise AttributeError("read_into")  # vocabulary rows are gathered: the executor asks view()
         return self.inner.read_into
+
+    def _changes(self):
+        inner = self.inner.changes
+        return lambda name: name in self._vocab or inner(name)
 
     def view(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         if name not in self._vocab:

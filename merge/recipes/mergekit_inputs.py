@@ -29,8 +29,10 @@ def views(recipe: MergekitRecipe, models: dict, labels: dict) -> dict:
         return models
     if recipe.chat_template is not None or recipe.tokenizer_source not in (None, "base"):
         if _tokenizer_folder(recipe, models) is None:
-            raise InputError("chat_template: the output has no tokenizer to carry it (the tokenizer's model has no "
-                             "tokenizer_config.json or tokenizer.json); add the tokenizer files or remove it")
+            option = "chat_template" if recipe.tokenizer_source in (None, "base") else "tokenizer_source"
+            raise InputError(f"{option}: the output would have no tokenizer (the tokenizer's model has no "
+                             "tokenizer_config.json, tokenizer.json or tokenizer.model); add its tokenizer files or "
+                             f"remove {option}")
     out = dict(models)
     if recipe.tokenizer_source is not None:
         out = _vocab_views(recipe, out, labels)
@@ -46,6 +48,21 @@ def views(recipe: MergekitRecipe, models: dict, labels: dict) -> dict:
                                      "the output's rebuilt stack; list it in every slice")
                 out[k] = LayerMapped(out[k], by_key[k], labels[k])
     return out
+
+
+def view_notes(models: dict, labels: dict) -> list[str]:
+    """Summary lines saying how the views reshape the inputs (layer stacks, vocabulary rows)."""
+    notes = []
+    for k, m in models.items():
+        if isinstance(m, LayerMapped):
+            notes.append(f"slices: {labels[k]}: the output's {len(m.layers)} layers read its layers "
+                         f"{', '.join(map(str, m.layers))}")
+        inner = m.inner if isinstance(m, LayerMapped) else m
+        if isinstance(inner, VocabMapped):
+            filled = sum(r < 0 for r in inner.rows.own)
+            notes.append(f"tokenizer_source: {labels[k]}: {len(inner.rows.own)} vocabulary rows in the output "
+                         f"tokenizer's order by token string, {filled} filled as mergekit does (tokens it lacks)")
+    return notes
 
 
 # -- vocabulary -----------------------------------------------------------------------------------------------
@@ -97,6 +114,8 @@ def _vocab_views(recipe: MergekitRecipe, models: dict, labels: dict) -> dict:
     for k in gathered:
         vocab = base_vocab if k == primary else (vocabs[k] if vocabs[k] is not None else base_vocab)
         perms[k] = permutation(out_vocab, vocab, sizes[k], labels[k])
+    if all(p == list(range(len(out_vocab))) and sizes[k] == len(out_vocab) for k, p in perms.items()):
+        return models  # every input already in the output tokenizer's order: nothing to map
     rows = row_sources(perms, "base" if "base" in perms else None)
     working = DTYPES[recipe.working_dtype] if recipe.working_dtype else None
     out = dict(models)
