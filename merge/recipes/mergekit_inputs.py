@@ -15,7 +15,7 @@ from ..dtypes import OUTPUT_DTYPES as DTYPES
 from ..errors import InputError
 from ..io.output import SIDE_FILES
 from ..io.views import LayerMapped, VocabMapped, permutation, row_sources
-from ..tensor_names import num_layers
+from ..tensor_names import Structure, num_layers
 from .mergekit import MergekitRecipe, named_chat_template, slice_layers
 
 TOKENIZER_FILES = tuple(n for n in SIDE_FILES if n not in ("generation_config.json", "preprocessor_config.json"))
@@ -40,6 +40,11 @@ def views(recipe: MergekitRecipe, models: dict, labels: dict) -> dict:
     if layers is not None:
         keys = recipe.keys()
         by_key = {keys[ref]: ls for ref, ls in layers.items()}
+        structure = Structure.of(models[recipe.primary].config, models[recipe.primary].names())
+        if len(structure.layered) > 1:
+            raise InputError("slices: the models have several layer stacks (" + ", ".join(
+                f"{s} {structure.counts[s]} layers" for s in structure.layered) + "); mergekit refuses slices there "
+                "too: use models:")
         counts = {k: num_layers(m.config or {}, m.names()) for k, m in models.items()}
         if any(ls != list(range(counts[k])) for k, ls in by_key.items()):
             for k in out:
