@@ -366,7 +366,7 @@ def named_chat_template(value: str) -> str | None:
     if len(value) < 256 and "\n" not in value and "{" not in value and value in CHAT_TEMPLATE_NAMES:
         from importlib.resources import files
 
-        return files("merge.recipes").joinpath("chat_templates", f"{value}.jinja").read_text(encoding="utf-8")
+        return files("merge.recipes.chat_templates").joinpath(f"{value}.jinja").read_text(encoding="utf-8")
     return None
 
 
