@@ -397,3 +397,17 @@ def test_the_plan_says_which_layers_and_rows_the_output_reads(ckpt, tmp_path):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipes(ckpt)[name], sort_keys=False))
         summary = merge.run(tmp_path / f"{name}.yaml", dry_run=True)
         assert any(expected in note for note in summary.notes), summary.notes
+
+
+def test_relative_references_reproduce_from_merge_recipe_yaml(ckpt, tmp_path, monkeypatch):
+    """The written recipe pins every reference, tokenizer_source and model+adapter included."""
+    monkeypatch.chdir(Path(ckpt["base"]).parent.parent)
+    for name, config in [("tok", {"merge_method": "task_arithmetic", "base_model": "vocab/base", "dtype": "float32",
+                                  "models": [_m("vocab/sft", weight=0.5)], "tokenizer_source": "vocab/sft"}),
+                         ("lora", {"merge_method": "linear", "models": [_m("p32/base+lora", weight=0.6),
+                                                                          _m("p32/sft0", weight=0.4)]})]:
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        merge.run(tmp_path / f"{name}.yaml", tmp_path / name)
+        merge.run(tmp_path / name / "merge_recipe.yaml", tmp_path / f"{name}-again")
+        assert (tmp_path / name / "model.safetensors").read_bytes() == \
+            (tmp_path / f"{name}-again" / "model.safetensors").read_bytes()

@@ -256,6 +256,8 @@ class MergekitRecipe(_Loose):
         data = self.model_dump(mode="json", exclude_none=True)
         if data.get("base_model") is not None:
             data["base_model"] = swap[data["base_model"]]
+        if data.get("tokenizer_source") in swap:
+            data["tokenizer_source"] = swap[data["tokenizer_source"]]
         for m in data.get("models") or []:
             m["model"] = swap[m["model"]]
         for s in data.get("slices") or []:
