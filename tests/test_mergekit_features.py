@@ -123,6 +123,7 @@ def mergekit_tests(c: dict) -> dict[str, dict]:
         "mk_linear": two("linear"),
         "mk_slerp": two("slerp", c["s0"], t=0.35),
         "mk_task_arithmetic": two("task_arithmetic", c["base"]),
+        "mk_breadcrumbs": two("breadcrumbs", c["base"]),
         "mk_chat_chatml": chat("chatml"),
         "mk_chat_literal": chat("{{messages[0]['content']}}"),
         "mk_tokenizer_source_base": tokens(["tbase", "tpadded", "tchatml"], "base"),
@@ -145,8 +146,8 @@ def examples(c: dict) -> dict[str, dict]:
             "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
                                  {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
             "dtype": "float16"},
-        # float32 here: in float16, equal magnitudes at the density threshold are kept differently (noted in
-        # docs/mergekit-semantics.md), which no feature of this file is about
+        # float32 here: in float16 a few elements differ from mergekit (our ties kernel in half precision, noted
+        # in docs/mergekit-semantics.md 5.1), which no feature of this file is about
         "example_ties": {"models": [_m(c["s0"], density=[1, 0.7, 0.1], weight=1.0),
                                     _m(c["s1"], density=0.5, weight=[0, 0.3, 0.7, 1])],
                          "merge_method": "ties", "base_model": c["base"],
@@ -331,7 +332,7 @@ def test_mergekit_examples_agree(outputs, name):
 @pytest.mark.parametrize("name", sorted(mergekit_tests(dict.fromkeys(
     ("s0", "s1", "base", "tbase", "tpadded", "tchatml", "tchatml2"), ""))))
 def test_mergekit_test_configs_agree(outputs, name):
-    theirs, ours = _compare(outputs, name, exact=not name.startswith(("mk_linear", "mk_slerp", "mk_task")))
+    theirs, ours = _compare(outputs, name, exact=not name.startswith(("mk_linear", "mk_slerp", "mk_task", "mk_bread")))
     mk, here = outputs[name]
     assert _config(here).get("vocab_size") == _config(mk).get("vocab_size")
     if "chat" in name or "tokenizer" in name:
