@@ -18,7 +18,7 @@ from .dtypes import OUTPUT_DTYPES
 from .errors import InputError, MergeError
 from .execute import CHUNK_ELEMENTS, DEFAULT_GPU_MEMORY, DEFAULT_MEMORY, ExecutionStats, Executor, resolve_device
 from .fp8_output import fp8_output_plan
-from .inputs import download_weights, open_inputs, open_model, resolve_inputs  # noqa: F401  (also served here)
+from .inputs import download_weights, input_views, open_inputs, open_model, resolve_inputs  # noqa: F401
 from .io import output as outdir
 from .io.lora import adapter_notes, is_adapter
 from .io.quantized import fp8_config, quantisation_notes
@@ -27,6 +27,7 @@ from .keys import input_label
 from .methods import registry
 from .options import ExecutionOptions, HubOptions, Options, OutputOptions, ReportOptions, misplaced
 from .plan import Plan, make_plan
+from .recipes.mergekit_inputs import finish_tokenizer, view_notes
 from .recipes.operations import operations_for, unmatched_rules
 from .recipes.schema import Recipe
 from .recipes.yaml_source import locate_after
@@ -149,7 +150,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, options: 
     with ExitStack() as stack:
         inputs = open_inputs(recipe, stack, token=token, progress=progress, weights=False,
                              out=None if dry_run else out_path)
-        resolved, labels, models, resolve_notes = inputs.resolved, inputs.labels, inputs.models, inputs.notes
+        resolved, labels, raw, resolve_notes = inputs.resolved, inputs.labels, inputs.models, inputs.notes
+        models = input_views(recipe, raw, labels)
         n_layers = Structure.of(models[primary].config, models[primary].names())
         fp8_out = recipe.output_dtype == "fp8"  # bfloat16, then the FP8 weights re-quantised
         out_dtype = torch.bfloat16 if fp8_out else DTYPES[recipe.output_dtype] if recipe.output_dtype else None
@@ -164,7 +166,7 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, options: 
             raise InputError(f"{unmatched[0]}; fix the rule or pass --allow-unmatched (allow_unmatched=True)")
         if fp8_out:
             plan = fp8_output_plan(plan, models, primary, parse_size(recipe.max_shard_size))
-        notes = (resolve_notes + list(plan.notes) + adapter_notes(recipe.method, models)
+        notes = (resolve_notes + list(plan.notes) + view_notes(models, labels) + adapter_notes(recipe.method, raw)
                  + quantisation_notes(models, recipe.output_dtype))
         summary = MergeSummary(recipe.method, resolved, out_path, plan.counts(), notes=notes,
                                shards=len(plan.shards), output_bytes=plan.output_bytes, dry_run=dry_run,
@@ -190,7 +192,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, options: 
                                                      ex.chunk_elements or CHUNK_ELEMENTS,
                                                      _size(ex.memory, DEFAULT_MEMORY))
             return summary
-        resolved, models = download_weights(resolved, models, labels, stack, token=token, progress=progress)
+        resolved, raw = download_weights(resolved, raw, labels, stack, token=token, progress=progress)
+        models = input_views(recipe, raw, labels)
         summary.inputs = resolved
         cluster = None
         if ex.ray is not None:
@@ -389,6 +392,7 @@ def finish_folder(stage: Path, summary: MergeSummary, recipe: Recipe, models: di
         dtype_name, config = "bfloat16", fp8_config(models, recipe.primary)
     outdir.write_config(config, stage, dtype_name, untied=plan.untied)
     outdir.copy_side_files(Path(primary.side_files_path), stage)
+    finish_tokenizer(recipe, stage, models)  # a mergekit recipe's tokenizer_source and chat_template
     recipe_yaml = _pinned(recipe, summary).to_yaml()
     (stage / "merge_recipe.yaml").write_text(recipe_yaml)
     command = command or f"merge run {summary.out}/merge_recipe.yaml -o OUT"

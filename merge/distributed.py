@@ -188,13 +188,13 @@ def _hold(unit_id: str) -> None:
 def _open_inputs(common: dict, stack: ExitStack) -> dict:
     """The inputs as this node reaches them: local folders as given, Hub models fetched at the pinned commit."""
     from .inputs import open_model
-    from .io.resolve import resolve_model
+    from .io.resolve import resolve_reference
 
     here = {}
     for key, m in common["inputs"].items():
         role = "base" if key == "base" else "SFT"
         if m.repo_id:
-            here[key] = resolve_model(m.pinned, role, token=common["token"])
+            here[key] = resolve_reference(m.pinned, role, token=common["token"])
         elif not Path(m.path).is_dir():
             raise InputError(f"{common['labels'][key]}: {m.path} is not visible on node {_host()}; put the inputs "
                              "on storage every node mounts at the same path, or use Hub ids")
@@ -214,7 +214,9 @@ def merge_unit(common: dict, unit: Unit) -> dict:
     _hold(unit.id)
     started = time.perf_counter()
     with ExitStack() as stack:
-        models = _open_inputs(common, stack)
+        from .inputs import input_views
+
+        models = input_views(common["recipe"], _open_inputs(common, stack), common["labels"])
         plan = plan_recipe(common["recipe"], models, common["labels"])
         if plan_fingerprint(plan) != common["fingerprint"]:
             raise MergeError(f"node {_host()} planned a different merge than the driver (other mergeback or torch "

@@ -56,9 +56,11 @@ def resolve_inputs(recipe: Recipe, *, token=None, progress: bool = False, weight
     from .io.resolve import check_distinct, infer_base
 
     if not isinstance(recipe, Recipe):  # a mergekit recipe: its models by key, nothing inferred
+        from .io.resolve import resolve_reference
+
         refs = recipe.input_refs()
-        resolved = {k: resolve_model(ref, "base_model" if k == BASE else "model", token=token, progress=progress,
-                                     weights=weights)
+        resolved = {k: resolve_reference(ref, "base_model" if k == BASE else "model", token=token, progress=progress,
+                                         weights=weights)
                     for k, ref in refs.items()}
         check_distinct(resolved)
         return resolved, [f"mergekit ignores {k} (so does this run)" for k in recipe.unknown_keys()]
@@ -84,6 +86,12 @@ def open_model(resolved: ResolvedModel, label: str, all_resolved: dict, *, token
 
     A Hub model whose weights are still pending opens from their headers alone (for planning, not reading).
     """
+    if resolved.lora is not None:  # mergekit's model+adapter: the adapter folded over its own model
+        from dataclasses import replace
+
+        model = replace(resolved, lora=None)
+        return LoraAdapter(resolved.lora.path, _checkpoint(model, label, token) if model.pending else model.path,
+                           role=label)
     base = all_resolved.get(BASE)
     if resolved is not base and is_adapter(resolved.path):
         if base is None:
@@ -106,6 +114,14 @@ def _checkpoint(resolved: ResolvedModel, label: str, token):
                            checkpoint=HeaderCheckpoint(resolved.path, headers, role=label))
 
 
+def input_views(recipe, models: dict, labels: dict) -> dict:
+    """The models as the recipe reads them: a mergekit recipe's frankenmerge slices and ``tokenizer_source``
+    reshape its inputs (:func:`merge.recipes.mergekit_inputs.views`); other recipes read them as they are."""
+    from .recipes.mergekit_inputs import views
+
+    return views(recipe, models, labels)
+
+
 def download_weights(resolved: dict, models: dict, labels: dict, stack: ExitStack, *, token=None,
                      progress: bool = False) -> tuple[dict, dict]:
     """Download the pending Hub weights of a planned merge and reopen the models planned from their headers.
@@ -120,7 +136,7 @@ def download_weights(resolved: dict, models: dict, labels: dict, stack: ExitStac
     fetched = {k: fetch_pending(m, labels[k], token=token, progress=progress) for k, m in resolved.items()}
     reopened = dict(models)
     for k, m in resolved.items():
-        base_pending = isinstance(models[k], LoraAdapter) and bool(resolved[BASE].pending)
+        base_pending = isinstance(models[k], LoraAdapter) and BASE in resolved and bool(resolved[BASE].pending)
         if m.pending or base_pending:
             reopened[k] = stack.enter_context(open_model(fetched[k], labels[k], fetched))
             same_tensors(models[k], reopened[k], labels[k])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -94,11 +95,11 @@ def test_gradients_and_rules_resolve_per_group():
     ("merge_method: della\nbase_model: b\nmodels: [{model: s}]\n", "recipe.yaml:1: merge_method: 'della' is a "
                                                                      "mergekit method mergeback does not implement"),
     ("merge_method: linear\nmodels: [{model: a}, {model: b}]\ntokenizer_source: union\n",
-     "recipe.yaml:3: tokenizer_source: 'union' is not supported"),
-    ("merge_method: ties\nbase_model: b\nmodels:\n  - model: s+lora\n", "recipe.yaml:4: models.0.model: 's+lora' "
-                                                                         "applies a LoRA"),
+     "recipe.yaml:3: tokenizer_source: union (a tokenizer built from every model's vocabulary) is not supported"),
+    ("merge_method: ties\nbase_model: b\nmodels:\n  - model: s+lora+x\n", "recipe.yaml:4: models.0.model: "
+                                                                           "'s+lora+x' is not MODEL or MODEL+LORA"),
     ("merge_method: linear\nslices:\n  - sources:\n      - {model: a, layer_range: [0, 2]}\n"
-     "      - {model: b, layer_range: [2, 4]}\n", "recipe.yaml:3: slices.0.sources: sources take different"),
+     "      - {model: b, layer_range: [2, 5]}\n", "recipe.yaml:3: slices.0.sources: the layer ranges have different"),
     ("merge_method: linear\nmodules: {text: {models: [{model: a}]}}\n", "recipe.yaml:2: modules: multi-module"),
 ])
 def test_bad_recipes_name_the_key_and_line(text, expected):
@@ -116,20 +117,22 @@ def test_cli_reports_a_bad_recipe_in_one_line_with_exit_2(tmp_path):
     assert f"{bad}:5: sparsfy: unknown key" in result.output and not (tmp_path / "o").exists()
 
 
-def test_mergekit_frankenmerge_slices_are_refused_when_they_do_not_cover_all_layers(pairs, tmp_path):
+def test_mergekit_slices_that_drop_layers_make_a_shorter_model(pairs, tmp_path):
     base, sft = pairs("llama", torch.float32)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"merge_method: linear\nparameters: {{weight: 1}}\nslices:\n"
                       f"  - sources: [{{model: {sft}, layer_range: [0, 2]}}, {{model: {base}, layer_range: [0, 2]}}]\n")
-    with pytest.raises(InputError, match=r"cover layers \[0, 2\) but the models have 3"):
-        merge.run(recipe, out=tmp_path / "o")
+    merge.run(recipe, out=tmp_path / "o")
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["num_hidden_layers"] == 2
+    assert not any(".layers.2." in name for name in load_tensors(tmp_path / "o"))
 
 
 @pytest.mark.parametrize("body, expected", [
     ("parameters: {{weight: 1}}\nmodels:\n  - model: {sft}\n    parameters: {{weight: heavy}}\n  - model: {base}\n",
      r"^\S*/r\.yaml:5: models\.0\.parameters: weight must be a number, got 'heavy'"),
-    ("parameters: {{weight: 1}}\nslices:\n  - sources: [{{model: {sft}, layer_range: [0, 2]}}, "
-     "{{model: {base}, layer_range: [0, 2]}}]\n", r"^\S*/r\.yaml:3: slices: the slices cover layers \[0, 2\)"),
+    ("slices:\n  - sources:\n      - {{model: {sft}, layer_range: [0, 3]}}\n"
+     "      - {{model: {base}, layer_range: [0, 3]}}\n    parameters: {{weight: heavy}}\n",
+     r"^\S*/r\.yaml:6: slices\.0\.parameters: weight must be a number"),
 ])
 def test_mergekit_errors_found_while_planning_name_the_recipe_line(pairs, tmp_path, body, expected):
     base, sft = pairs("llama", torch.float32)

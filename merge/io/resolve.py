@@ -27,13 +27,14 @@ class ResolvedModel:
     # Weight files of the pinned commit not downloaded yet (``resolve_model(weights=False)``): the model is
     # opened from their headers (:class:`merge.io.remote.HeaderCheckpoint`) until :func:`fetch_pending`.
     pending: tuple[str, ...] = ()
+    lora: ResolvedModel | None = None  # mergekit's ``model+adapter``: this LoRA adapter folded over the model
 
     @property
     def pinned(self) -> str:
-        """How the card and the recipe name this input: repo@commit for Hub models, else the absolute path."""
-        if self.repo_id:
-            return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
-        return str(self.path)
+        """How the card and the recipe name this input: repo@commit for Hub models, else the absolute path
+        (``model+adapter`` with both pinned for a mergekit LoRA reference)."""
+        own = (f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id) if self.repo_id else str(self.path)
+        return f"{own}+{self.lora.pinned}" if self.lora is not None else own
 
 
 def resolve_model(ref: str, role: str, *, token=None, progress: bool = False, weights: bool = True) -> ResolvedModel:
@@ -80,6 +81,24 @@ def resolve_model(ref: str, role: str, *, token=None, progress: bool = False, we
     return ResolvedModel(ref, folder, name, commit, pending)
 
 
+def resolve_reference(ref: str, role: str, *, token=None, progress: bool = False, weights: bool = True
+                      ) -> ResolvedModel:
+    """:func:`resolve_model`, and for mergekit's ``MODEL+LORA`` references the adapter folder too (``lora``)."""
+    from dataclasses import replace
+
+    from .lora import is_adapter
+
+    if "+" not in str(ref):
+        return resolve_model(ref, role, token=token, progress=progress, weights=weights)
+    model_ref, adapter_ref = str(ref).split("+", 1)
+    model = resolve_model(model_ref, role, token=token, progress=progress, weights=weights)
+    adapter = resolve_model(adapter_ref, f"{role} LoRA", token=token, progress=progress)
+    if not is_adapter(adapter.path):
+        raise InputError(f"{role} {ref}: {adapter_ref} is not a LoRA adapter folder (no adapter_config.json); "
+                         "write MODEL+ADAPTER_FOLDER")
+    return replace(model, ref=str(ref), lora=adapter)
+
+
 def fetch_pending(model: ResolvedModel, label: str, *, token=None, progress: bool = False) -> ResolvedModel:
     """``model`` with its pending weight files downloaded (from the pinned commit) into its snapshot folder."""
     from dataclasses import replace
@@ -94,9 +113,11 @@ def fetch_pending(model: ResolvedModel, label: str, *, token=None, progress: boo
 
 def check_distinct(resolved: dict[str, ResolvedModel]) -> None:
     """Every input is a different model: two references that lead to the same folder are an error naming both."""
-    seen: dict[Path, str] = {}
+    seen: dict = {}
     for key, model in resolved.items():
         where = Path(model.path).resolve()
+        if model.lora is not None:
+            where = (where, Path(model.lora.path).resolve())
         if where in seen:
             first = seen[where]
 

@@ -32,6 +32,7 @@ def convert(recipe: MergekitRecipe) -> tuple[Recipe, list[str]]:
              "output layout, config.json and tokenizer files now come from the (first) SFT; mergekit takes them "
              "from base_model (tensor values are the same)"]
     chains = _Chains(recipe, problems)
+    problems += feature_problems(recipe)
     spec, variant = registry.for_mergekit(recipe.merge_method)
     fields: dict = {"dtype": recipe.output_dtype}
     if recipe.working_dtype not in (None, "float32", "float64"):
@@ -53,6 +54,27 @@ def convert(recipe: MergekitRecipe) -> tuple[Recipe, list[str]]:
         raise InputError("cannot express this mergekit recipe in mergeback's format: "
                          + "; ".join(dict.fromkeys(_problem(err) for err in e.errors()))
                          + " (run it as is with `merge run`)") from None
+
+
+def feature_problems(recipe: MergekitRecipe) -> list[str]:
+    """mergekit recipe features our format has no field for: frankenmerge slices, tokenizer_source of another
+    model, chat_template, ``model+adapter`` references."""
+    out = []
+    if recipe.slices is not None:
+        end = 0
+        for s in recipe.slices:
+            ranges = {tuple(src.layer_range) for src in s.sources}
+            if len(ranges) != 1 or next(iter(ranges))[0] != end:
+                out.append("slices that reorder or repeat layers (a frankenmerge)")
+                break
+            end = next(iter(ranges))[1]
+    if recipe.tokenizer_source not in (None, "base"):
+        out.append(f"tokenizer_source: {recipe.tokenizer_source} (embedding rows mapped to another tokenizer)")
+    if recipe.chat_template is not None:
+        out.append("chat_template")
+    out += [f"{ref!r} (a LoRA folded over another model; fold it with `merge fold` first)"
+            for ref in recipe.model_refs() if "+" in ref]
+    return out
 
 
 def _problem(err: dict) -> str:

@@ -1,10 +1,12 @@
 """mergekit-format recipes (``merge_method:`` at the top), run with mergekit 0.1.5's semantics.
 
-Supported: the methods of :mod:`merge.methods.registry` (linear, slerp, the task-arithmetic family, nearswap,
-arcee_fusion, ram, ramplus_tl, passthrough, ...) over ``models:`` or ``slices:`` that cover every layer in order
-with the same range for every source (passthrough: one source per slice, from any model). Anything
-else (other methods, ``modules``, frankenmerge slices, tokenizer building, chat templates, ``+lora`` refs)
-is refused with an error that names it. See docs/mergekit-semantics.md for the semantics reproduced here.
+Supported: the registered methods over ``models:`` or ``slices:`` (slices may reorder, repeat or drop layers,
+a frankenmerge: every slice lists the same models in the same order, each source a range of the slice's
+length; passthrough: one source per slice, from any model), ``chat_template`` (a name mergekit ships, ``auto``
+or a jinja string), ``tokenizer_source: base`` or one of the recipe's models (vocabulary rows mapped by token
+string), and ``model+adapter`` references (the LoRA folded on read). Refused with an error that names it: other
+methods, ``modules``, ``tokenizer:``, ``tokenizer_source: union``. See docs/mergekit-semantics.md for the
+semantics reproduced here.
 
 In these recipes ``t`` is mergekit's: the share of the *non-base* model (slerp ``t=0`` gives base_model).
 """
@@ -105,21 +107,22 @@ class MergekitRecipe(_Loose):
         if self.tokenizer is not None:
             raise ValueError("tokenizer: building a tokenizer is not supported; remove it (the output takes "
                              "base_model's tokenizer, like tokenizer_source: base)")
-        if self.tokenizer_source not in (None, "base"):
-            raise ValueError(f"tokenizer_source: {self.tokenizer_source!r} is not supported (vocabulary "
-                             "surgery); only base or no tokenizer_source")
+        if self.tokenizer_source == "union":
+            raise ValueError("tokenizer_source: union (a tokenizer built from every model's vocabulary) is not "
+                             "supported; use base or one of the recipe's models")
+        if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in self.model_refs():
+            raise ValueError(f"tokenizer_source: {self.tokenizer_source!r} is not one of the recipe's models; use "
+                             "base or a model listed in the recipe")
         if self.chat_template is not None:
-            raise ValueError("chat_template: not supported; remove it (the base's tokenizer files are copied "
-                             "unchanged)")
+            check_chat_template(self.chat_template)
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value.removeprefix("torch.") not in DTYPE_NAMES:
                 raise ValueError(f"{key}: {value!r} is not a float dtype; use bfloat16, float16, float32 or "
                                  "float64")
         for path, ref in self._refs_with_paths():
-            if "+" in ref:
-                raise ValueError(f"{path}: {ref!r} applies a LoRA (+adapter), which mergekit recipes here do not "
-                                 "support; fold it first with `merge fold` and reference the result")
+            if ref.count("+") > 1 or "+" in ref and not all(p.strip() for p in ref.split("+")):
+                raise ValueError(f"{path}: {ref!r} is not MODEL or MODEL+LORA_ADAPTER")
         for path, params in self._parameter_blocks():
             for name, value in (params or {}).items():
                 _check_setting(value, f"{path}.{name}")
@@ -254,6 +257,8 @@ class MergekitRecipe(_Loose):
         data = self.model_dump(mode="json", exclude_none=True)
         if data.get("base_model") is not None:
             data["base_model"] = swap[data["base_model"]]
+        if data.get("tokenizer_source") in swap:
+            data["tokenizer_source"] = swap[data["tokenizer_source"]]
         for m in data.get("models") or []:
             m["model"] = swap[m["model"]]
         for s in data.get("slices") or []:
@@ -304,31 +309,74 @@ def _check_setting(value, path: str) -> None:
 
 
 def _check_slices(slices: list[MkSlice], base_model: str | None, sources_vary: bool = False) -> None:
-    """Slices must tile the layers in order, every source of a slice with the same range, and every slice over
-    the same models (unless the method lets each slice take its own: ``sources_vary``)."""
+    """Every slice lists the same models in the same order (unless the method lets each slice take its own:
+    ``sources_vary``), each source with a layer_range of the slice's length; the ranges may reorder, repeat or
+    drop layers (a frankenmerge)."""
     first = [s.model for s in slices[0].sources]
-    end = 0
     for i, s in enumerate(slices):
         if not s.sources:
             raise ValueError(f"slices.{i}.sources: empty")
-        ranges = {tuple(src.layer_range) if src.layer_range else None for src in s.sources}
-        if None in ranges:
-            raise ValueError(f"slices.{i}.sources: every source needs a layer_range")
-        if len(ranges) != 1:
-            raise ValueError(f"slices.{i}.sources: sources take different layer_range values {sorted(ranges)} "
-                             "(a frankenmerge); mergeback supports only slices whose sources share one range")
-        (start, stop), = ranges
-        if start != end or stop <= start:
-            raise ValueError(f"slices.{i}.sources.0.layer_range: [{start}, {stop}) does not continue at layer "
-                             f"{end}; mergeback supports only slices that tile all layers in order "
-                             "(frankenmerge slices are not supported)")
-        end = stop
+        for j, src in enumerate(s.sources):
+            if src.layer_range is None:
+                raise ValueError(f"slices.{i}.sources.{j}: every source needs a layer_range")
+            start, stop = src.layer_range
+            if start < 0 or stop <= start:
+                raise ValueError(f"slices.{i}.sources.{j}.layer_range: [{start}, {stop}) is empty or negative; "
+                                 "give [first, end) with first < end")
+        sizes = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
+        if len(sizes) != 1:
+            raise ValueError(f"slices.{i}.sources: the layer ranges have different lengths {sorted(sizes)}; "
+                             "every source of a slice gives the same number of layers")
         if not sources_vary and [src.model for src in s.sources] != first:
             raise ValueError(f"slices.{i}.sources: the models differ from slices.0's; mergeback supports only "
                              "slices over the same models in the same order")
         if s.base_model is not None and s.base_model != base_model:
             raise ValueError(f"slices.{i}.base_model: a per-slice base_model different from base_model is not "
                              "supported")
+
+
+def slice_layers(recipe: MergekitRecipe) -> dict[str, list[int]] | None:
+    """Per model reference, the input layer each output layer reads (slices in order, each source its own
+    range); None for ``models:`` recipes."""
+    if recipe.slices is None:
+        return None
+    out: dict[str, list[int]] = {}
+    for s in recipe.slices:
+        for src in s.sources:
+            out.setdefault(src.model, []).extend(range(*src.layer_range))
+    return out
+
+
+def output_ranges(recipe: MergekitRecipe) -> list[tuple[int, int]]:
+    """The output layers each slice makes: consecutive ranges of the slices' lengths."""
+    ranges, end = [], 0
+    for s in recipe.slices:
+        start, stop = s.sources[0].layer_range
+        ranges.append((end, end + stop - start))
+        end += stop - start
+    return ranges
+
+
+CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
+def named_chat_template(value: str) -> str | None:
+    """The template text of a name mergekit 0.1.5 ships (``chatml``, ``llama3``...), else None; mergekit looks
+    a value up as a name when it is under 256 characters with no newline and no ``{``."""
+    if len(value) < 256 and "\n" not in value and "{" not in value and value in CHAT_TEMPLATE_NAMES:
+        from importlib.resources import files
+
+        return files("merge.recipes.chat_templates").joinpath(f"{value}.jinja").read_text(encoding="utf-8")
+    return None
+
+
+def check_chat_template(value: str) -> None:
+    """``auto``, a shipped name, or a jinja template (mergekit: at least 20 characters with a ``{``)."""
+    if value == "auto" or named_chat_template(value) is not None:
+        return
+    if len(value) < 20 or "{" not in value:
+        raise ValueError(f"chat_template: {value!r} is neither a template name ({', '.join(CHAT_TEMPLATE_NAMES)}, "
+                         "auto) nor a jinja template (at least 20 characters with {{ ... }})")
 
 
 # -- per-tensor parameter resolution ---------------------------------------------------------------------
@@ -400,10 +448,10 @@ class Resolver:
                 raise InputError("slices: the models have several layer stacks (" +
                                  ", ".join(f"{s} {self.structure.counts[s]} layers" for s in self.structure.layered)
                                  + "); mergekit refuses slices there too: use models:")
-            self.ranges = [tuple(s.sources[0].layer_range) for s in recipe.slices]
+            self.ranges = output_ranges(recipe)
             if self.ranges[-1][1] != n_layers:
-                raise InputError(f"slices: the slices cover layers [0, {self.ranges[-1][1]}) but the models have "
-                                 f"{n_layers}; mergeback supports only slices that cover every layer")
+                raise InputError(f"slices: the slices make {self.ranges[-1][1]} layers but the output model has "
+                                 f"{n_layers} (inputs not read through the recipe's input_views)")
         else:
             self.ranges = [(0, n_layers)]
 
