@@ -35,7 +35,8 @@ DTYPES = OUTPUT_DTYPES  # kept for callers of merge.api
 
 def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | Path | None = None, *,
           scale=None, sparsify: str | None = None, density: float | None = None, gamma: float | None = None,
-          seed: int | None = None, sign_consensus: bool = False, dtype: str | None = None, device: str = "auto",
+          seed: int | None = None, epsilon: float | None = None, select_topk: float | None = None,
+          sign_consensus: bool = False, dtype: str | None = None, device: str = "auto",
           max_shard_size: str = "5GB", threads: int | None = None, force: bool = False,
           dry_run: bool = False, progress: bool = False, command: str | None = None,
           chunk_elements: int | None = None, resume: bool = False, allow_nonfinite: bool = False,
@@ -46,14 +47,15 @@ def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | P
     """Merge an SFT checkpoint back with its base and write a Hugging Face model folder to ``out``.
 
     ``t`` is the share of the base (0 = SFT unchanged, 1 = base). ``method`` is ``linear``, ``slerp`` or
-    ``task_arithmetic`` (with ``scale`` per SFT, and optional ``sparsify`` = magnitude|random|breadcrumbs).
+    ``task_arithmetic`` (with ``scale`` per SFT, and optional ``sparsify`` = magnitude|random|breadcrumbs|della,
+    ``epsilon`` for della) or ``sce`` (several SFTs, ``select_topk``).
     Models are folders, Hub ids (``org/name@rev``) or aliases; ``base="auto"`` reads the SFT's metadata.
     ``push_to_hub`` uploads the result, ``ray`` runs it on a Ray cluster (see :func:`run`).
     """
     method = method.replace("-", "_")
     sfts = [sft] if isinstance(sft, (str, Path)) else list(sft)
     check_method_options(method, len(sfts), t=t, scale=scale, sparsify=sparsify, density=density, gamma=gamma,
-                         seed=seed, sign_consensus=sign_consensus)
+                         seed=seed, sign_consensus=sign_consensus, epsilon=epsilon)
     fields: dict = {"method": method, "base": str(base), "dtype": dtype, "device": device,
                     "max_shard_size": str(max_shard_size), "out": str(out) if out is not None else None}
     if method == "task_arithmetic":
@@ -65,11 +67,13 @@ def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | P
             if density is None:
                 raise InputError("--sparsify needs --density (the fraction of each delta kept, 0..1]")
             fields["sparsify"] = {"method": sparsify, "density": density}
-            fields["sparsify"].update({k: v for k, v in (("gamma", gamma), ("seed", seed)) if v is not None})
+            fields["sparsify"].update({k: v for k, v in (("gamma", gamma), ("seed", seed), ("epsilon", epsilon))
+                                       if v is not None})
         fields["sign_consensus"] = sign_consensus
     else:
         fields["sft"] = [str(s) for s in sfts]
         fields["t"] = t
+        fields["select_topk"] = select_topk  # a field of sce's recipe: other methods refuse it by name
     recipe = build_recipe(fields)
     return run(recipe, out=out, force=force, threads=threads, dry_run=dry_run, progress=progress, command=command,
                chunk_elements=chunk_elements, resume=resume, allow_nonfinite=allow_nonfinite,
@@ -80,13 +84,14 @@ def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | P
 
 
 def check_method_options(method: str, n_sfts: int, *, t, scale, sparsify, density, gamma, seed,
-                         sign_consensus) -> None:
+                         sign_consensus, epsilon=None) -> None:
     """Refuse options that would have no effect with ``method`` (one line naming the option and the fix)."""
     if method != "task_arithmetic":
         if scale is not None:
             raise InputError(f"--scale: only for task-arithmetic; {method.replace('_', '-')} uses --t")
         given = [name for name, v in (("--sparsify", sparsify), ("--density", density), ("--gamma", gamma),
-                                      ("--seed", seed), ("--sign-consensus", sign_consensus or None))
+                                      ("--seed", seed), ("--epsilon", epsilon),
+                                      ("--sign-consensus", sign_consensus or None))
                  if v is not None]
         if given:
             raise InputError(f"{given[0]}: only for task-arithmetic; {method.replace('_', '-')} has no effect of it")
@@ -95,16 +100,19 @@ def check_method_options(method: str, n_sfts: int, *, t, scale, sparsify, densit
         raise InputError("--t: task-arithmetic uses --scale (the multiplier of each delta; scale 1-t equals "
                          "linear with t), not --t")
     if sparsify is None:
-        for name, v in (("--density", density), ("--gamma", gamma), ("--seed", seed)):
+        for name, v in (("--density", density), ("--gamma", gamma), ("--seed", seed), ("--epsilon", epsilon)):
             if v is not None:
-                raise InputError(f"{name}: has no effect without --sparsify magnitude|random|breadcrumbs")
+                raise InputError(f"{name}: has no effect without --sparsify magnitude|random|breadcrumbs|della")
     else:
         if gamma is not None and sparsify != "breadcrumbs":
             raise InputError(f"--gamma: only breadcrumbs drops the largest entries; --sparsify {sparsify} has "
                              "no gamma (drop --gamma)")
-        if seed is not None and sparsify != "random":
-            raise InputError(f"--seed: only --sparsify random draws random masks; --sparsify {sparsify} is "
-                             "deterministic (drop --seed)")
+        if seed is not None and sparsify not in ("random", "della"):
+            raise InputError(f"--seed: only --sparsify random and della draw random masks; --sparsify {sparsify} "
+                             "is deterministic (drop --seed)")
+        if epsilon is not None and sparsify != "della":
+            raise InputError(f"--epsilon: only --sparsify della spreads keep probabilities by rank; --sparsify "
+                             f"{sparsify} has no epsilon (drop --epsilon)")
     if sign_consensus and n_sfts < 2:
         raise InputError("--sign-consensus: elects signs across several SFTs; with one --sft it has no effect "
                          "(drop it or add another --sft)")

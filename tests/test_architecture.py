@@ -97,9 +97,10 @@ def test_unknown_method_fails_in_one_line_listing_the_known_ones(tmp_path):
 
 
 def test_every_method_is_registered_once_with_its_mergekit_names():
-    assert registry.names() == ("linear", "slerp", "task_arithmetic")
+    assert registry.names() == ("linear", "slerp", "task_arithmetic", "sce")
     assert set(registry.mergekit_names()) == {"linear", "slerp", "task_arithmetic", "ties", "dare_linear",
-                                              "dare_ties", "breadcrumbs", "breadcrumbs_ties"}
+                                              "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+                                              "della_linear", "sce"}
     for name in registry.mergekit_names():
         spec, variant = registry.for_mergekit(name)
         assert variant.name == name and spec.plan_mergekit is not None

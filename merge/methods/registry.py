@@ -8,10 +8,11 @@ from ..errors import InputError
 from .base import Copy, Kernel, MergekitVariant, MethodSpec, Operation
 from .chunks import kernel_chunk
 from .linear import SPEC as LINEAR
+from .sce import SPEC as SCE
 from .slerp import SPEC as SLERP
 from .task_arithmetic import SPEC as TASK_ARITHMETIC
 
-_BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC)
+_BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC, SCE)
 
 _METHODS: dict[str, MethodSpec] = {}
 _MERGEKIT: dict[str, tuple[MethodSpec, MergekitVariant]] = {}
