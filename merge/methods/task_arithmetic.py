@@ -2,11 +2,11 @@
 
 Per chunk the kernel composes ``delta -> prune -> rescale -> elect -> combine``: ``delta_i = W_i - W_base``;
 pruning (:mod:`.sparsify`: magnitude/breadcrumbs bands found by the exact streaming top-k of
-:mod:`.selection`, DARE's random keep-mask, or DELLA's rank-weighted one from :mod:`.della`, per row); rescaling (DARE: ``/ density``; mergekit: each delta's L1
-norm restored); sign election (:func:`sign_consensus_mask`, :func:`elect_signs_mergekit`); the combination
-(:func:`task_arithmetic`, or :func:`task_arithmetic_mergekit` with mergekit's order of rounding). mergekit's
-ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della and della_linear are this method with other
-settings.
+:mod:`.selection`, DARE's random keep-mask, or DELLA's rank-weighted one per row from :mod:`.della`);
+rescaling (DARE: ``/ density``; mergekit: each delta's L1 norm restored); sign election
+(:func:`sign_consensus_mask`, :func:`elect_signs_mergekit`); the combination (:func:`task_arithmetic`, or
+:func:`task_arithmetic_mergekit` with mergekit's order of rounding). mergekit's ties, dare_linear, dare_ties,
+breadcrumbs, breadcrumbs_ties, della and della_linear are this method with other settings.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 
 from ..errors import InputError
-
 from ..params import Bool, Sparsify, Value, finite_value
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 from .chunks import Chunk, sample_ranges
