@@ -165,6 +165,10 @@ def test_sce_of_our_recipe_and_python_api_equals_the_cli(outputs, ckpt, tmp_path
         assert all(torch.equal(got[k], cli[k]) for k in cli), folder  # chunking and threads change no byte
     card = (tmp_path / "a" / "README.md").read_text()
     assert "SCE" in card and "select_topk: 0.4" in card
+    from transformers import AutoModelForCausalLM
+
+    logits = AutoModelForCausalLM.from_pretrained(tmp_path / "a")(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
 
 
 def test_sce_streamed_equals_the_whole_tensor_function_without_selection(ckpt, tmp_path):
@@ -198,6 +202,33 @@ def test_della_densities_of_one_are_bit_exact_with_mergekit(outputs):
             assert torch.equal(ours[k], theirs[k]), k
             checked += 1
     assert checked
+
+
+def test_della_three_sfts_is_mergekits_formula_with_our_masks(outputs, ckpt):
+    """Every tensor of the three-SFT della recipe (gradient, filter) is mergekit's generalized task arithmetic
+    (sign election, normalize) applied to our pruned deltas: mask from della_keep_chunk (seed 0), L1 factor."""
+    from merge.methods.task_arithmetic import task_arithmetic_mergekit
+    from merge.recipes.mergekit import evaluate_setting
+    from merge.tensor_names import Structure
+
+    _, ours = outputs["della_three"]
+    base, *sfts = _inputs(ckpt, "base", "s0", "s1", "s2")
+    structure = Structure.coerce(3)
+    for k, b in base.items():
+        t = structure.position(k).depth if structure.position(k).layer is not None else 0.0
+        weights = [evaluate_setting([0.3, 1.0], k, t), 0.6, 0.4]
+        density = 1.0 if "self_attn" in k else 0.5
+        deltas = []
+        for i, (s, eps) in enumerate(zip(sfts, (0.15, 0.1, 0.15))):
+            d = (s[k] - b).reshape(-1)
+            if density < 1:
+                pruned = d * della_keep_chunk(d, tuple(b.shape), 0, density, eps, 0, k, i)
+                factor = l1_rescale_factor(float(d.abs().double().sum()), float(pruned.abs().double().sum()),
+                                           torch.float32)
+                d = pruned if factor is None else pruned * factor
+            deltas.append(d)
+        expected = task_arithmetic_mergekit(b.reshape(-1), deltas, weights, consensus="sum", normalize=True)
+        assert torch.equal(ours[k], expected.reshape(b.shape)), k
 
 
 def _rank_bands(d: torch.Tensor, bands: int = 4) -> torch.Tensor:
