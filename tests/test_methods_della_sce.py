@@ -188,6 +188,11 @@ def test_sce_refuses_one_sft_and_bad_select_topk(ckpt, tmp_path):
     bad = runner.invoke(main, ["sce", "--base", ckpt["base"], "--sft", ckpt["s0"], "--sft", ckpt["s1"],
                                "--select-topk", "1.5", "-o", str(tmp_path / "o")])
     assert bad.exit_code == 2 and "--select-topk" in bad.output
+    for extra, message in (({"schedule": {"preset": "bottom_k", "k": 1}}, "schedule: sce has no t or scale"),
+                           ({"sft": [{"model": ckpt["s0"], "scale": 2.0}, ckpt["s1"]]}, "sft.0.scale: sce weighs")):
+        fields = {"method": "sce", "base": ckpt["base"], "sft": [ckpt["s0"], ckpt["s1"]], **extra}
+        with pytest.raises(merge.errors.InputError, match=message):
+            merge.api.build_recipe(fields)
     with pytest.raises(merge.errors.InputError, match="select_topk: only for method sce"):
         merge.merge("linear", sft=ckpt["s0"], base=ckpt["base"], t=0.3, select_topk=0.5, out=tmp_path / "o")
 

@@ -193,6 +193,12 @@ class SceParams(BaseModel):
 
 
 def _check_recipe(recipe) -> None:
+    if recipe.schedule is not None:
+        raise ValueError("schedule: sce has no t or scale to schedule (its weights come from the deltas); remove it")
+    scaled = [i for i, s in enumerate(recipe.sft) if s.scale is not None]
+    if scaled:
+        raise ValueError(f"sft.{scaled[0]}.scale: sce weighs each delta by its mean square, not by a scale; "
+                         "remove it")
     if len(recipe.sft) < 2:
         raise ValueError("sft: sce weighs and elects across several SFTs; give at least two (with one, the "
                          "variance is zero everywhere and nothing would be selected)")

@@ -417,7 +417,7 @@ def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
         if family.sparsify == "della":
             epsilons = tuple(resolver.value("epsilon", name, r) for r in others)
             for ref, d, e in zip(others, densities, epsilons):
-                if d < 1:
+                if 0 < d < 1:  # mergekit checks epsilon only where it prunes (density <= 0: zeros)
                     _check_della(d, e, f"{ref} (tensor {name})")
         sparsify = Sparsification(family.sparsify, densities, gammas, recipe.options.seed,
                                   "l1" if resolver.value("rescale", name) else False, epsilons)
