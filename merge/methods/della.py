@@ -66,7 +66,12 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     work = dtype or della_work_dtype(delta.dtype, delta.device)
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
     ascending = torch.argsort(rows.abs(), dim=1, stable=stable)
-    ranks = torch.argsort(ascending, dim=1, stable=stable).to(work) + 1
+    if stable:  # the inverse permutation by one scatter (mergekit sorts the permutation again; same ranks)
+        positions = torch.arange(rows.shape[1], device=rows.device).view(1, -1, *([1] * (rows.dim() - 2)))
+        ranks = torch.empty_like(ascending).scatter_(1, ascending, positions.expand_as(ascending))
+    else:
+        ranks = torch.argsort(ascending, dim=1)
+    ranks = ranks.to(work) + 1
     low = ranks.amin(dim=1, keepdim=True)
     span = ranks.amax(dim=1, keepdim=True) - low
     unit = torch.where(span > 0, ((ranks - low) / span).clamp(0, 1), torch.full_like(ranks, 0.5))
