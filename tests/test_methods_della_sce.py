@@ -209,31 +209,64 @@ def test_della_densities_of_one_are_bit_exact_with_mergekit(outputs):
     assert checked
 
 
-def test_della_three_sfts_is_mergekits_formula_with_our_masks(outputs, ckpt):
-    """Every tensor of the three-SFT della recipe (gradient, filter) is mergekit's generalized task arithmetic
-    (sign election, normalize) applied to our pruned deltas: mask from della_keep_chunk (seed 0), L1 factor."""
+def _mergekit_formula_with_our_masks(ckpt, keys, name, weights, density, epsilons, **combine):
+    """mergekit's della on one tensor with our pruning: mask from della_keep_chunk (seed 0), L1 factor in the
+    inputs' dtype, then mergekit's generalized task arithmetic."""
     from merge.methods.task_arithmetic import task_arithmetic_mergekit
-    from merge.recipes.mergekit import evaluate_setting
+
+    base, *sfts = _inputs(ckpt, *keys)
+    b = base[name]
+    deltas = []
+    for i, (s, p, eps) in enumerate(zip(sfts, density, epsilons)):
+        d = (s[name] - b).reshape(-1)
+        if p < 1:
+            pruned = d * della_keep_chunk(d, tuple(b.shape), 0, p, eps, 0, name, i)
+            factor = l1_rescale_factor(float(d.abs().double().sum()), float(pruned.abs().double().sum()), b.dtype)
+            d = pruned if factor is None else pruned * factor
+        deltas.append(d)
+    return task_arithmetic_mergekit(b.reshape(-1), deltas, weights, **combine).reshape(b.shape)
+
+
+def _mergekit_t(name: str) -> float:
     from merge.tensor_names import Structure
 
+    position = Structure.coerce(3).position(name)
+    return position.depth if position.layer is not None else 0.0
+
+
+def test_della_three_sfts_is_mergekits_formula_with_our_masks(outputs, ckpt):
+    """Every tensor of the three-SFT della recipe (gradient, filter) is mergekit's generalized task arithmetic
+    (sign election, normalize) applied to our pruned deltas."""
+    from merge.recipes.mergekit import evaluate_setting
+
     _, ours = outputs["della_three"]
-    base, *sfts = _inputs(ckpt, "base", "s0", "s1", "s2")
-    structure = Structure.coerce(3)
-    for k, b in base.items():
-        t = structure.position(k).depth if structure.position(k).layer is not None else 0.0
-        weights = [evaluate_setting([0.3, 1.0], k, t), 0.6, 0.4]
+    for k in ours:
         density = 1.0 if "self_attn" in k else 0.5
-        deltas = []
-        for i, (s, eps) in enumerate(zip(sfts, (0.15, 0.1, 0.15))):
-            d = (s[k] - b).reshape(-1)
-            if density < 1:
-                pruned = d * della_keep_chunk(d, tuple(b.shape), 0, density, eps, 0, k, i)
-                factor = l1_rescale_factor(float(d.abs().double().sum()), float(pruned.abs().double().sum()),
-                                           torch.float32)
-                d = pruned if factor is None else pruned * factor
-            deltas.append(d)
-        expected = task_arithmetic_mergekit(b.reshape(-1), deltas, weights, consensus="sum", normalize=True)
-        assert torch.equal(ours[k], expected.reshape(b.shape)), k
+        expected = _mergekit_formula_with_our_masks(
+            ckpt, ("base", "s0", "s1", "s2"), k, [evaluate_setting([0.3, 1.0], k, _mergekit_t(k)), 0.6, 0.4],
+            [density] * 3, (0.15, 0.1, 0.15), consensus="sum", normalize=True)
+        assert torch.equal(ours[k], expected), k
+
+
+def test_della_linear_bf16_is_mergekits_formula_with_our_masks_in_bf16(outputs, ckpt):
+    """bfloat16: ranks, probabilities, masks, the L1 factor and the combination all in bf16, as mergekit;
+    and about the expected share of entries changes, in mergekit's output and ours."""
+    from merge.recipes.mergekit import evaluate_setting
+
+    theirs, ours = outputs["della_linear_bf16"]
+    assert set(ours) == set(theirs)
+    base = load_tensors(ckpt["bf_base"])
+    for k in ours:
+        assert ours[k].dtype == torch.bfloat16, k
+        expected = _mergekit_formula_with_our_masks(
+            ckpt, ("bf_base", "b0", "b1"), k, [0.7, evaluate_setting([0.2, 0.9], k, _mergekit_t(k))], [0.4, 0.6],
+            (0.2, 0.2), consensus=None, normalize=False, lam=0.8)
+        assert torch.equal(ours[k], expected), k
+    for out in (theirs, ours):
+        changed = sum(int((out[k] != base[k]).sum()) for k in base if base[k].numel() >= 64)
+        total = sum(base[k].numel() for k in base if base[k].numel() >= 64)
+        # kept by either of two SFTs kept at 0.4 and 0.6: 1 - 0.6*0.4 = 0.76 (bf16 can round a tiny sum to base)
+        assert 0.68 < changed / total < 0.80
 
 
 def _rank_bands(d: torch.Tensor, bands: int = 4) -> torch.Tensor:
@@ -338,18 +371,6 @@ def test_della_keep_chunk_is_per_row_and_follows_the_rank_probabilities():
         rate, expected = float(whole[here].mean()), float(p[here].mean())
         assert abs(rate - expected) < 4.5 * (expected * (1 - expected) / int(here.sum())) ** 0.5, band
     assert not torch.equal(whole, della_keep_chunk(delta.reshape(-1), shape, 0, 0.5, 0.2, 12, "w", 0))
-
-
-def test_della_bf16_linear_runs_and_drops_about_the_density(outputs, ckpt):
-    theirs, ours = outputs["della_linear_bf16"]
-    assert set(ours) == set(theirs)
-    base, a, b = _inputs(ckpt, "bf_base", "b0", "b1")
-    for out in (theirs, ours):
-        changed = sum(int((out[k] != base[k]).sum()) for k in base if base[k].numel() >= 64)
-        total = sum(base[k].numel() for k in base if base[k].numel() >= 64)
-        # kept by either of two SFTs kept at 0.4 and 0.6: 1 - 0.6*0.4 = 0.76 (bf16 can round a tiny sum to base)
-        assert 0.68 < changed / total < 0.80
-    assert all(ours[k].dtype == torch.bfloat16 for k in ours)
 
 
 def test_della_cli_loads_in_transformers_with_finite_logits(ckpt, tmp_path):
