@@ -38,6 +38,7 @@ import math
 
 import torch
 
+from ..errors import InputError
 from .rescale import l1_rescale
 from .sparsify import RNG_BLOCK, block_generator
 
@@ -54,6 +55,15 @@ def check_della_density(density: float, epsilon: float) -> None:
     """``ValueError`` unless ``density - epsilon > 0`` and ``density + epsilon < 1``."""
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(f"della: density {density} +/- epsilon {epsilon} must lie inside (0, 1)")
+
+
+def require_della_density(density: float, epsilon: float, who: str) -> None:
+    """:func:`check_della_density` as a one-line :class:`~merge.errors.InputError` naming the model ``who``."""
+    try:
+        check_della_density(density, epsilon)
+    except ValueError:
+        raise InputError(f"parameters: della density {density:g} and epsilon {epsilon:g} for {who}: density - "
+                         "epsilon must be > 0 and density + epsilon < 1; lower epsilon or change density") from None
 
 
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float,

@@ -18,11 +18,10 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, Field, field_validator
 
-from ..errors import InputError
 from ..params import Bool, Sparsify, Value, finite_value
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 from .chunks import Chunk, sample_ranges
-from .della import DEFAULT_EPSILON, check_della_density, della_granule, della_prune_chunk_
+from .della import DEFAULT_EPSILON, della_granule, della_prune_chunk_, require_della_density
 from .selection import RankCut, rank_cut, rank_cuts
 from .sparsify import dare_keep, l1_rescale_factor, trim_
 
@@ -418,7 +417,7 @@ def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
             epsilons = tuple(resolver.value("epsilon", name, r) for r in others)
             for ref, d, e in zip(others, densities, epsilons):
                 if 0 < d < 1:  # mergekit checks epsilon only where it prunes (density <= 0: zeros)
-                    _check_della(d, e, f"{ref} (tensor {name})")
+                    require_della_density(d, e, f"{ref} (tensor {name})")
         sparsify = Sparsification(family.sparsify, densities, gammas, recipe.options.seed,
                                   "l1" if resolver.value("rescale", name) else False, epsilons)
         text += " d=" + "/".join(f"{d:g}" for d in densities)
@@ -427,14 +426,6 @@ def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
                         lam=resolver.value("lambda", name), combine="mergekit",
                         working_dtype=recipe.working_dtype or "inputs")
     return Planned(op, text)
-
-
-def _check_della(density: float, epsilon: float, who: str) -> None:
-    try:
-        check_della_density(density, epsilon)
-    except ValueError:
-        raise InputError(f"parameters: della density {density:g} and epsilon {epsilon:g} for {who}: density - "
-                         "epsilon must be > 0 and density + epsilon < 1; lower epsilon or change density") from None
 
 
 def _check_mergekit(variant, recipe) -> None:
