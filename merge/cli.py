@@ -243,17 +243,22 @@ def slerp(sft, base, t, quiet, as_adapter, **kwargs):
     "A single SFT with --scale 1-t equals linear interpolation with t; scale > 1 extrapolates (ExPO). "
     "--sparsify magnitude keeps the largest --density fraction of each delta (TIES trimming); random drops "
     "entries with probability 1-density and rescales survivors (DARE); breadcrumbs drops the largest --gamma "
-    "and the smallest entries. --sign-consensus elects signs across several SFTs (TIES)."))
+    "and the smallest entries; della (DELLA) keeps each entry with probability P = density - epsilon + "
+    "2*epsilon*r, r its magnitude rank in its row scaled to 0..1, and restores each delta's L1 norm. "
+    "--sign-consensus elects signs across several SFTs (TIES)."))
 @click.option("--base", required=True, help=BASE_REF_HELP)
 @click.option("--sft", "sfts", multiple=True, required=True,
               help=MODEL_REF_HELP.format("Fine-tuned model") + " Repeatable.")
 @click.option("--scale", "scales", type=float, multiple=True, required=True,
               help="Scale of each delta: one for all SFTs or one per --sft.")
-@click.option("--sparsify", type=click.Choice(["magnitude", "random", "breadcrumbs"]))
+@click.option("--sparsify", type=click.Choice(["magnitude", "random", "breadcrumbs", "della"]))
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Fraction of each delta kept.")
 @click.option("--gamma", type=click.FloatRange(0, 1, max_open=True),
               help="breadcrumbs: fraction of largest entries dropped (default 0.01).")
-@click.option("--seed", type=int, help="--sparsify random: seed of random dropping (default 0).")
+@click.option("--epsilon", type=click.FloatRange(0, 0.5, min_open=True, max_open=True),
+              help="della: keep probabilities run from density-epsilon (smallest) to density+epsilon (largest "
+                   "entry of a row) (default 0.15).")
+@click.option("--seed", type=int, help="--sparsify random or della: seed of random dropping (default 0).")
 @click.option("--sign-consensus", is_flag=True, help="TIES sign election across several SFTs.")
 @merge_options
 @user_errors
@@ -376,6 +381,22 @@ def multislerp(base, sfts, weights, quiet, **kwargs):
 @user_errors
 def karcher(base, sfts, max_iter, tol, quiet, **kwargs):
     _merge(quiet, "karcher", list(sfts), base, max_iter=max_iter, tol=tol, **kwargs)
+
+
+@main.command(help=(
+    "SCE (select, calculate, erase) of several SFTs: d_i = W_sft_i - W_base; select: keep the entries whose "
+    "variance across the d_i is among the top --select-topk fraction of the non-zero variances (1: all); "
+    "calculate: w_i = mean(d_i^2) / sum_j mean(d_j^2); erase: m_i = [sign(d_i) == sign(sum_j d_j)]; "
+    "W = W_base + sum_i w_i m_i d_i / sum_i w_i m_i. No t: the weights come from the deltas."))
+@click.option("--base", required=True, help=BASE_REF_HELP)
+@click.option("--sft", "sfts", multiple=True, required=True,
+              help=MODEL_REF_HELP.format("Fine-tuned model") + " Repeatable; at least two.")
+@click.option("--select-topk", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Fraction of the entries (by variance across the deltas) kept.")
+@merge_options
+@user_errors
+def sce(base, sfts, select_topk, quiet, **kwargs):
+    _merge(quiet, "sce", list(sfts), base, select_topk=select_topk, **kwargs)
 
 
 @main.command(help="Fold a LoRA/DoRA adapter into its base: W = W_base + s*B@A (s = alpha/r, or alpha/sqrt(r) "

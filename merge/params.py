@@ -59,12 +59,14 @@ class Sparsify(BaseModel):
     """How each task vector is thinned before it is added (task arithmetic only)."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["magnitude", "random", "breadcrumbs"]
+    method: Literal["magnitude", "random", "breadcrumbs", "della"]
     density: Number = Field(gt=0, le=1, description="fraction of each delta's entries kept")
     gamma: Number = Field(0.01, ge=0, lt=1, description="breadcrumbs: fraction of largest entries dropped")
+    epsilon: Number = Field(0.15, gt=0, lt=0.5, description="della: keep probabilities span density +/- epsilon")
     seed: Int = 0
     rescale: Bool | Literal["l1"] = Field(
-        True, description="random (DARE): divide survivors by density; l1: restore each delta's L1 norm")
+        True, description="random (DARE): divide survivors by density; l1: restore each delta's L1 norm "
+                          "(della: true means l1)")
 
     @model_validator(mode="after")
     def _band(self):
@@ -73,8 +75,16 @@ class Sparsify(BaseModel):
         if "gamma" in self.model_fields_set and self.method != "breadcrumbs":
             raise ValueError(f"gamma: only breadcrumbs drops the largest entries; method {self.method} has no "
                              "gamma (remove it)")
-        if "seed" in self.model_fields_set and self.method != "random":
-            raise ValueError(f"seed: only method random draws masks; {self.method} is deterministic (remove it)")
+        if "seed" in self.model_fields_set and self.method not in ("random", "della"):
+            raise ValueError(f"seed: only methods random and della draw masks; {self.method} is deterministic "
+                             "(remove it)")
+        if "epsilon" in self.model_fields_set and self.method != "della":
+            raise ValueError(f"epsilon: only della spreads keep probabilities by rank; method {self.method} has no "
+                             "epsilon (remove it)")
+        if self.method == "della" and self.density < 1 and not (
+                self.density - self.epsilon > 0 and self.density + self.epsilon < 1):
+            raise ValueError(f"della needs density - epsilon > 0 and density + epsilon < 1 (density {self.density:g}, "
+                             f"epsilon {self.epsilon:g}); lower epsilon")
         return self
 
 

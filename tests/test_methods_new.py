@@ -23,6 +23,7 @@ from merge.methods import (
     nuslerp,
     passthrough,
     ram,
+    reference,
     sce,
     spectral,
 )
@@ -62,7 +63,7 @@ def test_della_bit_exact_with_mergekit_under_the_same_seed(dtype, shape, linear)
     theirs = mk("della_linear" if linear else "della", [base, *models], 0, **params)
     torch.manual_seed(7)
     consensus, normalize = (None, False) if linear else ("sum", True)
-    ours = della.della_merge(base, models, [1.0, 0.6], [0.5, 0.35], [0.1, 0.2], consensus=consensus,
+    ours = reference.della_merge(base, models, [1.0, 0.6], [0.5, 0.35], [0.1, 0.2], consensus=consensus,
                              normalize=normalize, lam=1.3)
     same(ours, theirs)
 
@@ -72,7 +73,7 @@ def test_della_without_rescale_and_at_full_density():
     torch.manual_seed(3)
     theirs = mk("della", [base, *models], 0, weight=[0.5, 0.5], density=[0.4, 1.0], rescale=False)
     torch.manual_seed(3)
-    same(della.della_merge(base, models, [0.5, 0.5], [0.4, 1.0], rescale=False), theirs)
+    same(reference.della_merge(base, models, [0.5, 0.5], [0.4, 1.0], rescale=False), theirs)
 
 
 def test_della_keep_probabilities_rise_linearly_with_rank_per_row():

@@ -92,8 +92,8 @@ def test_gradients_and_rules_resolve_per_group():
     ("method: slerp\nbase: b\nsft: s\n", "recipe.yaml:1: t: required for method slerp"),
     ("method: linear\nbase: b\nsft: s\nt: [0.3\n", "recipe.yaml:5: not valid YAML"),
     ("- method: linear\n", "recipe.yaml: a recipe is a YAML mapping"),
-    ("merge_method: della\nbase_model: b\nmodels: [{model: s}]\n", "recipe.yaml:1: merge_method: 'della' is a "
-                                                                     "mergekit method mergeback does not implement"),
+    ("merge_method: task_adapter\nbase_model: b\nmodels: [{model: s}]\n", "recipe.yaml:1: merge_method: "
+     "'task_adapter' is a mergekit method mergeback does not implement"),
     ("merge_method: linear\nmodels: [{model: a}, {model: b}]\ntokenizer_source: union\n",
      "recipe.yaml:3: tokenizer_source: union (a tokenizer built from every model's vocabulary) is not supported"),
     ("merge_method: ties\nbase_model: b\nmodels:\n  - model: s+lora+x\n", "recipe.yaml:4: models.0.model: "

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
+from . import della
 from .linear import linear
 from .selection import ChunkSource, RankCut, magnitudes, rank_cut
 from .slerp import DOT_THRESHOLD, EPS, SlerpCoefficients, slerp_coefficients, slerp_partial_sums
 from .sparsify import dare_keep, keep_top_
+from .task_arithmetic import task_arithmetic_mergekit
 
 
 def lerp(sft: torch.Tensor, base: torch.Tensor, t: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,3 +146,21 @@ def breadcrumbs_mask(delta: torch.Tensor, upper: RankCut, lower: RankCut, ties_b
         return in_lower, (0, t_low)
     in_upper, t_up = top_k_mask(delta, upper, ties_before[0])
     return in_lower & ~in_upper, (t_up, t_low)
+
+
+def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                densities: Sequence[float], epsilons: Sequence[float] | None = None, *,
+                consensus: str | None = "sum", normalize: bool = True, rescale: bool = True, lam: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """``della`` (defaults) or ``della_linear`` (``consensus=None, normalize=False``), as mergekit runs them:
+    ``d_i = della.della_prune(X_i - B, p_i, e_i)`` drawn in input order, then
+    ``task_arithmetic_mergekit(B, d, w, consensus, normalize, lam)`` on the flattened tensors. Inputs share
+    one dtype."""
+    if not tensors:
+        return base
+    epsilons = [della.DEFAULT_EPSILON] * len(tensors) if epsilons is None else list(epsilons)
+    deltas = [della.della_prune(x - base, p, e, rescale, generator).reshape(-1)
+              for x, p, e in zip(tensors, densities, epsilons)]
+    merged = task_arithmetic_mergekit(base.reshape(-1), deltas, weights, consensus=consensus, normalize=normalize,
+                                      lam=lam)
+    return merged.reshape(base.shape)

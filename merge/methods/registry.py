@@ -16,11 +16,12 @@ from .nearswap import SPEC as NEARSWAP
 from .nuslerp import SPEC as NUSLERP
 from .passthrough import SPEC as PASSTHROUGH
 from .ram import SPEC as RAM
+from .sce import SPEC as SCE
 from .slerp import SPEC as SLERP
 from .task_arithmetic import SPEC as TASK_ARITHMETIC
 
 _BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC, MODEL_STOCK, NUSLERP, MULTISLERP, KARCHER,
-                                    NEARSWAP, ARCEE_FUSION, RAM, PASSTHROUGH)
+                                    NEARSWAP, ARCEE_FUSION, RAM, PASSTHROUGH, SCE)
 
 _METHODS: dict[str, MethodSpec] = {}
 _MERGEKIT: dict[str, tuple[MethodSpec, MergekitVariant]] = {}

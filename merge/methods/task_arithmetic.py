@@ -2,10 +2,11 @@
 
 Per chunk the kernel composes ``delta -> prune -> rescale -> elect -> combine``: ``delta_i = W_i - W_base``;
 pruning (:mod:`.sparsify`: magnitude/breadcrumbs bands found by the exact streaming top-k of
-:mod:`.selection`, or DARE's random keep-mask); rescaling (DARE: ``/ density``; mergekit: each delta's L1
-norm restored); sign election (:func:`sign_consensus_mask`, :func:`elect_signs_mergekit`); the combination
-(:func:`task_arithmetic`, or :func:`task_arithmetic_mergekit` with mergekit's order of rounding). mergekit's
-ties, dare_linear, dare_ties, breadcrumbs and breadcrumbs_ties are this method with other settings.
+:mod:`.selection`, DARE's random keep-mask, or DELLA's rank-weighted one per row from :mod:`.della`);
+rescaling (DARE: ``/ density``; mergekit: each delta's L1 norm restored); sign election
+(:func:`sign_consensus_mask`, :func:`elect_signs_mergekit`); the combination (:func:`task_arithmetic`, or
+:func:`task_arithmetic_mergekit` with mergekit's order of rounding). mergekit's ties, dare_linear, dare_ties,
+breadcrumbs, breadcrumbs_ties, della and della_linear are this method with other settings.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..errors import InputError
 from ..params import Bool, Sparsify, Value, finite_value
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 from .chunks import Chunk, sample_ranges
+from .della import DEFAULT_EPSILON, della_granule, della_prune_chunk_, require_della_density
 from .selection import RankCut, rank_cut, rank_cuts
 from .sparsify import dare_keep, l1_rescale_factor, trim_
 
@@ -122,15 +124,16 @@ def elect_signs_mergekit(weighted: torch.Tensor, dtype: torch.dtype) -> torch.Te
 # -- the method: operation, kernel, recipe and mergekit bindings ----------------------------------------------
 @dataclass(frozen=True)
 class Sparsification:
-    """How each delta is pruned: ``method`` magnitude|random|breadcrumbs, ``density`` and ``gamma`` per
-    fine-tune, the DARE ``seed``, ``rescale`` (True: DARE survivors / density; "l1": each delta's L1 norm
-    restored, as mergekit; False: none)."""
+    """How each delta is pruned: ``method`` magnitude|random|breadcrumbs|della, ``density`` and ``gamma``
+    (``epsilon`` for della) per fine-tune, the ``seed`` of random masks (DARE, DELLA), ``rescale`` (True: DARE
+    survivors / density; "l1": each delta's L1 norm restored, as mergekit; False: none)."""
 
     method: str
     density: tuple[float, ...]
     gamma: tuple[float, ...]
     seed: int = 0
     rescale: bool | str = True
+    epsilon: tuple[float, ...] | None = None
 
     @property
     def ranked(self) -> bool:
@@ -201,11 +204,14 @@ class DeltaPrune:
 
 
 def prune_(d: torch.Tensor, sp: Sparsification, state: DeltaPrune, name: str, stream: int, chunk: Chunk,
-           reader) -> None:
-    """Zeroes in place the entries of delta chunk ``d`` (fine-tune ``stream`` of tensor ``name``) that pruning
-    drops."""
+           reader, shape: tuple[int, ...] = ()) -> None:
+    """Zeroes in place the entries of delta chunk ``d`` (fine-tune ``stream`` of tensor ``name``, of ``shape``)
+    that pruning drops."""
     if sp.method == "random":
         d.mul_(dare_keep(int(sp.seed), name, stream, chunk.start, chunk.stop, state.density, reader.device))
+        return
+    if sp.method == "della":
+        della_prune_chunk_(d, shape, chunk.start, state.density, sp.epsilon[stream], int(sp.seed), name, stream)
         return
     state.cursor.begin(chunk.index)
     scratch = reader.scratch("trim", d.numel(), torch.int32)
@@ -241,7 +247,12 @@ class TaskArithmeticKernel(KernelBase):
         ranked = 3 * (len(op.inputs) - 1) if sp.ranked else 0  # sample, proving count, refinement at most
         return ranked + (sp.rescale == "l1")
 
+    def granule(self, op, shape):
+        return della_granule(shape) if op.sparsify is not None and op.sparsify.method == "della" else 1
+
     def buffer_bytes(self, op, elems):
+        if op.sparsify is not None and op.sparsify.method == "della":  # ranks (int64 x2), probabilities, draws
+            return 4 * elems * 8
         if op.sparsify is not None and op.sparsify.ranked:  # histograms, keys, trimming masks, sample
             return 2 * (1 << 16) * 8 + 4 * elems * 4
         return 0
@@ -284,7 +295,7 @@ class TaskArithmeticKernel(KernelBase):
                     continue
                 d = (xs[i + 1] - xs[0])
                 before[i] += float(d.abs().double().sum())
-                prune_(d, sp, state, job.name, i, chunk, reader)
+                prune_(d, sp, state, job.name, i, chunk, reader, job.shape)
                 after[i] += float(d.abs().double().sum())
         for i, state in enumerate(states):
             if not (state.keep_all or state.drop_all):
@@ -303,7 +314,7 @@ class TaskArithmeticKernel(KernelBase):
                 if st.drop_all:
                     d.zero_()
                     continue
-                prune_(d, sp, st, job.name, i, chunk, reader)
+                prune_(d, sp, st, job.name, i, chunk, reader, job.shape)
                 rescale_(d, sp, st)
         return combine(op, base, deltas)
 
@@ -345,8 +356,12 @@ def _plan(recipe, values, name: str) -> Planned:
     weights = values.delta_weights(name)
     n = len(recipe.sft)
     sp = recipe.sparsify
-    sparsify = None if sp is None else Sparsification(sp.method, (float(sp.density),) * n, (float(sp.gamma),) * n,
-                                                      int(sp.seed), sp.rescale)
+    sparsify = None
+    if sp is not None:
+        della = sp.method == "della"  # rescale true: DELLA restores the L1 norm, as mergekit's della does
+        sparsify = Sparsification(sp.method, (float(sp.density),) * n, (float(sp.gamma),) * n, int(sp.seed),
+                                  "l1" if della and sp.rescale else sp.rescale,
+                                  (float(sp.epsilon),) * n if della else None)
     op = TaskArithmetic(("base",) + tuple(f"sft{i}" for i in range(n)), weights, sparsify=sparsify,
                         sign_consensus=_consensus(recipe.sign_consensus), normalize=recipe.normalize)
     return Planned(op, "/".join(f"{w:g}" for w in weights))
@@ -369,6 +384,8 @@ FAMILY = {
     "dare_ties": Family("random", "sum", False, True),
     "breadcrumbs": Family("breadcrumbs", None, False, False),
     "breadcrumbs_ties": Family("breadcrumbs", "sum", False, False),
+    "della": Family("della", "sum", True, True),
+    "della_linear": Family("della", None, False, True),
 }
 
 
@@ -378,6 +395,8 @@ def _mergekit_params(family: Family) -> tuple[ParamSpec, ...]:
              ParamSpec("rescale", "shared", family.rescale), ParamSpec("int8_mask", "shared", False)]
     if family.sparsify == "breadcrumbs":
         specs.append(ParamSpec("gamma", "non_base", 0.01))
+    if family.sparsify == "della":
+        specs.append(ParamSpec("epsilon", "non_base", DEFAULT_EPSILON))
     return tuple(specs)
 
 
@@ -394,8 +413,14 @@ def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
     if family.sparsify and any(d < 1 for d in densities):
         gammas = tuple(resolver.value("gamma", name, r) for r in others) if family.sparsify == "breadcrumbs" \
             else (0.0,) * len(others)
+        epsilons = None
+        if family.sparsify == "della":
+            epsilons = tuple(resolver.value("epsilon", name, r) for r in others)
+            for ref, d, e in zip(others, densities, epsilons):
+                if 0 < d < 1:  # mergekit checks epsilon only where it prunes (density <= 0: zeros)
+                    require_della_density(d, e, f"{ref} (tensor {name})")
         sparsify = Sparsification(family.sparsify, densities, gammas, recipe.options.seed,
-                                  "l1" if resolver.value("rescale", name) else False)
+                                  "l1" if resolver.value("rescale", name) else False, epsilons)
         text += " d=" + "/".join(f"{d:g}" for d in densities)
     op = TaskArithmetic(("base",) + tuple(keys[r] for r in others), weights, sparsify=sparsify,
                         sign_consensus=family.consensus, normalize=resolver.value("normalize", name),
@@ -437,32 +462,44 @@ def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: 
             fields["sparsify"] = {"method": family.sparsify, "density": density, "rescale": "l1" if rescale else False}
             if family.sparsify == "breadcrumbs":
                 fields["sparsify"]["gamma"] = gamma
-            if family.sparsify == "random":
+            if family.sparsify == "della":
+                epsilons = {chains.scalar("epsilon", r) for r in others}
+                if None in epsilons or len(epsilons) != 1:
+                    problems.append("epsilons that differ between models or across tensors: our sparsify has one "
+                                    "epsilon for every SFT")
+                    return
+                fields["sparsify"].update(epsilon=next(iter(epsilons)), rescale=bool(rescale))
+            if family.sparsify in ("random", "della"):
                 fields["sparsify"]["seed"] = recipe.options.seed
-                notes.append("DARE masks come from a different random generator than mergekit's: same "
-                             "distribution, different entries")
+                notes.append(f"{'DARE' if family.sparsify == 'random' else 'DELLA'} masks come from a different "
+                             "random generator than mergekit's: same distribution, different entries")
 
 
 # -- merge.merge / CLI keywords ----------------------------------------------------------------------------------
-PYTHON_PARAMS = ("scale", "sparsify", "density", "gamma", "seed", "sign_consensus")
+PYTHON_PARAMS = ("scale", "sparsify", "density", "gamma", "seed", "epsilon", "sign_consensus")
 
 
 def _python_fields(sfts: list[str], params: dict) -> dict:
     """``scale`` (one for all SFTs or one per SFT), ``sparsify`` with ``density`` (``gamma``: breadcrumbs,
-    ``seed``: random) and ``sign_consensus`` as recipe fields; options without effect are refused."""
+    ``seed``: random and della, ``epsilon``: della) and ``sign_consensus`` as recipe fields; options without
+    effect are refused."""
     scale, sparsify, density = params.get("scale"), params.get("sparsify"), params.get("density")
-    gamma, seed, consensus = params.get("gamma"), params.get("seed"), params.get("sign_consensus", False)
+    gamma, seed, epsilon = params.get("gamma"), params.get("seed"), params.get("epsilon")
+    consensus = params.get("sign_consensus", False)
     if sparsify is None:
-        for name, v in (("--density", density), ("--gamma", gamma), ("--seed", seed)):
+        for name, v in (("--density", density), ("--gamma", gamma), ("--seed", seed), ("--epsilon", epsilon)):
             if v is not None:
-                raise InputError(f"{name}: has no effect without --sparsify magnitude|random|breadcrumbs")
+                raise InputError(f"{name}: has no effect without --sparsify magnitude|random|breadcrumbs|della")
     else:
         if gamma is not None and sparsify != "breadcrumbs":
             raise InputError(f"--gamma: only breadcrumbs drops the largest entries; --sparsify {sparsify} has "
                              "no gamma (drop --gamma)")
-        if seed is not None and sparsify != "random":
-            raise InputError(f"--seed: only --sparsify random draws random masks; --sparsify {sparsify} is "
-                             "deterministic (drop --seed)")
+        if seed is not None and sparsify not in ("random", "della"):
+            raise InputError(f"--seed: only --sparsify random and della draw random masks; --sparsify {sparsify} "
+                             "is deterministic (drop --seed)")
+        if epsilon is not None and sparsify != "della":
+            raise InputError(f"--epsilon: only --sparsify della spreads keep probabilities by rank; --sparsify "
+                             f"{sparsify} has no epsilon (drop --epsilon)")
         if density is None:
             raise InputError("--sparsify needs --density (the fraction of each delta kept, 0..1]")
     if consensus and len(sfts) < 2:
@@ -474,14 +511,17 @@ def _python_fields(sfts: list[str], params: dict) -> dict:
     fields = {"sft": [{"model": s, "scale": sc} for s, sc in zip(sfts, scales)], "sign_consensus": consensus}
     if sparsify:
         fields["sparsify"] = {"method": sparsify, "density": density}
-        fields["sparsify"].update({k: v for k, v in (("gamma", gamma), ("seed", seed)) if v is not None})
+        fields["sparsify"].update({k: v for k, v in (("gamma", gamma), ("seed", seed), ("epsilon", epsilon))
+                                   if v is not None})
     return fields
 
 
 # -- summary and card wording ----------------------------------------------------------------------------------
 _SPARSIFY = {"magnitude": "magnitude (TIES trimming: the largest |delta| entries kept)",
              "random": "random (DARE: entries kept at random)",
-             "breadcrumbs": "breadcrumbs (the largest gamma and the smallest entries dropped)"}
+             "breadcrumbs": "breadcrumbs (the largest gamma and the smallest entries dropped)",
+             "della": "della (DELLA: entries kept at random with P_keep = density - epsilon + 2*epsilon*r, r the "
+                      "entry's magnitude rank in its row scaled to 0..1)"}
 _CONSENSUS = {"sum": "sum (TIES sign election: the sign of the summed deltas)",
               "count": "count (the sign most deltas have)"}
 
@@ -507,7 +547,9 @@ def _settings(ops: list[TaskArithmetic], who) -> list[str]:
         parts = [f"sparsify: {_SPARSIFY.get(method, method)}{where}", f"density {_per_sft(sparse, 'density')}"]
         if method == "breadcrumbs":
             parts.append(f"gamma {_per_sft(sparse, 'gamma')}")
-        if method == "random":
+        if method == "della":
+            parts.append(f"epsilon {_per_sft(sparse, 'epsilon')}")
+        if method in ("random", "della"):
             parts.append(f"seed {_spread(sp.seed for sp in sparse)}")
         rescale = {str(sp.rescale) for sp in sparse}
         if method == "random" or rescale != {"True"}:

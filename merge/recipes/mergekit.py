@@ -27,7 +27,7 @@ from ..tensor_names import Structure
 from .yaml_source import model_keys
 
 SUPPORTED = registry.mergekit_names()
-KNOWN_UNSUPPORTED = ("della", "della_linear", "sce", "task_adapter")
+KNOWN_UNSUPPORTED = ("task_adapter",)
 DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "float64": "float64",
                "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32", "fp32": "float32",
                "double": "float64"}
