@@ -35,7 +35,8 @@ DTYPES = OUTPUT_DTYPES  # kept for callers of merge.api
 
 def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | Path | None = None, *,
           scale=None, sparsify: str | None = None, density: float | None = None, gamma: float | None = None,
-          seed: int | None = None, sign_consensus: bool = False, dtype: str | None = None, device: str = "auto",
+          seed: int | None = None, sign_consensus: bool = False, rank: int | None = None, svd: str | None = None,
+          dtype: str | None = None, device: str = "auto",
           max_shard_size: str = "5GB", threads: int | None = None, force: bool = False,
           dry_run: bool = False, progress: bool = False, command: str | None = None,
           chunk_elements: int | None = None, resume: bool = False, allow_nonfinite: bool = False,
@@ -46,17 +47,22 @@ def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | P
     """Merge an SFT checkpoint back with its base and write a Hugging Face model folder to ``out``.
 
     ``t`` is the share of the base (0 = SFT unchanged, 1 = base). ``method`` is ``linear``, ``slerp`` or
-    ``task_arithmetic`` (with ``scale`` per SFT, and optional ``sparsify`` = magnitude|random|breadcrumbs).
+    ``task_arithmetic`` (with ``scale`` per SFT, and optional ``sparsify`` = magnitude|random|breadcrumbs; or
+    ``svd`` with ``rank`` / ``svd-threshold``: spectral repair of one SFT's delta, method ``spectral``).
     Models are folders, Hub ids (``org/name@rev``) or aliases; ``base="auto"`` reads the SFT's metadata.
     ``push_to_hub`` uploads the result, ``ray`` runs it on a Ray cluster (see :func:`run`).
     """
     method = method.replace("-", "_")
     sfts = [sft] if isinstance(sft, (str, Path)) else list(sft)
     check_method_options(method, len(sfts), t=t, scale=scale, sparsify=sparsify, density=density, gamma=gamma,
-                         seed=seed, sign_consensus=sign_consensus)
+                         seed=seed, sign_consensus=sign_consensus, rank=rank, svd=svd)
     fields: dict = {"method": method, "base": str(base), "dtype": dtype, "device": device,
                     "max_shard_size": str(max_shard_size), "out": str(out) if out is not None else None}
-    if method == "task_arithmetic":
+    if sparsify in SPECTRAL_SPARSIFY:  # spectral repair: its own method (whole-tensor SVDs), one SFT
+        fields.update(method="spectral", sft=[str(sfts[0])], rank=rank, svd=svd,
+                      scale=scale[0] if isinstance(scale, (list, tuple)) else scale,
+                      threshold="donoho_gavish" if sparsify == "svd-threshold" else None)
+    elif method == "task_arithmetic":
         scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(sfts)
         if len(scales) != len(sfts):
             raise InputError(f"--scale: give one scale for all SFTs or one per SFT ({len(sfts)}), got {len(scales)}")
@@ -79,14 +85,18 @@ def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | P
                token=token, ray=ray, workers=workers)
 
 
+SPECTRAL_SPARSIFY = ("svd", "svd-threshold")
+
+
 def check_method_options(method: str, n_sfts: int, *, t, scale, sparsify, density, gamma, seed,
-                         sign_consensus) -> None:
+                         sign_consensus, rank=None, svd=None) -> None:
     """Refuse options that would have no effect with ``method`` (one line naming the option and the fix)."""
     if method != "task_arithmetic":
         if scale is not None:
             raise InputError(f"--scale: only for task-arithmetic; {method.replace('_', '-')} uses --t")
         given = [name for name, v in (("--sparsify", sparsify), ("--density", density), ("--gamma", gamma),
-                                      ("--seed", seed), ("--sign-consensus", sign_consensus or None))
+                                      ("--seed", seed), ("--sign-consensus", sign_consensus or None),
+                                      ("--rank", rank), ("--svd", svd))
                  if v is not None]
         if given:
             raise InputError(f"{given[0]}: only for task-arithmetic; {method.replace('_', '-')} has no effect of it")
@@ -94,6 +104,14 @@ def check_method_options(method: str, n_sfts: int, *, t, scale, sparsify, densit
     if t is not None:
         raise InputError("--t: task-arithmetic uses --scale (the multiplier of each delta; scale 1-t equals "
                          "linear with t), not --t")
+    if sparsify in SPECTRAL_SPARSIFY:
+        check_spectral_options(sparsify, n_sfts, scale=scale, density=density, gamma=gamma, seed=seed,
+                               sign_consensus=sign_consensus, rank=rank, svd=svd)
+        return
+    for name, v in (("--rank", rank), ("--svd", svd)):
+        if v is not None:
+            raise InputError(f"{name}: only for --sparsify svd (spectral repair); drop it"
+                             + (f" or use --sparsify svd instead of {sparsify}" if sparsify else ""))
     if sparsify is None:
         for name, v in (("--density", density), ("--gamma", gamma), ("--seed", seed)):
             if v is not None:
@@ -108,6 +126,31 @@ def check_method_options(method: str, n_sfts: int, *, t, scale, sparsify, densit
     if sign_consensus and n_sfts < 2:
         raise InputError("--sign-consensus: elects signs across several SFTs; with one --sft it has no effect "
                          "(drop it or add another --sft)")
+
+
+def check_spectral_options(sparsify: str, n_sfts: int, *, scale, density, gamma, seed, sign_consensus, rank,
+                           svd) -> None:
+    """``--sparsify svd|svd-threshold``: one SFT, one scale, a rank exactly for ``svd``, no entrywise options."""
+    if n_sfts != 1:
+        raise InputError(f"--sparsify {sparsify}: spectral repair takes one --sft (got {n_sfts}); merge several "
+                         "SFTs with --sparsify magnitude|random|breadcrumbs or none")
+    if isinstance(scale, (list, tuple)) and len(scale) != 1:
+        raise InputError(f"--scale: spectral repair takes one --sft, so one --scale (got {len(scale)})")
+    for name, v in (("--density", density), ("--gamma", gamma), ("--seed", seed),
+                    ("--sign-consensus", sign_consensus or None)):
+        if v is not None:
+            raise InputError(f"{name}: has no effect with --sparsify {sparsify} (it keeps singular components, "
+                             "not entries); drop it")
+    if sparsify == "svd" and rank is None:
+        raise InputError("--sparsify svd needs --rank (the singular components kept per 2-D delta, >= 1); or use "
+                         "--sparsify svd-threshold to let the Donoho-Gavish threshold choose")
+    if sparsify == "svd-threshold":
+        for name, v in (("--rank", rank), ("--svd", svd)):
+            if v is not None:
+                raise InputError(f"{name}: --sparsify svd-threshold chooses the rank itself from every singular "
+                                 "value (exact SVD); drop it, or use --sparsify svd --rank R")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise InputError(f"--rank: must be a whole number >= 1, got {rank!r}")
 
 
 def fold(adapter: str | Path, base: str | Path, out: str | Path | None = None, **options) -> MergeSummary:
@@ -343,6 +386,7 @@ def execute_and_commit(recipe: Recipe, out_path: Path, summary: MergeSummary, re
             summary.cluster = cluster.stats
         summary.spherical, summary.linear_fallback = stats.spherical, stats.linear_fallback
         summary.max_angle = stats.max_angle
+        summary.reports = stats.reports
         summary.seconds = time.perf_counter() - started
         finish_folder(stage, summary, recipe, models, plan, command, card_sections)
         if message:  # after the card is written: it is about this run, not about the model

@@ -9,9 +9,10 @@ from .base import Copy, Kernel, MergekitVariant, MethodSpec, Operation
 from .chunks import kernel_chunk
 from .linear import SPEC as LINEAR
 from .slerp import SPEC as SLERP
+from .spectral import SPEC as SPECTRAL
 from .task_arithmetic import SPEC as TASK_ARITHMETIC
 
-_BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC)
+_BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC, SPECTRAL)
 
 _METHODS: dict[str, MethodSpec] = {}
 _MERGEKIT: dict[str, tuple[MethodSpec, MergekitVariant]] = {}
