@@ -30,8 +30,8 @@ Streaming: the SVD is global, so the kernel's granule is the whole 2-D tensor (i
 ``D_kept`` depends on every entry of ``D``); tensors run one at a time per worker, and the memory model counts
 the decomposition's workspace (:meth:`SpectralKernel.buffer_bytes`). The SVD runs on the device the tensor
 is on: ``torch.linalg.svd`` on CUDA (``svd="auto"`` there always takes the exact SVD, fast on the device);
-on the CPU ``auto`` picks as above. Workers run torch with one intra-op thread, so the bytes do not depend on
-the thread count.
+on the CPU ``auto`` picks as above. The decomposition runs with one intra-op thread in every worker (the
+kernel sets it: MKL/LAPACK results depend on their thread count), so the bytes do not depend on ``threads``.
 
 Registered as method ``spectral`` of our recipe format (``merge task-arithmetic --sparsify svd --rank r`` /
 ``--sparsify svd-threshold``): one SFT, ``scale`` per tensor as in task arithmetic (``scale = 1 - t`` matches
@@ -212,6 +212,10 @@ class SpectralKernel(KernelBase):
         if len(job.shape) != 2:
             return base.add_(delta, alpha=op.scale)
         rows = (chunk.stop - chunk.start) // job.shape[-1]  # the merged rows (an SFT's added rows are copied)
+        if reader.device.type == "cpu" and torch.get_num_threads() != 1:
+            # LAPACK's bits depend on its thread count; a worker thread starts with OpenMP's default count (the
+            # executor's one-thread setting holds for the thread that set it), so each worker sets its own
+            torch.set_num_threads(1)
         kept, info = spectral_delta(delta.view(rows, job.shape[-1]), op.rank, op.rank is None,
                                     svd_for(op.svd, reader.device), op.seed)
         state["info"] = info
