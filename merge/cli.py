@@ -238,7 +238,7 @@ def slerp(sft, base, t, quiet, as_adapter, **kwargs):
     "--svd exact forces the exact SVD); --sparsify svd-threshold keeps those with s_i > omega(beta) * "
     "median(s), the Donoho-Gavish optimal hard threshold for unknown noise, beta = min(m,n)/max(m,n), "
     "omega(beta) = 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43 (exact SVD). Each 2-D tensor is decomposed "
-    "whole: give --memory room for about 12 float32 copies of the largest one."))
+    "whole: give --memory room for about 15 float32 copies of the largest one."))
 @click.option("--base", required=True, help=BASE_REF_HELP)
 @click.option("--sft", "sfts", multiple=True, required=True,
               help=MODEL_REF_HELP.format("Fine-tuned model") + " Repeatable.")
