@@ -201,3 +201,16 @@ def test_cli_writes_the_spectral_merge_and_help_states_the_formula(pair, tmp_pat
     assert file_bytes(tmp_path / "o") == file_bytes(spectral_merge(pair, tmp_path / "api").out)
     help_text = " ".join(run_cli("task-arithmetic", "--help").output.split())
     assert "0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43" in help_text and "--rank" in help_text
+
+
+def test_added_token_rows_are_copied_and_the_shared_rows_decomposed(pairs, tmp_path):
+    base, sft = pairs("llama", torch.bfloat16, added_tokens=4)
+    merge.merge("task_arithmetic", sft=str(sft), base=str(base), out=tmp_path / "o", scale=0.7, sparsify="svd",
+                rank=3, svd="exact")
+    out, b, s = (load_tensors(p) for p in (tmp_path / "o", base, sft))
+    name = "model.embed_tokens.weight"
+    rows = b[name].shape[0]
+    with single_threaded_torch():
+        expected, k = reference.spectral(b[name], s[name][:rows], 0.7, rank=3)
+    assert torch.equal(out[name][:rows], expected.to(torch.bfloat16)) and k == 3
+    assert torch.equal(out[name][rows:], s[name][rows:])  # the SFT's added tokens, as they are
