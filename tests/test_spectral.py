@@ -214,3 +214,10 @@ def test_added_token_rows_are_copied_and_the_shared_rows_decomposed(pairs, tmp_p
         expected, k = reference.spectral(b[name], s[name][:rows], 0.7, rank=3)
     assert torch.equal(out[name][:rows], expected.to(torch.bfloat16)) and k == 3
     assert torch.equal(out[name][rows:], s[name][rows:])  # the SFT's added tokens, as they are
+
+
+def test_a_task_arithmetic_recipe_asking_for_svd_is_pointed_to_method_spectral():
+    with pytest.raises(merge.errors.InputError) as e:
+        merge.api.build_recipe({"method": "task_arithmetic", "base": "./b", "sft": [{"model": "./s", "scale": 0.5}],
+                                "sparsify": {"method": "svd", "density": 0.5}})
+    assert str(e.value).startswith("sparsify: svd keeps singular components") and "method: spectral" in str(e.value)
