@@ -221,3 +221,27 @@ def test_a_task_arithmetic_recipe_asking_for_svd_is_pointed_to_method_spectral()
         merge.api.build_recipe({"method": "task_arithmetic", "base": "./b", "sft": [{"model": "./s", "scale": 0.5}],
                                 "sparsify": {"method": "svd", "density": 0.5}})
     assert str(e.value).startswith("sparsify: svd keeps singular components") and "method: spectral" in str(e.value)
+
+
+def test_randomized_svds_side_by_side_share_no_random_stream():
+    # workers decompose tensors at the same time: each randomized SVD draws from its own seeded generator,
+    # so neither other SVDs nor other users of torch's global RNG change its bytes
+    from concurrent.futures import ThreadPoolExecutor
+
+    from merge.methods.spectral import truncated_svd
+
+    a = torch.randn(300, 200, generator=torch.Generator().manual_seed(5))
+    expected = truncated_svd(a, 8, "randomized")[0]
+    stop = []
+
+    def noise():
+        while not stop:
+            torch.manual_seed(len(stop))
+            torch.randn(1000)
+
+    with ThreadPoolExecutor(5) as pool:
+        hammer = pool.submit(noise)
+        results = list(pool.map(lambda _: truncated_svd(a, 8, "randomized")[0], range(40)))
+        stop.append(True)
+        hammer.result()
+    assert all(torch.equal(r, expected) for r in results)

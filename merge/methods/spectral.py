@@ -17,14 +17,15 @@ For a 2-D tensor, ``D = W_sft - W_base`` (m x n) with SVD ``D = U diag(s) V^T`` 
   to ``W_base``'s dtype. Tensors that are not 2-D use plain task arithmetic ``W_base + scale * D``.
 
 Which SVD (``method="auto"``): the randomized range finder of Halko, Martinsson & Tropp (2011) through
-``torch.svd_lowrank`` with ``q = r + 10`` columns and ``niter = 4`` subspace iterations when
+:func:`randomized_svd` (``torch.svd_lowrank``'s algorithm, with a private generator) with ``q = r + 10``
+columns and ``niter = 4`` subspace iterations when
 ``(r + 10) * 4 <= min(m, n)``, else the exact ``torch.linalg.svd`` (``method="exact"``/``"randomized"``
 force one). Randomized cost ~ ``(2 niter + 2) m n q`` flops against ~``m n min(m, n)`` times a LAPACK
 constant; its error ``|D - D_kept|`` is within a factor ``(1 + c(q, r, m, n))^(1 / (2 niter + 1))`` of the
 optimal ``sigma_{r+1}`` (close to 1 at niter = 4), and its components match the exact ones to float32
 rounding when ``s_r`` is well separated from ``s_{r+1}`` (measured in tests/test_methods_new.py). Its random
-test matrix comes from torch's RNG forked and seeded with ``seed`` (default 0), so results are deterministic
-and the global RNG is untouched.
+test matrix comes from a private ``torch.Generator`` seeded with ``seed`` (default 0), so results are
+deterministic, also with several workers decomposing side by side, and the global RNG is untouched.
 
 Streaming: the SVD is global, so the kernel's granule is the whole 2-D tensor (inherent: every entry of
 ``D_kept`` depends on every entry of ``D``); tensors run one at a time per worker, and the memory model counts
@@ -112,12 +113,22 @@ def truncated_svd(matrix: torch.Tensor, rank: int, method: str = "auto", seed: i
         return u[:, :r], s[:r], vh[:r], method
     if method != "randomized":
         raise ValueError(f"truncated_svd: method must be auto, exact or randomized, got {method!r}")
-    q = min(r + OVERSAMPLE, min(a.shape))
-    devices = [a.device] if a.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(a, q=q, niter=POWER_ITERATIONS)
-    return u[:, :r], s[:r], v[:, :r].T, method
+    u, s, vh = randomized_svd(a, min(r + OVERSAMPLE, min(a.shape)), POWER_ITERATIONS, seed)
+    return u[:, :r], s[:r], vh[:r], method
+
+
+def randomized_svd(a: torch.Tensor, q: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Halko-Martinsson-Tropp with ``niter`` subspace iterations (the algorithm of ``torch.svd_lowrank``):
+    ``Q = qr(A G)``, ``G`` [n, q] standard normal from a private generator seeded with ``seed`` (so workers
+    running side by side never share a random stream); ``niter`` times ``Q = qr(A qr(A^T Q))``; then the exact
+    SVD of the small ``B = Q^T A = U_b diag(s) Vh`` gives ``(Q U_b, s, Vh)``."""
+    gen = torch.Generator(device=a.device).manual_seed(seed)
+    g = torch.randn(a.shape[1], q, generator=gen, dtype=a.dtype, device=a.device)
+    basis = torch.linalg.qr(a @ g).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    return basis @ u, s, vh
 
 
 def low_rank(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
