@@ -142,6 +142,24 @@ def magnitude_cut(delta: torch.Tensor, density: float) -> torch.Tensor:
     return flat.kthvalue(flat.numel() - k + 1).values
 
 
+REFERENCE_METHODS = ("linear", "slerp", "ta", "ties", "svd", "svd_threshold")
+
+
+def spectral_reference(base32: torch.Tensor, sft32: torch.Tensor, params: dict, threshold: bool) -> torch.Tensor:
+    """base + scale * D_k, D = sft - base in fp64 (exact SVD) for 2-D tensors: k = rank, or the count of singular
+    values above (0.56 b^3 - 0.95 b^2 + 1.82 b + 1.43) * median(s), b = min(m, n) / max(m, n); else the whole D."""
+    d = (sft32 - base32).double()
+    if d.dim() != 2:
+        return base32 + params["scale"] * d.float()
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    if threshold:
+        b = min(d.shape) / max(d.shape)
+        k = int((s > (0.56 * b ** 3 - 0.95 * b ** 2 + 1.82 * b + 1.43) * float(s.median())).sum())
+    else:
+        k = min(params["rank"], s.numel())
+    return (base32.double() + params["scale"] * ((u[:, :k] * s[:k]) @ vh[:k])).float()
+
+
 def reference_merge(method: str, base: torch.Tensor, sft: torch.Tensor, params: dict,
                     keep_ties: bool = True) -> torch.Tensor:
     """One tensor merged with the project's convention (t = share of BASE), returned as bf16.
@@ -161,6 +179,8 @@ def reference_merge(method: str, base: torch.Tensor, sft: torch.Tensor, params: 
         cut = magnitude_cut(delta, params["density"])
         kept = delta.abs() >= cut if keep_ties else delta.abs() > cut
         out = base32 + params["scale"] * torch.where(kept, delta, torch.zeros_like(delta))
+    elif method in ("svd", "svd_threshold"):
+        out = spectral_reference(base32, sft32, params, threshold=method == "svd_threshold")
     else:
         raise ValueError(f"unknown method {method!r}")
     return out.to(base.dtype)

@@ -206,6 +206,33 @@ def write_pair(size: str, out: Path, seed: int = 0, delta_scale: float = 0.01) -
     return result
 
 
+def write_second_sft(size: str, out: Path, seed: int = 0, delta_scale: float = 0.01) -> dict:
+    """out/sft2: a second fine-tune of the same base (its own delta noise), for methods that need two
+    (model_stock). Skipped when complete; returns its marker."""
+    shape = SIZES[size]
+    marker = {"size": size, "seed": seed, "delta_scale": delta_scale, "shape": asdict(shape), "second": True}
+    folder = out / "sft2"
+    marker_path = folder / MARKER
+    if marker_path.exists() and json.loads(marker_path.read_text()).get("spec") == marker:
+        return json.loads(marker_path.read_text())
+    started = time.perf_counter()
+    shards = plan_shards(tensor_shapes(shape), shape.shard_bytes)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, tensors in enumerate(shards, start=1):
+        with open(folder / f"model-{index:05d}-of-{len(shards):05d}.safetensors", "wb") as f:
+            f.write(safetensors_header(tensors))
+            for name, dims in tensors:
+                base, _ = make_tensors(name, dims, seed, delta_scale)
+                scale = 1.0 if len(dims) == 1 else INIT_STD
+                delta = seeded_normal(dims, f"{seed}:delta2:{name}").mul_(delta_scale * scale)
+                write_bytes(f, delta.add_(base.float()).to(torch.bfloat16))
+    for name in ("model.safetensors.index.json", "config.json"):
+        (folder / name).write_bytes((out / "sft" / name).read_bytes())
+    result = {"spec": marker, "generate_seconds": round(time.perf_counter() - started, 2)}
+    marker_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), required=True)
@@ -213,8 +240,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--delta-scale", type=float, default=0.01,
                         help="SFT delta std as a fraction of the init std (default 0.01)")
+    parser.add_argument("--sft2", action="store_true", help="also write OUT/sft2, a second fine-tune (model_stock)")
     args = parser.parse_args(argv)
     info = write_pair(args.size, args.out, args.seed, args.delta_scale)
+    if args.sft2:
+        info["sft2"] = write_second_sft(args.size, args.out, args.seed, args.delta_scale)
     print(json.dumps(info))
     return 0
 

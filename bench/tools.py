@@ -7,6 +7,15 @@ Every method runs with the same semantics in both tools (t = share of BASE):
   ta      W = base + scale*(sft - base), computed in fp32 (mergekit: dtype float32)
   ties    ta with the delta magnitude-trimmed to `density`; mergekit's ties would divide
           by the summed weight (normalize: true), so normalize: false keeps the 0.7 scale
+  svd     spectral repair: W = base + scale * (top-`rank` SVD of sft - base) per 2-D tensor
+          (`merge task-arithmetic --sparsify svd --rank R`; randomized SVD on the CPU for small
+          R); svd_threshold keeps the singular values above the Donoho-Gavish threshold (exact
+          SVD). mergekit has no equivalent: these rows have no mergekit run
+  della   mergekit's della (magnitude-ranked drop probabilities, density, epsilon, rescaled),
+          one SFT, normalize: false like ties; ours runs the same mergekit recipe through
+          `merge run` (its masks come from another RNG, so ours vs mergekit differs entrywise)
+  model_stock  mergekit's model_stock of SFT and a second fine-tune SFT2 of the same base
+          (make_pair.py --sft2); ours runs the same recipe through `merge run`
 """
 
 from __future__ import annotations
@@ -23,7 +32,11 @@ import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-METHODS = ("linear", "slerp", "ta", "ties")
+METHODS = ("linear", "slerp", "ta", "ties", "svd", "svd_threshold", "della", "model_stock")
+MERGEKIT_RECIPE_METHODS = ("della", "model_stock")  # ours runs mergekit's recipe (`merge run`)
+NO_MERGEKIT = ("svd", "svd_threshold")  # mergekit has no spectral repair
+NEEDS_SFT2 = ("model_stock",)
+SVD_MEMORY = "4GB"  # --memory of the svd rows (one 32000 x 768 embedding needs ~1.4 GB of buffers)
 TOOLS = ("ours", "mergekit", "floor", "floor_direct", "before")
 DEFAULT_TOOLS = TOOLS[:4]  # "before": our CLI at another commit (--before-cmd), for before/after comparisons
 # The pairs ship no tokenizer, so mergekit's default tokenizer copy would only log a
@@ -38,6 +51,8 @@ class MergeParams:
 
     t: float = 0.3
     density: float = 0.5
+    rank: int = 64
+    epsilon: float = 0.1
 
     @property
     def scale(self) -> float:
@@ -45,7 +60,8 @@ class MergeParams:
         return round(1.0 - self.t, 10)
 
     def as_dict(self) -> dict:
-        return {"t": self.t, "scale": self.scale, "density": self.density}
+        return {"t": self.t, "scale": self.scale, "density": self.density, "rank": self.rank,
+                "epsilon": self.epsilon}
 
 
 def child_env() -> dict:
@@ -91,19 +107,40 @@ def find_mergekit() -> tuple[list[str] | None, str]:
     return None, "mergekit-yaml not found (pip install mergekit)"
 
 
-def ours_args(method: str, base: Path, sft: Path, out: Path, p: MergeParams) -> list[str]:
-    """Arguments after our CLI's name for one merge."""
+def ours_args(method: str, base: Path, sft: Path, out: Path, p: MergeParams, recipe: Path | None = None
+              ) -> list[str]:
+    """Arguments after our CLI's name for one merge (``recipe``: the mergekit recipe della/model_stock run)."""
     common = ["-o", str(out), "--force", "-q"]
+    if method in MERGEKIT_RECIPE_METHODS:
+        return ["run", str(recipe)] + common
     if method in ("linear", "slerp"):
         return [method, "--sft", str(sft), "--base", str(base), "--t", str(p.t)] + common
     args = ["task-arithmetic", "--base", str(base), "--sft", str(sft), "--scale", str(p.scale)]
     if method == "ties":
         args += ["--sparsify", "magnitude", "--density", str(p.density)]
+    if method == "svd":
+        args += ["--sparsify", "svd", "--rank", str(p.rank)]
+    if method == "svd_threshold":
+        args += ["--sparsify", "svd-threshold"]
+    if method in ("svd", "svd_threshold"):  # whole-matrix SVDs: the default 512MB holds no worker's buffers
+        args += ["--memory", SVD_MEMORY]
     return args + common
 
 
-def mergekit_config(method: str, base: Path, sft: Path, p: MergeParams) -> dict:
-    """A mergekit recipe equivalent to `ours_args` for the same method."""
+def mergekit_config(method: str, base: Path, sft: Path, p: MergeParams) -> dict | None:
+    """A mergekit recipe equivalent to `ours_args` for the same method (None: mergekit has none)."""
+    if method in NO_MERGEKIT:
+        return None
+    if method == "della":
+        return {"merge_method": "della", "base_model": str(base),
+                "models": [{"model": str(sft), "parameters": {"weight": p.scale, "density": p.density,
+                                                              "epsilon": p.epsilon}}],
+                "parameters": {"normalize": False, "lambda": 1.0},
+                "dtype": "float32", "out_dtype": "bfloat16"}
+    if method == "model_stock":
+        return {"merge_method": "model_stock", "base_model": str(base),
+                "models": [{"model": str(sft)}, {"model": str(sft.parent / "sft2")}],
+                "dtype": "float32", "out_dtype": "bfloat16"}
     if method == "linear":
         return {
             "merge_method": "linear",

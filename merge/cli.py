@@ -245,13 +245,22 @@ def slerp(sft, base, t, quiet, as_adapter, **kwargs):
     "entries with probability 1-density and rescales survivors (DARE); breadcrumbs drops the largest --gamma "
     "and the smallest entries; della (DELLA) keeps each entry with probability P = density - epsilon + "
     "2*epsilon*r, r its magnitude rank in its row scaled to 0..1, and restores each delta's L1 norm. "
-    "--sign-consensus elects signs across several SFTs (TIES)."))
+    "--sign-consensus elects signs across several SFTs (TIES).\n\n"
+    "Spectral repair (one SFT): per 2-D tensor D = W_sft - W_base = U diag(s) V^T and W = W_base + "
+    "scale * U_k diag(s_k) V_k^T; other tensors take the whole delta. --sparsify svd --rank r keeps the top r "
+    "components (randomized SVD on the CPU when (r+10)*4 <= min(m, n): q = r+10, 4 power iterations, seed 0; "
+    "--svd exact forces the exact SVD); --sparsify svd-threshold keeps those with s_i > omega(beta) * "
+    "median(s), the Donoho-Gavish optimal hard threshold for unknown noise, beta = min(m,n)/max(m,n), "
+    "omega(beta) = 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43 (exact SVD). Each 2-D tensor is decomposed "
+    "whole: give --memory room for about 15 float32 copies of the largest one."))
 @click.option("--base", required=True, help=BASE_REF_HELP)
 @click.option("--sft", "sfts", multiple=True, required=True,
               help=MODEL_REF_HELP.format("Fine-tuned model") + " Repeatable.")
 @click.option("--scale", "scales", type=float, multiple=True, required=True,
               help="Scale of each delta: one for all SFTs or one per --sft.")
-@click.option("--sparsify", type=click.Choice(["magnitude", "random", "breadcrumbs", "della"]))
+@click.option("--sparsify", type=click.Choice(["magnitude", "random", "breadcrumbs", "della", "svd", "svd-threshold"]),
+              help="How each delta is thinned: entries (magnitude, random, breadcrumbs, della) or singular "
+                   "components (svd with --rank, svd-threshold).")
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="Fraction of each delta kept.")
 @click.option("--gamma", type=click.FloatRange(0, 1, max_open=True),
               help="breadcrumbs: fraction of largest entries dropped (default 0.01).")
@@ -260,6 +269,9 @@ def slerp(sft, base, t, quiet, as_adapter, **kwargs):
                    "entry of a row) (default 0.15).")
 @click.option("--seed", type=int, help="--sparsify random or della: seed of random dropping (default 0).")
 @click.option("--sign-consensus", is_flag=True, help="TIES sign election across several SFTs.")
+@click.option("--rank", type=click.IntRange(min=1), help="--sparsify svd: singular components kept per 2-D delta.")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]),
+              help="--sparsify svd: the SVD (default auto: randomized on the CPU when the rank is small).")
 @merge_options
 @user_errors
 def task_arithmetic(base, sfts, scales, quiet, **kwargs):

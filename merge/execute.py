@@ -50,6 +50,7 @@ class ExecutionStats:
     coefficients, branch and angle of each SLERP)."""
 
     slerp: dict[str, methods.SlerpCoefficients] = field(default_factory=dict)
+    reports: dict[str, dict] = field(default_factory=dict)  # other kernels' statistic -> tensor -> value
 
     @property
     def spherical(self) -> int:
@@ -64,7 +65,8 @@ class ExecutionStats:
         return max((c.angle for c in self.slerp.values()), default=0.0)
 
     def record(self, statistic: str, name: str, value) -> None:
-        getattr(self, statistic)[name] = value
+        own = getattr(self, statistic, None) if statistic != "reports" else None
+        (own if isinstance(own, dict) else self.reports.setdefault(statistic, {}))[name] = value
 
 
 class Executor:

@@ -68,6 +68,14 @@ class Sparsify(BaseModel):
         True, description="random (DARE): divide survivors by density; l1: restore each delta's L1 norm "
                           "(della: true means l1)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _spectral(cls, data):
+        if isinstance(data, dict) and data.get("method") in ("svd", "svd-threshold", "svd_threshold"):
+            raise ValueError(f"{data['method']} keeps singular components, not entries: it is method spectral "
+                             "(method: spectral, with rank: R or threshold: donoho_gavish, and no sparsify)")
+        return data
+
     @model_validator(mode="after")
     def _band(self):
         if self.method == "breadcrumbs" and self.gamma + self.density > 1:

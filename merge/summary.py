@@ -32,6 +32,7 @@ class MergeSummary:
     already_complete: bool = False  # resume=True found OUT already written by this same run: nothing written
     settings: list[str] = field(default_factory=list)  # task arithmetic: scales, sparsify, consensus (settings_of)
     cluster: object | None = None  # a Ray run: merge.distributed.ClusterStats (workers, nodes, where time went)
+    reports: dict = field(default_factory=dict)  # what kernels reported, by statistic then tensor
 
     def method_description(self) -> str:
         t = ""

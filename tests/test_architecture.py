@@ -26,7 +26,7 @@ def test_unknown_method_fails_in_one_line_listing_the_known_ones(tmp_path):
 
 def test_every_method_is_registered_once_with_its_mergekit_names():
     assert registry.names() == ("linear", "slerp", "task_arithmetic", "model_stock", "nuslerp", "multislerp",
-                                "karcher", "nearswap", "arcee_fusion", "ram", "passthrough", "sce")
+                                "karcher", "nearswap", "arcee_fusion", "ram", "passthrough", "sce", "spectral")
     assert set(registry.mergekit_names()) == {"linear", "slerp", "task_arithmetic", "ties", "dare_linear",
                                               "dare_ties", "breadcrumbs", "breadcrumbs_ties", "model_stock",
                                               "nuslerp", "multislerp", "karcher", "della", "della_linear", "sce",

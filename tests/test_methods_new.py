@@ -409,7 +409,7 @@ def known_spectrum(m, n, signal, noise, seed=0):
 
 def test_spectral_full_rank_is_task_arithmetic():
     base, (sft,) = fine_tunes((24, 16), 1, torch.bfloat16, seed=17)
-    expected = (base.float() + 0.8 * (sft.float() - base.float())).to(torch.bfloat16)
+    expected = torch.add(base.float(), sft.float() - base.float(), alpha=0.8).to(torch.bfloat16)
     out, info = spectral.spectral_repair(base, sft, 0.8, rank=16)
     same(out, expected)
     assert info.rank == 16 and info.method == "identity"
@@ -493,7 +493,7 @@ def test_spectral_randomized_matches_exact_for_small_rank():
 def test_spectral_leaves_1d_tensors_to_task_arithmetic_and_checks_options():
     base, (sft,) = fine_tunes((10,), 1, seed=19)
     out, info = spectral.spectral_repair(base, sft, 0.5, rank=1)
-    same(out, base + 0.5 * (sft - base))
+    same(out, torch.add(base, sft - base, alpha=0.5))
     assert info is None
     with pytest.raises(ValueError):
         spectral.spectral_delta(torch.randn(4, 4))

@@ -164,3 +164,44 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
     merged = task_arithmetic_mergekit(base.reshape(-1), deltas, weights, consensus=consensus, normalize=normalize,
                                       lam=lam)
     return merged.reshape(base.shape)
+
+
+def spectral(base: torch.Tensor, sft: torch.Tensor, scale: float, rank: int | None = None,
+             svd: str = "exact", seed: int = 0) -> tuple[torch.Tensor, int | None]:
+    """Spectral repair of one whole tensor, in float32 (float64 for float64 inputs): ``D = W_sft - W_base``;
+    a 2-D ``D = U diag(s) V^T`` keeps ``k`` components, ``D_k = U[:, :k] diag(s[:k]) V[:, :k]^T``:
+
+    - ``rank=r``: ``k = r`` (``D_k = D`` when ``r >= min(m, n)``); ``svd="randomized"`` takes the seeded
+      randomized SVD of :func:`merge.methods.spectral.truncated_svd` instead of the exact one;
+    - ``rank=None``: ``k = #{i : s_i > tau}``, the Donoho-Gavish hard threshold for unknown noise
+      ``tau = (0.56 b^3 - 0.95 b^2 + 1.82 b + 1.43) * median(s)``, ``b = min(m, n) / max(m, n)``, the median
+      of all ``min(m, n)`` values (the mean of the middle two for an even count).
+
+    ``W = W_base + scale * D_k`` (``torch.add`` with ``alpha``); other shapes ``W_base + scale * D``.
+    Returns ``(W, k)`` (k None for tensors that are not 2-D).
+    """
+    from .spectral import truncated_svd
+
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    b = base.to(work)
+    d = sft.to(work) - b
+    if d.dim() != 2:
+        return torch.add(b, d, alpha=scale), None
+    full = min(d.shape)
+    if rank is not None and rank >= full:
+        return torch.add(b, d, alpha=scale), full
+    if rank is not None and svd == "randomized":
+        u, s, vh, _ = truncated_svd(d, rank, "randomized", seed)
+        k = rank
+    else:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        if rank is None:
+            beta = full / max(d.shape)
+            ordered = sorted(float(x) for x in s.double())
+            mid = ordered[full // 2] if full % 2 else (ordered[full // 2 - 1] + ordered[full // 2]) / 2
+            tau = (0.56 * beta ** 3 - 0.95 * beta ** 2 + 1.82 * beta + 1.43) * mid
+            k = int((s > tau).sum())
+        else:
+            k = rank
+    kept = (u[:, :k] * s[:k]) @ vh[:k]
+    return torch.add(b, kept, alpha=scale), k

@@ -18,10 +18,11 @@ from .passthrough import SPEC as PASSTHROUGH
 from .ram import SPEC as RAM
 from .sce import SPEC as SCE
 from .slerp import SPEC as SLERP
+from .spectral import SPEC as SPECTRAL
 from .task_arithmetic import SPEC as TASK_ARITHMETIC
 
 _BUILTIN: tuple[MethodSpec, ...] = (LINEAR, SLERP, TASK_ARITHMETIC, MODEL_STOCK, NUSLERP, MULTISLERP, KARCHER,
-                                    NEARSWAP, ARCEE_FUSION, RAM, PASSTHROUGH, SCE)
+                                    NEARSWAP, ARCEE_FUSION, RAM, PASSTHROUGH, SCE, SPECTRAL)
 
 _METHODS: dict[str, MethodSpec] = {}
 _MERGEKIT: dict[str, tuple[MethodSpec, MergekitVariant]] = {}

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from ..errors import InputError
 from ..params import Bool, Sparsify, Value, finite_value
+from . import spectral
 from .base import Copy, KernelBase, MergekitVariant, MethodSpec, Operation, ParamSpec, Planned
 from .chunks import Chunk, sample_ranges
 from .della import DEFAULT_EPSILON, della_granule, della_prune_chunk_, require_della_density
@@ -476,7 +477,7 @@ def _convert(variant, recipe, chains, fields: dict, problems: list[str], notes: 
 
 
 # -- merge.merge / CLI keywords ----------------------------------------------------------------------------------
-PYTHON_PARAMS = ("scale", "sparsify", "density", "gamma", "seed", "epsilon", "sign_consensus")
+PYTHON_PARAMS = ("scale", "sparsify", "density", "gamma", "seed", "epsilon", "sign_consensus", "rank", "svd")
 
 
 def _python_fields(sfts: list[str], params: dict) -> dict:
@@ -484,6 +485,12 @@ def _python_fields(sfts: list[str], params: dict) -> dict:
     ``seed``: random and della, ``epsilon``: della) and ``sign_consensus`` as recipe fields; options without
     effect are refused."""
     scale, sparsify, density = params.get("scale"), params.get("sparsify"), params.get("density")
+    if sparsify in spectral.SPARSIFY:  # spectral repair: its own method (whole-tensor SVDs), one SFT
+        return spectral.spectral_fields(sfts, params)
+    for name in ("rank", "svd"):
+        if params.get(name) is not None:
+            raise InputError(f"--{name}: only for --sparsify svd (spectral repair); drop it"
+                             + (f" or use --sparsify svd instead of {sparsify}" if sparsify else ""))
     gamma, seed, epsilon = params.get("gamma"), params.get("seed"), params.get("epsilon")
     consensus = params.get("sign_consensus", False)
     if sparsify is None:
