@@ -135,7 +135,7 @@ def _plan(recipe, values, name: str) -> Planned:
 def _plan_mergekit(variant, recipe, resolver, name: str) -> Planned:
     t = resolver.value("t", name)
     other = next(r for r in recipe.model_refs() if r != recipe.base_model)
-    op = Slerp(("base", recipe.keys()[other]), t=t, zero_norm="unit", working_dtype=recipe.working_dtype or "inputs")
+    op = Slerp((BASE, recipe.keys()[other]), t=t, zero_norm="unit", working_dtype=recipe.working_dtype or "inputs")
     return Planned(op, f"{t:g}", 1.0 - t)  # the summary speaks of the share of the base
 
 
