@@ -115,15 +115,21 @@ def probes(tmp_path_factory):
     return _probes(tmp_path_factory.mktemp("probes"))
 
 
-def test_t_sweep_via_cli_equals_local(cluster, pairs, probes, tmp_path):
-    base, sft = pairs("llama")
-    general, domain = probes
-    local = merge.sweep(str(sft), str(base), domain, general, out=tmp_path / "local", t_values=[0.25, 0.5, 0.75],
-                        threads=1)
+SFT, BASE = str(ASSETS / "sft"), str(ASSETS / "base")  # the demo pair: the SFT forgot, a middle t recovers
+PROBES = {"general": ASSETS / "probes" / "general_select.txt", "domain": ASSETS / "probes" / "domain_select.jsonl"}
+REPORT = {"general_report": ASSETS / "probes" / "general_report.txt",
+          "domain_report": ASSETS / "probes" / "domain_report.jsonl"}
+TOKENS = 2000  # scored per probe set: enough to order the candidates, cheap on 2 cores
+
+
+def test_t_sweep_via_cli_equals_local(cluster, tmp_path):
+    local = merge.sweep(SFT, BASE, out=tmp_path / "local", t_values=[0.25, 0.5, 0.75], threads=1, max_tokens=TOKENS,
+                        **PROBES)
+    assert local.chosen.t not in (0.0, 1.0)  # a real choice
     out = tmp_path / "ray"
-    run = CliRunner().invoke(main, ["sweep", "--sft", str(sft), "--base", str(base), "--general", str(general),
-                                    "--domain", str(domain), "--t-values", "0.25,0.5,0.75", "--threads", "1",
-                                    "-o", str(out), "--ray", "--workers", "2", "-v"])
+    run = CliRunner().invoke(main, ["sweep", "--sft", SFT, "--base", BASE, "--general", str(PROBES["general"]),
+                                    "--domain", str(PROBES["domain"]), "--t-values", "0.25,0.5,0.75", "--threads", "1",
+                                    "--max-tokens", str(TOKENS), "-o", str(out), "--ray", "--workers", "2", "-v"])
     assert run.exit_code == 0, run.output
     assert local.table() in run.output
     saved = json.loads((out / "sweep.json").read_text())
@@ -137,32 +143,15 @@ def test_t_sweep_via_cli_equals_local(cluster, pairs, probes, tmp_path):
     assert len(workers) == 2  # -v: one line per candidate, naming its worker (host and pid)
 
 
-def test_schedule_search_equals_local(cluster, pairs, probes, tmp_path):
-    base, sft = pairs("llama")
-    general, domain = probes
-    kw = dict(t_values=[0.5], schedule="blocks", budget=6, threads=1)
-    local = merge.sweep(str(sft), str(base), domain, general, out=tmp_path / "local", **kw)
-    distributed = merge.sweep(str(sft), str(base), domain, general, out=tmp_path / "ray", ray="auto", workers=2,
-                              **kw)
-    _same(local, distributed)
-    assert distributed.schedule.evaluations == local.schedule.evaluations
-    assert distributed.schedule.best.label == local.schedule.best.label
-    assert distributed.schedule.verdict() == local.schedule.verdict()
-    assert [r.label for r in distributed.report] == [r.label for r in local.report]
-    # 3 rows + 3 report rows + the search's points (and the speculative ones it dropped)
-    assert distributed.cluster.evaluations >= 3 + len(local.report) - 1 + local.schedule.evaluations
-    assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
-
-
 def _attempts(pids_file: Path) -> list[int]:
     return [int(line.split()[0]) for line in pids_file.read_text().splitlines()]
 
 
-def test_killed_actor_is_replaced_and_its_candidate_evaluated_again(cluster, pairs, probes, tmp_path, monkeypatch):
-    base, sft = pairs("llama")
-    general, domain = probes
-    kw = dict(t_values=[0.5], threads=1)
-    local = merge.sweep(str(sft), str(base), domain, general, out=tmp_path / "local", **kw)
+def test_schedule_search_with_a_killed_actor_equals_local(cluster, tmp_path, monkeypatch):
+    """A blocks schedule search on two workers (each pass's next points at once), one actor killed while it
+    evaluates a candidate: it is replaced, the candidate evaluated again, and the result is the local sweep's."""
+    kw = dict(t_values=[0.3, 0.6], schedule="blocks", budget=6, threads=1, max_tokens=TOKENS, **PROBES, **REPORT)
+    local = merge.sweep(SFT, BASE, out=tmp_path / "local", **kw)
     hold = tmp_path / "hold"
     hold.mkdir()
     monkeypatch.setenv("MERGEBACK_TEST_HOLD", str(hold))
@@ -170,8 +159,7 @@ def test_killed_actor_is_replaced_and_its_candidate_evaluated_again(cluster, pai
 
     def drive():
         try:
-            outcome["result"] = merge.sweep(str(sft), str(base), domain, general, out=tmp_path / "ray", ray="auto",
-                                            workers=2, **kw)
+            outcome["result"] = merge.sweep(SFT, BASE, out=tmp_path / "ray", ray="auto", workers=2, **kw)
         except BaseException as e:  # noqa: BLE001
             outcome["error"] = e
 
@@ -191,18 +179,25 @@ def test_killed_actor_is_replaced_and_its_candidate_evaluated_again(cluster, pai
     assert again[0] == pid and again[1] != pid  # evaluated again, by a new worker process
     distributed = outcome["result"]
     _same(local, distributed)
-    assert distributed.cluster.restarts == 1 and distributed.cluster.evaluations == 3
+    assert distributed.schedule.evaluations == local.schedule.evaluations
+    assert distributed.schedule.best.label == local.schedule.best.label
+    assert distributed.schedule.verdict() == local.schedule.verdict()
+    assert [r.label for r in distributed.report] == [r.label for r in local.report]
+    # 4 rows + the report rows + the search's points, and the speculative points it dropped
+    assert distributed.cluster.evaluations >= 4 + len(local.report) + local.schedule.evaluations
+    assert distributed.cluster.restarts == 1
     assert "1 worker(s) died and were replaced" in distributed.summary()
     assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
 
 
 def test_task_sweep_equals_local_and_shares_the_cache(cluster, tmp_path):
-    """lm-eval tasks on the demo pair: the first distributed run evaluates every candidate once (misses, filling
-    the shared cache), equal to a local run without a cache; a second distributed run evaluates nothing."""
+    """lm-eval tasks on the demo pair: the first distributed run (two workers) evaluates every candidate once
+    (misses, filling the shared cache), equal to a local run without a cache; a second distributed run (another
+    worker process) evaluates nothing."""
     tasks = ASSETS / "tasks"
     kw = dict(general_tasks=str(tasks / "demo_general_cloze.yaml"), domain_tasks=str(tasks / "demo_domain_cloze.yaml"),
               t_values=[0.5], threads=1)
-    sft, base = str(ASSETS / "sft"), str(ASSETS / "base")
+    sft, base = SFT, BASE
     local = merge.sweep(sft, base, out=tmp_path / "local", no_cache=True, **kw)
     cache = tmp_path / "shared-cache"
     first = merge.sweep(sft, base, out=tmp_path / "ray", ray="auto", workers=2, cache_dir=cache, **kw)
@@ -210,7 +205,8 @@ def test_task_sweep_equals_local_and_shares_the_cache(cluster, tmp_path):
     assert [c.cached for c in first.rows] == [0, 0, 0] and all(c.task_count == 2 for c in first.rows)
     assert len(list(cache.glob("*.json"))) == 6  # 3 candidates x 2 tasks, each evaluated once
     assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
-    second = merge.sweep(sft, base, ray="auto", workers=2, cache_dir=cache, **kw)
+    assert first.cluster.to_dict()["nodes_used"] == 2  # both workers wrote to the cache
+    second = merge.sweep(sft, base, ray="auto", workers=1, cache_dir=cache, **kw)
     assert [c.cached for c in second.rows] == [2, 2, 2]  # every task result from the shared cache
     assert _numbers(second.to_dict()["rows"]) == _numbers([r | {"cached_tasks": 2} for r in first.to_dict()["rows"]])
 
