@@ -33,6 +33,9 @@ def check_sweep_options(ray: str | None, workers: int | None, gpus_per_worker: f
             raise InputError(f"{flag} {value:g}: give a positive number")
     if gpus_per_worker is not None and device == "cpu":
         raise InputError("--gpus-per-worker: the workers would evaluate on the CPU (--device cpu); drop one of them")
+    if ray is not None and device == "cuda" and gpus_per_worker is None:
+        raise InputError("--device cuda: with --ray, give --gpus-per-worker (e.g. 1) so that Ray gives each worker "
+                         "a GPU")
     if workers is not None and ray is None:
         raise InputError("--workers needs --ray (a local sweep evaluates on this machine; its CPU threads are "
                          "--threads)")
@@ -40,25 +43,38 @@ def check_sweep_options(ray: str | None, workers: int | None, gpus_per_worker: f
 
 
 class SweepWorker:
-    """The Ray actor: a :class:`~merge.recover.scorer.Scorer` built on its node, measuring one candidate per call."""
+    """The Ray actor: a :class:`~merge.recover.scorer.Scorer` built on its node, measuring one candidate per call.
 
-    def __init__(self, boxed: list):
-        """``boxed``: [a reference to the setup], so that a restarted actor fetches it again from the driver's copy."""
+    Every call carries ``boxed`` ([a reference to the setup, held by the driver]); the first call on a fresh
+    (or restarted) actor builds the scorer from it, so the actor has no constructor arguments to lose."""
+
+    def __init__(self):
+        self.scorer, self.error, self.load_seconds = None, None, 0.0
+
+    def _ensure(self, boxed: list) -> None:
         import ray
         import torch
 
         from .scorer import build_scorer
 
-        started = time.perf_counter()
-        setup = ray.get(boxed[0])
-        torch.set_num_threads(setup["threads"])
-        self.scorer = build_scorer(setup)
-        self.load_seconds = time.perf_counter() - started
+        if self.scorer is None and self.error is None:
+            started = time.perf_counter()
+            setup = ray.get(boxed[0])
+            torch.set_num_threads(setup["threads"])
+            try:
+                self.scorer = build_scorer(setup)
+            except MergeError as e:  # a user error (an input this node cannot see, too little memory): one line
+                self.error = e
+            self.load_seconds = time.perf_counter() - started
+        if self.error is not None:
+            raise self.error
 
-    def ready(self) -> dict:
+    def ready(self, boxed: list) -> dict:
+        self._ensure(boxed)
         return {"host": _host(), "pid": os.getpid(), "node": _node_id(), "load_seconds": self.load_seconds}
 
-    def measure(self, number: int, recipe, which: str, label: str):
+    def measure(self, boxed: list, number: int, recipe, which: str, label: str):
+        self._ensure(boxed)
         _hold(f"candidate-{number}")  # tests only (MERGEBACK_TEST_HOLD)
         m = self.scorer.measure(recipe, which)
         m.worker = {"host": _host(), "pid": os.getpid(), "node": _node_id(), "number": number, "label": label}
@@ -114,13 +130,13 @@ class RayPool:
                 **({"runtime_env": {"env_vars": env}} if env else {}))
             setup = {**setup, "device": "cuda" if self.gpus and setup["device"] == "auto" else setup["device"],
                      "threads": setup["threads"] or max(1, int(self.cpus))}
-            self.setup_ref = ray.put(setup)  # held for restarts
-            self.actors = [actor.remote([self.setup_ref]) for _ in range(self.workers)]
+            self.boxed = [ray.put(setup)]  # held by the driver for the actors' (re)starts
+            self.actors = [actor.remote() for _ in range(self.workers)]
             resources = " and ".join(x for x in (f"{self.gpus:g} GPU" if self.gpus else "",
                                                  f"{self.cpus:g} CPU") if x)
             self.stats = SweepCluster(address, len(self.cluster.nodes), self.workers, resources)
             started = time.perf_counter()
-            ready = self._get([a.ready.remote() for a in self.actors])
+            ready = self._get([a.ready.remote(self.boxed) for a in self.actors])
             self.stats.load_seconds = max(r["load_seconds"] for r in ready)
             self.stats.wall_seconds += time.perf_counter() - started
             self.pids = {(r["host"], r["pid"]) for r in ready}
@@ -162,7 +178,7 @@ class RayPool:
         nxt = 0
         try:
             for i, (recipe, which, label) in enumerate(items):
-                self.pool.submit(lambda a, v: a.measure.remote(*v), (first + i, recipe, which, label))
+                self.pool.submit(lambda a, v: a.measure.remote(self.boxed, *v), (first + i, recipe, which, label))
             while self.pool.has_next():
                 m = self._next()
                 i = m.number - first
