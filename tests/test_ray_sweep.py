@@ -247,7 +247,9 @@ def test_ray_options_without_ray_and_ray_without_the_extra_are_one_line(pairs, p
                         (["-v"], "error: --verbose: prints each Ray worker's candidates; give --ray or drop it"),
                         (["--ray", "--gpus-per-worker", "1", "--device", "cpu"],
                          "error: --gpus-per-worker: the workers would evaluate on the CPU (--device cpu); drop one "
-                         "of them")):
+                         "of them"),
+                        (["--ray", "--device", "cuda"], "error: --device cuda: with --ray, give --gpus-per-worker "
+                                                        "(e.g. 1) so that Ray gives each worker a GPU")):
         run = CliRunner().invoke(main, common + extra)
         assert run.exit_code == 2 and run.output.strip().splitlines() == [line], (extra, run.output)
     blocker = ("import sys\n"
