@@ -235,6 +235,16 @@ def test_ray_client_address(cluster, pairs, probes, tmp_path):
     assert f"on 2 worker(s) (1 CPU each) on 2 of 2 node(s) (ray://127.0.0.1:{cluster.client_port})" in run.stdout
 
 
+def test_more_workers_than_the_cluster_holds_is_one_line(cluster, tmp_path):
+    run = CliRunner().invoke(main, ["sweep", "--sft", SFT, "--base", BASE, "--general", str(PROBES["general"]),
+                                    "--domain", str(PROBES["domain"]), "-o", str(tmp_path / "out"), "--ray",
+                                    "--workers", "3"])
+    assert run.exit_code == 2
+    assert run.output.strip().splitlines()[-1] == ("error: --workers 3: the cluster's nodes hold 2 worker(s) of 1 "
+                                                   "CPU(s); give --workers 2 or fewer (or add nodes)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_ray_options_without_ray_and_ray_without_the_extra_are_one_line(pairs, probes, tmp_path):
     base, sft = pairs("llama")
     general, domain = probes

@@ -160,11 +160,19 @@ class RayPool:
         return int(have // per)
 
     def _check_fits(self) -> None:
-        if not any(n["Resources"].get("CPU", 0) >= self.cpus and n["Resources"].get("GPU", 0) >= self.gpus
-                   for n in self.cluster.nodes):
-            raise InputError(f"--ray {self.cluster.address}: no node offers {self.cpus:g} CPU(s)"
-                             + (f" and {self.gpus:g} GPU(s)" if self.gpus else "")
-                             + " for one worker; lower --cpus-per-worker/--gpus-per-worker")
+        """Actors that no node can hold would wait forever: refuse up front, naming what to change."""
+        def fits(node) -> int:
+            r = node["Resources"]
+            return int(min(r.get("CPU", 0) // self.cpus, r.get("GPU", 0) // self.gpus if self.gpus else 1 << 30))
+
+        room = sum(fits(n) for n in self.cluster.nodes)
+        per = f"{self.cpus:g} CPU(s)" + (f" and {self.gpus:g} GPU(s)" if self.gpus else "")
+        if room == 0:
+            raise InputError(f"--ray {self.cluster.address}: no node offers {per} for one worker; lower "
+                             "--cpus-per-worker/--gpus-per-worker")
+        if self.workers > room:
+            raise InputError(f"--workers {self.workers}: the cluster's nodes hold {room} worker(s) of {per}; give "
+                             f"--workers {room} or fewer (or add nodes)")
 
     def measure_many(self, items):
         """``(recipe, which, label)`` items on the next free actors; yielded in order, each as soon as it and
