@@ -616,6 +616,16 @@ def _t_list(ctx, param, value):
 @click.option("--no-cache", is_flag=True, help="Evaluate every task again even when a cached result exists.")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Task result cache (default $XDG_CACHE_HOME/mergeback/eval).")
+@click.option("--ray", metavar="[ADDRESS]", is_flag=False, flag_value="auto", default=None,
+              help="Evaluate the candidates on Ray actors, each holding base and SFT once: --ray alone or auto "
+                   "(ray.init(): RAY_ADDRESS or a running cluster), local (start one here), or an address "
+                   "(10.0.0.1:6379, ray://head:10001). Needs pip install 'mergeback[ray]'.")
+@click.option("--workers", type=click.IntRange(1, 100_000),
+              help="With --ray: actors (default: the cluster's GPUs / --gpus-per-worker, else CPUs / "
+                   "--cpus-per-worker).")
+@click.option("--gpus-per-worker", type=float, help="With --ray: GPUs per actor (evaluates on the GPU).")
+@click.option("--cpus-per-worker", type=float, help="With --ray: CPUs per actor (default 1; its torch threads).")
+@click.option("-v", "--verbose", is_flag=True, help="With --ray: one line per candidate and worker on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary.")
 @user_errors
 def sweep(quiet, limit, batch_size, **kwargs):
@@ -623,8 +633,13 @@ def sweep(quiet, limit, batch_size, **kwargs):
 
     if limit is not None and limit >= 1:
         limit = int(limit) if limit == int(limit) else limit
+    if kwargs["verbose"] and kwargs["ray"] is None:
+        from .errors import InputError
+
+        raise InputError("--verbose: prints each Ray worker's candidates; give --ray or drop it")
     result = run_sweep(command=_command_line(), echo=None if quiet else click.echo, limit=limit,
-                       batch_size=int(batch_size) if batch_size.isdigit() else batch_size, **kwargs)
+                       batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
+                       progress=not quiet and sys.stderr.isatty(), **kwargs)
     click.echo("")
     click.echo(result.summary())
 

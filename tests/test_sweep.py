@@ -132,6 +132,36 @@ def test_coordinate_search_is_bounded_and_only_moves_uphill():
     assert abs(best[0] - 0.3) <= 0.1 and abs(best[1] - 0.9) <= 0.1
 
 
+def _search_both_ways(rng: random.Random, width: int) -> None:
+    n = rng.choice([1, 2, 3])
+    target = [rng.random() for _ in range(n)]
+    bumps = {}
+
+    def height(point):
+        bumps.setdefault(point, rng.random() * 0.02)  # ties and plateaus as real scores have
+        return -sum((a - b) ** 2 for a, b in zip(point, target)) + bumps[point]
+
+    start, budget = [rng.random() for _ in range(n)], rng.randint(1, 16)
+    asked, batches = [], []
+    sequential = coordinate_search(start, lambda p: asked.append(p) or height(p), key=lambda v: (v,), budget=budget)
+    batched = coordinate_search(start, None, key=lambda v: (v,), budget=budget, width=width,
+                                evaluate_many=lambda points: batches.append(points) or [height(p) for p in points])
+    assert batched == sequential
+    assert all(len(b) <= width for b in batches)
+    evaluated = [p for b in batches for p in b]
+    assert len(set(evaluated)) == len(evaluated) and set(asked) <= set(evaluated)
+    assert len(batches) <= len(asked)
+
+
+@pytest.mark.parametrize("width", [2, 3, 6])
+def test_coordinate_search_evaluating_points_at_once_takes_the_sequential_path(width):
+    """With ``width`` points evaluated at once (a distributed sweep's workers), the search returns the same best
+    point, result and count as one point at a time, evaluating no point twice."""
+    rng = random.Random(width)
+    for _ in range(60):
+        _search_both_ways(rng, width)
+
+
 def test_schedule_search_reports_on_held_out_probes(pairs, tmp_path):
     base, sft = pairs("llama")
     general, domain = _probes(tmp_path)

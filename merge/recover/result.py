@@ -93,6 +93,7 @@ class SweepResult:
     seconds_total: float = 0.0
     task_text: dict = field(default_factory=dict)  # select/report: which tasks and part; chat_template: the note
     task_columns: dict = field(default_factory=dict)  # select/report: [(side, task, metric, higher_is_better)]
+    cluster: object | None = None  # a distributed sweep's SweepCluster (merge.recover.sweep_ray): workers and time
 
     @property
     def base(self) -> Candidate:
@@ -254,6 +255,8 @@ class SweepResult:
             lines += ["", self.schedule.verdict()]
         lines += [f"note: {n}" for n in self.notes + self.score_notes()]
         lines.append(self.time_line())
+        if self.cluster is not None:
+            lines.append(self.cluster.line())
         if self.out:
             what = _what(self.written) if self.written else ""
             lines.append(f"wrote the merged model ({what}) -> {self.out}")
@@ -287,7 +290,8 @@ class SweepResult:
                  f"- {self.forgetting_line()}",
                  f"- selection probes: {self._probe_names('select')}",
                  f"- rule: {rule_text(self.rule, self.keep_domain)}",
-                 f"- this model: {_what(w)}", "",
+                 f"- this model: {_what(w)}",
+                 *([f"- evaluated on a Ray cluster: {self.cluster.line()}"] if self.cluster is not None else []), "",
                  "| t | general bpb | general ppl | domain bpb | domain ppl | general_recovered | domain_retained "
                  "| score |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in self.rows:
@@ -343,6 +347,8 @@ class SweepResult:
                "seconds": {"load": self.seconds_load, "set": self.seconds_set, "eval": self.seconds_eval,
                            "report": self.seconds_report, "schedule_search": self.schedule.seconds if self.schedule
                            else 0.0, "write": self.seconds_write, "total": self.seconds_total}}
+        if self.cluster is not None:
+            out["cluster"] = self.cluster.to_dict()
         if self.task_columns:
             out["tasks"] = {**self.task_text, "reported_on": "report part only" if self.report else
                             "the selection data (no separate report part)"}

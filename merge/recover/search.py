@@ -67,11 +67,28 @@ def blocks_recipe(template: Recipe, ts: Sequence[float], n_layers: int | Structu
     return Recipe.model_validate(data)
 
 
-def coordinate_search(start: Sequence[float], evaluate: Callable[[tuple], object], key: Callable[[object], tuple],
-                      budget: int) -> tuple[tuple, object, int]:
-    """Maximise ``key(evaluate(point))`` over points in [0, 1]^n; returns (best point, its result, evaluations)."""
+def coordinate_search(start: Sequence[float], evaluate: Callable[[tuple], object] | None,
+                      key: Callable[[object], tuple], budget: int, *,
+                      evaluate_many: Callable[[list[tuple]], list] | None = None, width: int = 1
+                      ) -> tuple[tuple, object, int]:
+    """Maximise ``key(evaluate(point))`` over points in [0, 1]^n; returns (best point, its result, evaluations).
+
+    Each point depends on the results before it, so the search itself is sequential. ``evaluate_many`` (a list
+    of points -> their results, e.g. on parallel workers) with ``width`` > 1 evaluates a point together with the
+    next ``width - 1`` points the search would try if none of them improved (the rest of this pass over the
+    coordinates); a result the search never asks for (it moved first) is dropped, so the path, the result and
+    the count of evaluations are those of ``width=1``."""
+    many = evaluate_many or (lambda points: [evaluate(p) for p in points])
+    known: dict[tuple, object] = {}
+
+    def result_of(point: tuple, upcoming: list[tuple]) -> object:
+        if point not in known:
+            batch = [point] + [p for p in upcoming if p not in known][:max(0, width - 1)]
+            known.update(zip(batch, many(batch)))
+        return known.pop(point)
+
     best = tuple(round(x, 4) for x in start)
-    best_result = evaluate(best)
+    best_result = result_of(best, [])
     used = 1
     seen = {best}
     for step in STEPS:
@@ -82,15 +99,32 @@ def coordinate_search(start: Sequence[float], evaluate: Callable[[tuple], object
                 for sign in (1, -1):
                     if used >= budget:
                         break
-                    point = list(best)
-                    point[i] = round(min(1.0, max(0.0, point[i] + sign * step)), 4)
-                    point = tuple(point)
+                    point = _moved(best, i, sign * step)
                     if point in seen:
                         continue
                     seen.add(point)
-                    result = evaluate(point)
+                    upcoming = _upcoming(best, step, i, sign, seen)[:budget - used - 1] if width > 1 else []
+                    result = result_of(point, upcoming)
                     used += 1
                     if key(result) > key(best_result):
                         best, best_result, improved = point, result, True
                         break
     return best, best_result, used
+
+
+def _moved(point: tuple, i: int, delta: float) -> tuple:
+    """``point`` with coordinate ``i`` moved by ``delta``, clipped to [0, 1] and rounded to 4 places."""
+    moved = list(point)
+    moved[i] = round(min(1.0, max(0.0, moved[i] + delta)), 4)
+    return tuple(moved)
+
+
+def _upcoming(best: tuple, step: float, i: int, sign: int, seen: set) -> list[tuple]:
+    """The points tried after (coordinate ``i``, ``sign``) of this pass if none of them improves on ``best``."""
+    out = []
+    for j in range(i, len(best)):
+        for s in ((-1,) if sign == 1 else ()) if j == i else (1, -1):
+            p = _moved(best, j, s * step)
+            if p not in seen and p not in out:
+                out.append(p)
+    return out

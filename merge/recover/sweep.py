@@ -18,19 +18,22 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..evaluate import ProbeScore, encode, load_probes, objective, select
+from ..evaluate import encode, load_probes, objective, select
 from ..evaluate.harness import EvalSettings
 from ..evaluate.probes import ProbeSet
-from ..evaluate.scoring import score
 from ..evaluate.tasks import split_specs
 from ..inputs import open_inputs
 from ..keys import BASE, PRIMARY
 from ..methods import registry
 from ..options import OutputOptions, ReportOptions
+from ..tensor_names import Structure
 from .inplace import InPlaceModel
 from .result import Candidate, Reported, ScheduleOutcome, SweepResult, plot_tradeoff, with_recovery
+from .scorer import Scorer, load_tokenizer, written_dtype
 from .search import blocks_recipe, coordinate_search, lines_recipe
-from .sweep_tasks import build_tasks, check_task_options
+from .sweep_tasks import build_tasks, check_task_options, input_fingerprints
+
+__all__ = ["sweep", "load_tokenizer", "parse_candidates"]
 
 DEFAULT_T = tuple(round(i / 10, 1) for i in range(11))
 DEFAULT_MAX_TOKENS = 20_000
@@ -51,7 +54,9 @@ def sweep(sft: str, base: str, domain: str | Path | None = None, general: str | 
           domain_report_tasks=None, tasks_path=(), limit: int | float | None = None, num_fewshot: int | None = None,
           batch_size: int | str = 1, seed: int | None = None, apply_chat_template: bool | None = None,
           gen_kwargs: str | None = None, metrics=None, no_cache: bool = False, cache_dir: str | Path | None = None,
-          candidates: str | Sequence[str] | None = None) -> SweepResult:
+          candidates: str | Sequence[str] | None = None, ray: str | None = None, workers: int | None = None,
+          gpus_per_worker: float | None = None, cpus_per_worker: float | None = None, verbose: bool = False,
+          progress: bool = False) -> SweepResult:
     """Sweep t (share of the base: 0 = SFT, 1 = base) and return a :class:`SweepResult`.
 
     ``general=None`` uses the built-in general probes (a smoke signal, not a benchmark). ``select_rule``:
@@ -72,6 +77,12 @@ def sweep(sft: str, base: str, domain: str | Path | None = None, general: str | 
     (default ``~/.cache/mergeback/eval``) unless ``no_cache``. ``candidates``: ``"linear,slerp"`` sweeps the t
     grid with each method; ``method@value`` adds one candidate (``linear@0.3``: t; ``ties@0.3``: density,
     ``task_arithmetic@0.5``: scale), set in place by the registry's sweepable methods.
+
+    ``ray`` (``auto``, ``local`` or an address, as for merges): candidates are evaluated by ``workers`` Ray
+    actors (default: as many as the cluster's GPUs or CPUs hold), each with ``gpus_per_worker`` GPUs and
+    ``cpus_per_worker`` CPUs (default 1 CPU), holding base and SFT once (see :mod:`merge.recover.sweep_ray`);
+    the table, the choice and the written merge equal the local sweep's. ``progress``: a bar of candidates done;
+    ``verbose``: one line per candidate and worker on stderr.
     """
     before = torch.get_num_threads()
     if threads is not None:
@@ -82,16 +93,23 @@ def sweep(sft: str, base: str, domain: str | Path | None = None, general: str | 
                             tasks_path=tuple(tasks_path or ()), limit=limit, num_fewshot=num_fewshot,
                             batch_size=batch_size, seed=seed, apply_chat_template=apply_chat_template,
                             gen_kwargs=gen_kwargs, metrics=metrics, no_cache=no_cache, cache_dir=cache_dir)
-        return _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_domain, general_report,
-                      domain_report, holdout, schedule, blocks, budget, max_tokens, device, force, plot, command,
-                      echo, token, task_options, candidates)
+        cluster = dict(ray=ray, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                       verbose=verbose, progress=progress, threads=threads)
+        if any(cluster[k] is not None for k in ("ray", "workers", "gpus_per_worker", "cpus_per_worker")):
+            from .sweep_ray import check_sweep_options
+
+            check_sweep_options(ray, workers, gpus_per_worker, cpus_per_worker, device)
+        with ExitStack() as cleanup:
+            return _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_domain,
+                          general_report, domain_report, holdout, schedule, blocks, budget, max_tokens, device, force,
+                          plot, command, echo, token, task_options, candidates, cluster, cleanup)
     finally:
         torch.set_num_threads(before)
 
 
 def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_domain, general_report,
            domain_report, holdout, schedule, blocks, budget, max_tokens, device, force, plot, command, echo,
-           token, task_options, candidates) -> SweepResult:
+           token, task_options, candidates, cluster, cleanup) -> SweepResult:
     from .. import api
     from ..execute import resolve_device
     from ..io import output
@@ -130,9 +148,11 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
                      "task's documents (by content hash) for reporting")
     settings = EvalSettings(limit=o["limit"], num_fewshot=o["num_fewshot"], batch_size=o["batch_size"],
                             seed=o["seed"], gen_kwargs=o["gen_kwargs"])
-    tasks = build_tasks(o["general_tasks"], o["domain_tasks"], o["general_report_tasks"], o["domain_report_tasks"],
-                        tasks_path=o["tasks_path"], metrics=o["metrics"], holdout=holdout_used,
-                        settings=settings, no_cache=o["no_cache"], cache_dir=o["cache_dir"])
+    task_build = dict(general_tasks=o["general_tasks"], domain_tasks=o["domain_tasks"],
+                      general_report_tasks=o["general_report_tasks"], domain_report_tasks=o["domain_report_tasks"],
+                      tasks_path=o["tasks_path"], metrics=o["metrics"], holdout=holdout_used, settings=settings,
+                      no_cache=o["no_cache"], cache_dir=o["cache_dir"])
+    tasks = build_tasks(**task_build)
     check_task_options(tasks, o)
     separate = any(probes[f"{s}_report"] is not probes[f"{s}_select"] for s in ("general", "domain")) or \
         bool(tasks and tasks.distinct)
@@ -148,11 +168,13 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
                                  "device": device})
     extra_recipes = [(label, _candidate_recipe(label, fields, base, sft, device))
                      for label, fields in grid if isinstance(fields, dict)]
-    dev = resolve_device(device)
+    distributed = cluster["ray"] is not None
+    dev = None if distributed else resolve_device(device)  # the workers resolve --device on their own nodes
     with ExitStack() as stack:
         inputs = open_inputs(template, stack, token=token, out=out_path)
         models, labels, resolved = inputs.models, inputs.labels, inputs.resolved
         tokenizer = load_tokenizer(models[PRIMARY], models[BASE])
+        n_layers = Structure.of(models[PRIMARY].config, models[PRIMARY].names())
         encoded = {k: encode(p.documents, tokenizer, max_tokens) for k, p in probes.items() if p is not None}
         for k, docs in encoded.items():
             if sum(d.num_scored for d in docs) == 0:
@@ -160,24 +182,34 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
             if sum(d.num_bytes for d in docs) == 0:
                 raise InputError(f"{probes[k].name}: the scored text is empty (0 bytes), so bits per byte cannot "
                                  "be computed; give probes with non-empty responses/documents")
-        inplace = InPlaceModel(models, labels, dev, template, _written_dtype(models[PRIMARY]) if tasks else None)
-        if tasks is not None:
-            say(tasks.start(inplace.model, tokenizer, o["apply_chat_template"], resolved,
-                            {"eval_dtype": str(inplace.model.dtype), "device": dev.type}))
+        if distributed:
+            if tasks is not None:
+                say(tasks.choose_chat_template(tokenizer, o["apply_chat_template"]))
+        else:
+            inplace = InPlaceModel(models, labels, dev, template, written_dtype(models[PRIMARY]) if tasks else None)
+            if tasks is not None:
+                say(tasks.start(inplace.model, tokenizer, o["apply_chat_template"], input_fingerprints(resolved),
+                                {"eval_dtype": str(inplace.model.dtype), "device": dev.type}))
+            scorer = Scorer(inplace, encoded, dev, tasks)
+    if distributed:
+        scorer = _ray_pool(cluster, cleanup, resolved, labels, token, template, device, encoded, tasks, task_build,
+                           o["apply_chat_template"])
     seconds_load = time.perf_counter() - started
     on = [f"{sum(d.num_scored for d in encoded[f'{s}_select'])} {s} tokens" for s in ("general", "domain")
           if f"{s}_select" in encoded]
     if tasks is not None and tasks.select:
         on.append(f"tasks {tasks.describe('select')}")
-    say(f"loaded base and SFT in {seconds_load:.1f}s on {dev}; evaluating {len(t_values)} values of t "
+    where = f"{scorer.workers} Ray workers" if distributed else dev
+    say(f"loaded base and SFT in {seconds_load:.1f}s on {where}; evaluating {len(t_values)} values of t "
         f"(t = share of the base) on {' and '.join(on)}")
-    runner = _Runner(inplace, encoded, dev, say, tasks)
+    runner = _Runner(scorer, n_layers, (lambda line: scorer.say(say, line)) if distributed else say, tasks)
 
-    others = [runner.candidate(label, recipe, None, recipe.method) for label, recipe in extra_recipes]
-    rows = []
+    specs = [(label, recipe, None, recipe.method) for label, recipe in extra_recipes]
     for m, ts in _grid_ts(grid, t_values):
-        rows += [runner.candidate(f"{m} t={t:g}" if len(grid) > 1 else f"t={t:g}",
-                                  template.model_copy(update={"t": t, "method": m}), t, m) for t in ts]
+        specs += [(f"{m} t={t:g}" if len(grid) > 1 else f"t={t:g}", template.model_copy(update={"t": t, "method": m}),
+                   t, m) for t in ts]
+    evaluated = runner.candidates(specs)
+    others, rows = evaluated[:len(extra_recipes)], evaluated[len(extra_recipes):]
     base_row = next(c for c in rows if c.t == 1.0)
     sft_row = next(c for c in rows if c.t == 0.0)
     rows += others
@@ -195,8 +227,9 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
         result.task_columns = {"select": tasks.columns("select"), "report": tasks.columns("report")}
     written = chosen
     if separate:
-        reported = {id(c): runner.report(c, "base" if c is base_row else "SFT" if c is sft_row else None)
-                    for c in dict.fromkeys([base_row, sft_row, chosen])}
+        which = list(dict.fromkeys([base_row, sft_row, chosen]))
+        reported = dict(zip(map(id, which), runner.reports(
+            [(c, "base" if c is base_row else "SFT" if c is sft_row else None) for c in which])))
         rb, rs = reported[id(base_row)], reported[id(sft_row)]
         for r in reported.values():
             with_recovery(r, rb, rs)
@@ -221,6 +254,7 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
                 written = outcome.best
         say(outcome.verdict())
     result.seconds_report = runner.seconds_report
+    result.cluster = scorer.stats if distributed else None
     writing = time.perf_counter()
     result.written = written
     if out_path is not None:
@@ -233,71 +267,89 @@ def _sweep(sft, base, domain, general, out, t_values, method, select_rule, keep_
 
 
 class _Runner:
-    """Sets a candidate in place and scores it, timing both."""
+    """Turns a scorer's measurements (this process's :class:`Scorer`, or a pool of Ray actors) into candidates
+    and report rows, one line per candidate."""
 
-    def __init__(self, inplace: InPlaceModel, encoded: dict, device: torch.device, say, tasks=None):
-        self.inplace, self.encoded, self.device, self.say, self.tasks = inplace, encoded, device, say, tasks
+    def __init__(self, scorer, n_layers: Structure, say, tasks=None):
+        self.scorer, self.n_layers, self.say, self.tasks = scorer, n_layers, say, tasks
         self.seconds_report = 0.0
 
-    def _score(self, part: str) -> tuple[ProbeScore | None, ProbeScore | None]:
-        model = self.inplace.model
-        return tuple(score(model, self.encoded[f"{side}_{part}"], self.device) if f"{side}_{part}" in self.encoded
-                     else None for side in ("general", "domain"))
-
-    def _tasks(self, recipe, which: str) -> tuple[dict, int, int]:
-        if self.tasks is None or not (self.tasks.select if which == "select" else self.tasks.report):
-            return {}, 0, 0
-        scores, cached, total, _ = self.tasks.evaluate(recipe, which)
-        return scores, cached, total
+    def candidates(self, specs: list[tuple]) -> list[Candidate]:
+        """``(label, recipe, t, method)`` specs, measured on the selection part (at once where the scorer can)."""
+        out = []
+        items = [(recipe, "select", label) for label, recipe, _, _ in specs]
+        for (label, recipe, t, method), m in zip(specs, self.scorer.measure_many(items)):
+            name = "SFT" if t == 0 else "base" if t == 1 else label
+            parts = [f"{side} {p.bpb:.4f} bpb (ppl {p.ppl:.2f})" for side, p in (("general", m.general),
+                                                                                 ("domain", m.domain)) if p is not None]
+            parts += [f"{task} {s.value:.4f}" for per in m.tasks.values() for task, s in per.items()]
+            cache = "" if not m.total else (", cache hit" if m.cached == m.total else f", cache {m.cached}/{m.total}"
+                                            if m.cached else ", cache miss" if self.tasks.cache else ", no cache")
+            self.say(f"  {name:>28}: {', '.join(parts)}  [set {m.seconds_set:.2f}s, eval {m.seconds_eval:.2f}s"
+                     f"{cache}]")
+            out.append(Candidate(label, recipe, m.general, m.domain, t, m.seconds_set, m.seconds_eval, tasks=m.tasks,
+                                 cached=m.cached, task_count=m.total, method=method))
+        return out
 
     def candidate(self, label: str, recipe, t: float | None = None, method: str = "linear") -> Candidate:
-        began = time.perf_counter()
-        self.inplace.apply(recipe)
-        set_s = time.perf_counter() - began
-        general, domain = self._score("select")
-        tasks, cached, total = self._tasks(recipe, "select")
-        eval_s = time.perf_counter() - began - set_s
-        name = "SFT" if t == 0 else "base" if t == 1 else label
-        parts = [f"{side} {p.bpb:.4f} bpb (ppl {p.ppl:.2f})" for side, p in (("general", general), ("domain", domain))
-                 if p is not None]
-        parts += [f"{task} {s.value:.4f}" for per in tasks.values() for task, s in per.items()]
-        cache = "" if not total else (", cache hit" if cached == total else f", cache {cached}/{total}"
-                                      if cached else ", cache miss" if self.tasks.cache else ", no cache")
-        self.say(f"  {name:>28}: {', '.join(parts)}  [set {set_s:.2f}s, eval {eval_s:.2f}s{cache}]")
-        return Candidate(label, recipe, general, domain, t, set_s, eval_s, tasks=tasks, cached=cached,
-                         task_count=total, method=method)
+        return self.candidates([(label, recipe, t, method)])[0]
+
+    def reports(self, which: list[tuple[Candidate, str | None]]) -> list[Reported]:
+        """Each candidate measured on the report part, named ``name`` (base/SFT) or by its label."""
+        out = []
+        items = [(c.recipe, "report", f"{name or c.label} (report)") for c, name in which]
+        for (c, name), m in zip(which, self.scorer.measure_many(items)):
+            self.seconds_report += m.seconds_set + m.seconds_eval
+            label = name or c.label
+            out.append(Reported(label if name is None or c.t is None else f"{label} (t={c.t:g})", m.general,
+                                m.domain, None, tasks=m.tasks))
+        return out
 
     def report(self, c: Candidate, name: str | None) -> Reported:
-        began = time.perf_counter()
-        self.inplace.apply(c.recipe)
-        general, domain = self._score("report")
-        tasks, _, _ = self._tasks(c.recipe, "report")
-        self.seconds_report += time.perf_counter() - began
-        label = name or c.label
-        return Reported(label if name is None or c.t is None else f"{label} (t={c.t:g})", general, domain, None,
-                        tasks=tasks)
+        return self.reports([(c, name)])[0]
 
     def search_schedule(self, kind: str, template, chosen: Candidate, base_row: Candidate, sft_row: Candidate,
                         blocks: int, budget: int, rule: str, keep_domain: float) -> ScheduleOutcome:
-        n_layers = self.inplace.n_layers
+        n_layers = self.n_layers
         lam = 1.0 - chosen.t
 
-        def evaluate(point: tuple) -> Candidate:
+        def spec(point: tuple) -> tuple:
             if kind == "lines":
-                recipe = lines_recipe(template, *point)
-                label = f"lines(alpha={point[0]:g}, beta={point[1] - point[0]:g})"
-            else:
-                recipe = blocks_recipe(template, point, n_layers)
-                label = "blocks(t=" + "/".join(f"{x:g}" for x in point) + ")"
-            return with_recovery(self.candidate(label, recipe), base_row, sft_row)
+                return (f"lines(alpha={point[0]:g}, beta={point[1] - point[0]:g})", lines_recipe(template, *point),
+                        None, "linear")
+            return ("blocks(t=" + "/".join(f"{x:g}" for x in point) + ")", blocks_recipe(template, point, n_layers),
+                    None, "linear")
+
+        def evaluate_many(points: list[tuple]) -> list[Candidate]:
+            return [with_recovery(c, base_row, sft_row) for c in self.candidates([spec(p) for p in points])]
 
         began = time.perf_counter()
         start = (lam, lam) if kind == "lines" else (chosen.t,) * max(1, min(blocks, n_layers.max_layers))
         self.say(f"searching {kind} schedules from the chosen t = {chosen.t:g} (at most {budget} evaluations)")
-        _, best, used = coordinate_search(start, evaluate, lambda c: objective(c.recovery, rule, keep_domain),
-                                          budget)
+        _, best, used = coordinate_search(start, None, lambda c: objective(c.recovery, rule, keep_domain), budget,
+                                          evaluate_many=evaluate_many, width=getattr(self.scorer, "width", 1))
         better = objective(best.recovery, rule, keep_domain) > objective(chosen.recovery, rule, keep_domain)
         return ScheduleOutcome(kind, best, used, better, seconds=time.perf_counter() - began)
+
+
+def _ray_pool(cluster: dict, cleanup: ExitStack, resolved, labels, token, template, device, encoded, tasks,
+              task_build: dict, apply_chat_template):
+    """The Ray actors of a distributed sweep (closed by ``cleanup``); each rebuilds the tasks from
+    ``task_build``, with the cache folder made absolute so that every worker shares it."""
+    from ..evaluate.cache import ResultCache
+    from .sweep_ray import RayPool
+
+    task_args = None
+    if tasks is not None:
+        folder = None if task_build["no_cache"] else str(ResultCache(task_build["cache_dir"]).folder.resolve())
+        task_args = {"build": {**task_build, "cache_dir": folder}, "apply_chat_template": apply_chat_template,
+                     "fingerprints": input_fingerprints(resolved)}
+    setup = {"common": {"inputs": resolved, "labels": labels, "token": token}, "template": template,
+             "device": device, "encoded": encoded, "tasks": task_args, "threads": cluster["threads"]}
+    pool = RayPool(cluster["ray"], cluster["workers"], cluster["gpus_per_worker"], cluster["cpus_per_worker"], setup,
+                   progress=cluster["progress"], verbose=cluster["verbose"])
+    cleanup.callback(pool.close)
+    return pool
 
 
 def _write(result: SweepResult, written: Candidate, out_path: Path, force: bool, command, plot) -> None:
@@ -318,37 +370,6 @@ def _write(result: SweepResult, written: Candidate, out_path: Path, force: bool,
     result.json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     written_here = [p for p in (result.plot, result.recipe_path, result.json_path) if p is not None]
     output.add_to_marker(out_path, [Path(p).name for p in written_here if Path(p).resolve().parent == out_path])
-
-
-def _written_dtype(sft) -> torch.dtype | None:
-    """The dtype lm-eval (``HFLM(pretrained=<folder>)``, dtype auto) evaluates the written merge in: its
-    config's. With tasks the resident model evaluates in it too, so task scores equal those of the written
-    merge (without tasks, half precision is evaluated in float32 on the CPU)."""
-    config = sft.config if isinstance(sft.config, dict) else {}
-    name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-    value = getattr(torch, name, None) if isinstance(name, str) else None
-    return value if isinstance(value, torch.dtype) else None
-
-
-def load_tokenizer(sft, base):
-    """The SFT's tokenizer (its folder, or an adapter's), else the base's."""
-    import warnings
-
-    from transformers import AutoTokenizer
-
-    last = None
-    for model in (sft, base):
-        folder = Path(model.side_files_path)
-        if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return AutoTokenizer.from_pretrained(folder)
-        except Exception as e:  # a broken tokenizer file: say which folder
-            last = f"{folder}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})"
-    raise InputError(last or f"{sft.path}: no tokenizer files in the SFT or base folder; a sweep needs one to "
-                             "tokenize the probes")
 
 
 def _probe_sets(general, domain, general_report, domain_report, holdout, schedule, notes, builtin: bool = True

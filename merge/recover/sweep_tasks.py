@@ -40,13 +40,19 @@ class SweepTasks:
     inputs: dict = field(default_factory=dict)
     evaluator: TaskEvaluator | None = None
 
-    def start(self, model, tokenizer, apply_chat_template: bool | None, resolved: dict, extra: dict) -> str:
-        """Decide the chat template from the SFT's tokenizer and wrap ``model`` in one HFLM for the sweep."""
+    def choose_chat_template(self, tokenizer, apply_chat_template: bool | None) -> str:
+        """Decide the chat template from the SFT's tokenizer (default: on when it has one); the note says which."""
         import dataclasses
 
         flag, self.chat_note = chat_template_choice(apply_chat_template, tokenizer, "SFT's")
         self.settings = dataclasses.replace(self.settings, apply_chat_template=flag)
-        self.inputs = {k: weights_fingerprint(m.path) for k, m in resolved.items()} | extra
+        return self.chat_note
+
+    def start(self, model, tokenizer, apply_chat_template: bool | None, fingerprints: dict, extra: dict) -> str:
+        """Decide the chat template and wrap ``model`` in one HFLM for the sweep; ``fingerprints``: the inputs'
+        (:func:`input_fingerprints`), ``extra``: what else determines the scores (evaluation dtype, device)."""
+        self.choose_chat_template(tokenizer, apply_chat_template)
+        self.inputs = dict(fingerprints) | extra
         self.evaluator = TaskEvaluator(model, tokenizer, self.settings, self.cache)
         return self.chat_note
 
@@ -83,6 +89,11 @@ class SweepTasks:
         return [(side, name, info.metric, info.higher_is_better)
                 for side, (suite, _) in (self.select if which == "select" else self.report).items()
                 for name, info in suite.tasks.items()]
+
+
+def input_fingerprints(resolved: dict) -> dict:
+    """Each resolved input's weights fingerprint (its files, never its name)."""
+    return {k: weights_fingerprint(m.path) for k, m in resolved.items()}
 
 
 def build_tasks(general_tasks, domain_tasks, general_report_tasks=None, domain_report_tasks=None, *, tasks_path=(),
