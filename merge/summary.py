@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io.resolve import ResolvedModel
+from .io.writer import format_size
 from .methods import registry
 
 
@@ -73,7 +74,7 @@ class MergeSummary:
         if self.pushed_to:
             lines.append(f"pushed to {self.pushed_to}")
         if self.read_bytes is not None:
-            lines.append(f"reads at most {self.read_bytes / 1e9:.2f} GB of the inputs (each merged tensor once, plus "
+            lines.append(f"reads at most {format_size(self.read_bytes)} of the inputs (each merged tensor once, plus "
                          "once per statistics pass its method needs: slerp's norms, magnitude ranks)")
         if self.peak_bytes is not None:
             lines.append(f"estimated peak memory of the merge buffers: {self.peak_bytes / 1e6:.1f} MB (an estimate: "
