@@ -66,6 +66,10 @@ def recipes(c: dict) -> dict[str, dict]:
         # in layer positions, but B has 4 layers and the output 3: B's layer 2 is read through its view
         "tiled_bf16": {"merge_method": "passthrough", "slices": [{"sources": [_src(c["a_bf16"], [0, 2])]},
                                                                  {"sources": [_src(c["b_bf16"], [2, 3])]}]},
+        # a bfloat16 model and a float32 one, no dtype: each tensor keeps its model's dtype (the primary's view
+        # tells the planner B's float32 for the layers B gives)
+        "mixed_dtypes": {"merge_method": "passthrough", "slices": [{"sources": [_src(c["a_bf16"], [0, 2])]},
+                                                                   {"sources": [_src(c["b_f32"], [1, 4])]}]},
         # B first: embeddings from B, final norm and lm_head from A, A's stack after B's
         "b_first_f32": {"merge_method": "passthrough", "dtype": "float32", "slices": [
             {"sources": [_src(c["b_f32"], [0, 4], scale=[1.0, 0.5])]},
@@ -130,7 +134,7 @@ def test_each_output_layer_comes_from_its_slice_with_its_scale(outputs, ckpt):
 
 
 @pytest.mark.parametrize("name, layers", [("goliath_bf16", 7), ("goliath_f32", 7), ("tiled_bf16", 3),
-                                          ("b_first_f32", 9)])
+                                          ("mixed_dtypes", 5), ("b_first_f32", 9)])
 def test_the_frankenmerge_loads_in_transformers_with_finite_logits(outputs, name, layers):
     model = AutoModelForCausalLM.from_pretrained(outputs[name][1])
     assert len(model.model.layers) == layers

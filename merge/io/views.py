@@ -106,15 +106,16 @@ class LayerMapped(_View):
     ``layers[o]`` is None where another model gives layer ``o``, and the view lacks that layer, unless ``lent[o]``
     (the view of the model that gives it) is passed: then the view presents that layer too, read through the
     lender. The primary model's view is built so: its names are the output's, every layer from its slice's model.
-    ``config``: the output stack's config (default :func:`layered_config` of ``inner``'s, for views that give every
-    layer themselves).
+    ``tail``: the view of the model the tensors after the layers come from (the last slice's, in mergekit: the
+    final norm, lm_head), when it is another model; they are read through it. ``config``: the output stack's
+    config (default :func:`layered_config` of ``inner``'s, for views that give every layer themselves).
     """
 
     def __init__(self, inner, layers: Sequence[int | None], label: str, lent: Mapping[int, LayerMapped] | None = None,
-                 config: dict | None = None):
+                 tail: LayerMapped | None = None, config: dict | None = None):
         super().__init__(inner)
         self.layers = list(layers)
-        self.lent = dict(lent or {})
+        self.lent, self.tail = dict(lent or {}), tail
         names = inner.names()
         by_layer = _by_layer(names)
         have = len(by_layer)
@@ -129,7 +130,8 @@ class LayerMapped(_View):
         for n in names:
             if layer_index(n) is None:
                 out.append(n)
-                self._source[n] = (inner, n)
+                after = tail is not None and group_of(n) != "embed" and n in tail
+                self._source[n] = (tail, n) if after else (inner, n)
             elif not placed:  # the new stack goes where the old one began
                 placed = True
                 for o, j in enumerate(self.layers):
@@ -175,7 +177,8 @@ class LayerMapped(_View):
         return model.view_dtype(src)
 
     def _models(self) -> list:
-        return [self.inner, *{id(v): v for v in self.lent.values()}.values()]
+        others = [*self.lent.values(), *([self.tail] if self.tail is not None else [])]
+        return [self.inner, *{id(v): v for v in others}.values()]
 
     def _read_into(self):
         for model in self._models():

@@ -45,9 +45,10 @@ def views(recipe: MergekitRecipe, models: dict, labels: dict) -> dict:
 def _layer_views(recipe: MergekitRecipe, models: dict, labels: dict, given: dict[str, dict[int, int]]) -> dict:
     """The slices' layer stack (``given``: per model reference, output layer -> its input layer). Each model is
     read through a :class:`LayerMapped` giving the output layers its slices take from it; the primary's view
-    presents every output layer (another model's through that model's view), so that the planner, which takes
-    the output's names from the primary, plans the whole stack. No views where every model already gives its
-    layers in place."""
+    presents every output layer (another model's through that model's view), and the tensors after the layers
+    as the last slice's model has them, so that the planner, which takes the output's names, shapes and dtypes
+    from the primary, plans the whole stack as mergekit does. No views where the slices tile the layers in
+    order with every model in each."""
     keys, primary = recipe.keys(), recipe.primary
     structure = Structure.of(models[primary].config, models[primary].names())
     if len(structure.layered) > 1:
@@ -58,8 +59,9 @@ def _layer_views(recipe: MergekitRecipe, models: dict, labels: dict, given: dict
     _check_ranges(recipe, counts, labels)
     by_key = {keys[ref]: layers for ref, layers in given.items()}
     total = output_ranges(recipe)[-1][1]
-    if all(j == o for layers in by_key.values() for o, j in layers.items()) and set(counts.values()) == {total}:
-        return models  # slices that tile every model's layers in order: each model gives its layers as they are
+    in_place = {o: o for o in range(total)}
+    if all(layers == in_place for layers in by_key.values()) and set(counts.values()) == {total}:
+        return models  # slices that tile the layers in order, every model in each: the models as they are
     for k in models:
         if k not in by_key:
             raise InputError(f"slices: {labels[k]} is not a source of the slices, so it has no layers for the "
@@ -81,8 +83,10 @@ def _layer_views(recipe: MergekitRecipe, models: dict, labels: dict, given: dict
             out[k] = LayerMapped(models[k], [by_key[k].get(o) for o in range(total)], labels[k],
                                  config=stack_config(k))
     lent = {o: out[giver[o]] for o in range(total) if o not in by_key[primary]}
+    last = [keys[src.model] for src in recipe.slices[-1].sources]  # the final norm and lm_head come from these
+    tail = out[last[0]] if primary not in last else None
     out[primary] = LayerMapped(models[primary], [by_key[primary].get(o) for o in range(total)], labels[primary],
-                               lent=lent, config=stack_config(primary))
+                               lent=lent, tail=tail, config=stack_config(primary))
     return out
 
 
