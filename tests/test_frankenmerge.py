@@ -152,6 +152,12 @@ def test_frankenmerge_bytes_do_not_depend_on_chunks_or_threads(ckpt, outputs, tm
             (outputs[name][1] / "model.safetensors").read_bytes(), name
 
 
+def test_the_written_recipe_reproduces_the_frankenmerge(outputs, tmp_path):
+    folder = outputs["goliath_bf16"][1]
+    merge.run(folder / "merge_recipe.yaml", tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
 def test_the_plan_says_which_output_layers_each_model_gives(ckpt, tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipes(ckpt)["goliath_bf16"], sort_keys=False))
     notes = merge.run(tmp_path / "r.yaml", options=Options.of(dry_run=True)).notes
