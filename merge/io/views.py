@@ -12,7 +12,7 @@ the planner and executor see ordinary models. They forward every other attribute
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -69,59 +69,84 @@ def rename_layer(name: str, index: int) -> str:
     return name[:m.start(1)] + str(index) + name[m.end(1):]
 
 
-def layered_config(config: dict, layers: Sequence[int]) -> dict:
-    """``config`` for a stack of ``len(layers)`` layers, output layer ``o`` being the input's ``layers[o]``:
-    the layer count set, per-layer lists (``layer_types``...) taken in that order (in ``text_config`` too)."""
-    def adjust(cfg: dict) -> dict:
+def layered_config(config: dict, layers: Sequence[int], sources: Sequence[dict] | None = None) -> dict:
+    """``config`` for a stack of ``len(layers)`` layers, output layer ``o`` being layer ``layers[o]`` of the model
+    whose config is ``sources[o]`` (default: ``config``'s own model for every layer): the layer count set,
+    per-layer lists (``layer_types``...) taken in that order (in ``text_config`` too). A list is left alone unless
+    every source has it, one entry per layer."""
+    sources = [config or {}] * len(layers) if sources is None else [s or {} for s in sources]
+
+    def count_key(cfg: dict) -> str | None:
+        return next((k for k in LAYER_COUNT_KEYS if isinstance(cfg.get(k), int)), None)
+
+    def adjust(cfg: dict, level: Callable[[dict], dict]) -> dict:
         cfg = dict(cfg)
-        count = next((k for k in LAYER_COUNT_KEYS if isinstance(cfg.get(k), int)), None)
+        count = count_key(cfg)
         if count is not None:
-            old = cfg[count]
             cfg[count] = len(layers)
             for key in PER_LAYER_KEYS:
-                if isinstance(cfg.get(key), list) and len(cfg[key]) == old:
-                    cfg[key] = [cfg[key][j] for j in layers]
+                lists = [level(s).get(key) for s in sources]
+                counts = [level(s).get(count_key(level(s)) or count) for s in sources]
+                if isinstance(cfg.get(key), list) and all(isinstance(v, list) and len(v) == n
+                                                         for v, n in zip(lists, counts)):
+                    cfg[key] = [v[j] for v, j in zip(lists, layers)]
         return cfg
 
-    config = adjust(config or {})
+    config = config or {}
     if isinstance(config.get("text_config"), dict) and not any(isinstance(config.get(k), int)
                                                                for k in LAYER_COUNT_KEYS):
-        config["text_config"] = adjust(config["text_config"])
-    return config
+        return dict(config, text_config=adjust(config["text_config"], lambda c: c.get("text_config") or {}))
+    return adjust(config, lambda c: c)
 
 
 class LayerMapped(_View):
-    """``inner`` with its layer stack rebuilt: output layer ``o`` is the input's layer ``layers[o]``."""
+    """``inner`` with its layer stack rebuilt: output layer ``o`` is the input's layer ``layers[o]``.
 
-    def __init__(self, inner, layers: Sequence[int], label: str):
+    In a frankenmerge whose slices take different models each model gives only its slices' output layers:
+    ``layers[o]`` is None where another model gives layer ``o``, and the view lacks that layer, unless ``lent[o]``
+    (the view of the model that gives it) is passed: then the view presents that layer too, read through the
+    lender. The primary model's view is built so: its names are the output's, every layer from its slice's model.
+    ``tail``: the view of the model the tensors after the layers come from (the last slice's, in mergekit: the
+    final norm, lm_head), when it is another model; they are read through it. ``config``: the output stack's
+    config (default :func:`layered_config` of ``inner``'s, for views that give every layer themselves).
+    """
+
+    def __init__(self, inner, layers: Sequence[int | None], label: str, lent: Mapping[int, LayerMapped] | None = None,
+                 tail: LayerMapped | None = None, config: dict | None = None):
         super().__init__(inner)
         self.layers = list(layers)
+        self.lent, self.tail = dict(lent or {}), tail
         names = inner.names()
-        by_layer: dict[int, list[str]] = {}
-        for n in names:
-            if (i := layer_index(n)) is not None:
-                by_layer.setdefault(i, []).append(n)
+        by_layer = _by_layer(names)
         have = len(by_layer)
-        bad = [j for j in self.layers if j not in by_layer]
+        bad = [j for j in self.layers if j is not None and j not in by_layer]
         if bad:
             raise InputError(f"slices: layer {bad[0]} of {label} does not exist (it has {have} layers, 0..{have - 1}); "
                              "fix the layer_range")
-        self._source: dict[str, str] = {}
+        lent_names = {id(v): _by_layer(v.names()) for v in self.lent.values()}
+        self._source: dict[str, tuple[object, str]] = {}  # output name -> (the model read, its name there)
         out: list[str] = []
         placed = False
         for n in names:
             if layer_index(n) is None:
                 out.append(n)
-                self._source[n] = n
+                after = tail is not None and group_of(n) != "embed" and n in tail
+                self._source[n] = (tail, n) if after else (inner, n)
             elif not placed:  # the new stack goes where the old one began
                 placed = True
                 for o, j in enumerate(self.layers):
-                    for src in by_layer[j]:
-                        dst = rename_layer(src, o)
-                        out.append(dst)
-                        self._source[dst] = src
+                    if j is not None:
+                        for src in by_layer[j]:
+                            self._source[rename_layer(src, o)] = (inner, src)
+                            out.append(rename_layer(src, o))
+                    elif o in self.lent:
+                        for dst in lent_names[id(self.lent[o])].get(o, []):
+                            self._source[dst] = (self.lent[o], dst)
+                            out.append(dst)
         self._names = out
-        self.config = layered_config(inner.config, self.layers)
+        if config is None and None in self.layers:
+            raise ValueError("a view that lacks some output layers needs the output stack's config")
+        self.config = config if config is not None else layered_config(inner.config, self.layers)
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -129,32 +154,58 @@ class LayerMapped(_View):
     def __contains__(self, name: str) -> bool:
         return name in self._source
 
-    def source(self, name: str) -> str:
-        """The wrapped model's name for output tensor ``name``."""
+    def _where(self, name: str) -> tuple[object, str]:
         try:
             return self._source[name]
         except KeyError:
             raise KeyError(name) from None
 
+    def source(self, name: str) -> str:
+        """The name that output tensor ``name`` has in the model it is read from (the wrapped one, or a lender)."""
+        return self._where(name)[1]
+
     def info(self, name: str) -> TensorInfo:
-        return self.inner.info(self.source(name))
+        model, src = self._where(name)
+        return model.info(src)
 
     def view(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.inner.view(self.source(name), start, stop)
+        model, src = self._where(name)
+        return model.view(src, start, stop)
 
     def view_dtype(self, name: str) -> torch.dtype:
-        return self.inner.view_dtype(self.source(name))
+        model, src = self._where(name)
+        return model.view_dtype(src)
+
+    def _models(self) -> list:
+        others = [*self.lent.values(), *([self.tail] if self.tail is not None else [])]
+        return [self.inner, *{id(v): v for v in others}.values()]
 
     def _read_into(self):
-        inner = self.inner.read_into  # AttributeError when the wrapped model computes its tensors
-        return lambda name, start, out: inner(self.source(name), start, out)
+        for model in self._models():
+            model.read_into  # noqa: B018  (AttributeError when a model read computes its tensors)
+
+        def read_into(name, start, out):
+            model, src = self._where(name)
+            return model.read_into(src, start, out)
+        return read_into
 
     def _changes(self):
-        inner = self.inner.changes
-        return lambda name: inner(self.source(name))
+        for model in self._models():
+            model.changes  # noqa: B018  (AttributeError unless every model read is a LoRA adapter)
+        return lambda name: self._where(name)[0].changes(self._where(name)[1])
 
     def release(self, name: str) -> None:
-        self.inner.release(self.source(name))
+        model, src = self._where(name)
+        model.release(src)
+
+
+def _by_layer(names: Sequence[str]) -> dict[int, list[str]]:
+    """Names by layer index, in order (names outside the layers left out)."""
+    out: dict[int, list[str]] = {}
+    for n in names:
+        if (i := layer_index(n)) is not None:
+            out.setdefault(i, []).append(n)
+    return out
 
 
 # -- vocabulary -----------------------------------------------------------------------------------------------

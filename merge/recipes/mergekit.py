@@ -335,15 +335,16 @@ def _check_slices(slices: list[MkSlice], base_model: str | None, sources_vary: b
                              "supported")
 
 
-def slice_layers(recipe: MergekitRecipe) -> dict[str, list[int]] | None:
-    """Per model reference, the input layer each output layer reads (slices in order, each source its own
-    range); None for ``models:`` recipes."""
+def output_layers(recipe: MergekitRecipe) -> dict[str, dict[int, int]] | None:
+    """Per model reference, output layer -> the input layer it reads: output layer ``start_i + k`` of slice ``i``
+    reads layer ``layer_range[0] + k`` of each of the slice's sources (a model lists only the output layers of the
+    slices it is a source of); None for ``models:`` recipes."""
     if recipe.slices is None:
         return None
-    out: dict[str, list[int]] = {}
-    for s in recipe.slices:
+    out: dict[str, dict[int, int]] = {}
+    for (start, stop), s in zip(output_ranges(recipe), recipe.slices):
         for src in s.sources:
-            out.setdefault(src.model, []).extend(range(*src.layer_range))
+            out.setdefault(src.model, {}).update(zip(range(start, stop), range(*src.layer_range)))
     return out
 
 

@@ -14,10 +14,9 @@ from pathlib import Path
 from ..dtypes import OUTPUT_DTYPES as DTYPES
 from ..errors import InputError
 from ..io.output import SIDE_FILES
-from ..io.views import LayerMapped, VocabMapped, permutation, row_sources
-from ..methods import registry
+from ..io.views import LayerMapped, VocabMapped, layered_config, permutation, row_sources
 from ..tensor_names import Structure, num_layers
-from .mergekit import MergekitRecipe, named_chat_template, output_ranges, slice_layers
+from .mergekit import MergekitRecipe, named_chat_template, output_layers, output_ranges
 
 TOKENIZER_FILES = tuple(n for n in SIDE_FILES if n not in ("generation_config.json", "preprocessor_config.json"))
 
@@ -37,38 +36,71 @@ def views(recipe: MergekitRecipe, models: dict, labels: dict) -> dict:
     out = dict(models)
     if recipe.tokenizer_source is not None:
         out = _vocab_views(recipe, out, labels)
-    layers = slice_layers(recipe)
-    if layers is not None and registry.for_mergekit(recipe.merge_method)[0].slice_sources_vary:
-        _check_in_place_slices(recipe)  # each slice's model gives those very layers: no layer views
-        layers = None
-    if layers is not None:
-        keys = recipe.keys()
-        by_key = {keys[ref]: ls for ref, ls in layers.items()}
-        structure = Structure.of(models[recipe.primary].config, models[recipe.primary].names())
-        if len(structure.layered) > 1:
-            raise InputError("slices: the models have several layer stacks (" + ", ".join(
-                f"{s} {structure.counts[s]} layers" for s in structure.layered) + "); mergekit refuses slices there "
-                "too: use models:")
-        counts = {k: num_layers(m.config or {}, m.names()) for k, m in models.items()}
-        if any(ls != list(range(counts[k])) for k, ls in by_key.items()):
-            for k in out:
-                if k not in by_key:
-                    raise InputError(f"slices: {labels[k]} is not a source of the slices, so it has no layers for "
-                                     "the output's rebuilt stack; list it in every slice")
-                out[k] = LayerMapped(out[k], by_key[k], labels[k])
+    given = output_layers(recipe)
+    if given is not None:
+        out = _layer_views(recipe, out, labels, given)
     return out
 
 
-def _check_in_place_slices(recipe: MergekitRecipe) -> None:
-    """Slices whose sources vary (passthrough) must, for now, take each output layer from the same layer index of
-    its slice's model (slices that tile the layers in order)."""
-    for (start, stop), s in zip(output_ranges(recipe), recipe.slices):
+def _layer_views(recipe: MergekitRecipe, models: dict, labels: dict, given: dict[str, dict[int, int]]) -> dict:
+    """The slices' layer stack (``given``: per model reference, output layer -> its input layer). Each model is
+    read through a :class:`LayerMapped` giving the output layers its slices take from it; the primary's view
+    presents every output layer (another model's through that model's view), and the tensors after the layers
+    as the last slice's model has them, so that the planner, which takes the output's names, shapes and dtypes
+    from the primary, plans the whole stack as mergekit does. No views where the slices tile the layers in
+    order with every model in each."""
+    keys, primary = recipe.keys(), recipe.primary
+    structure = Structure.of(models[primary].config, models[primary].names())
+    if len(structure.layered) > 1:
+        raise InputError("slices: the models have several layer stacks (" + ", ".join(
+            f"{s} {structure.counts[s]} layers" for s in structure.layered) + "); mergekit refuses slices there "
+            "too: use models:")
+    counts = {k: num_layers(m.config or {}, m.names()) for k, m in models.items()}
+    _check_ranges(recipe, counts, labels)
+    by_key = {keys[ref]: layers for ref, layers in given.items()}
+    total = output_ranges(recipe)[-1][1]
+    in_place = {o: o for o in range(total)}
+    if all(layers == in_place for layers in by_key.values()) and set(counts.values()) == {total}:
+        return models  # slices that tile the layers in order, every model in each: the models as they are
+    for k in models:
+        if k not in by_key:
+            raise InputError(f"slices: {labels[k]} is not a source of the slices, so it has no layers for the "
+                             "output's rebuilt stack; list it in the slices")
+    giver = {}  # output layer -> a model that gives it
+    for k, layers in by_key.items():
+        for o in layers:
+            giver.setdefault(o, k)
+
+    def stack_config(k: str) -> dict:
+        """The output stack's config as model ``k`` sees it: per-layer lists from each layer's model."""
+        takes = [k if o in by_key[k] else giver[o] for o in range(total)]
+        return layered_config(models[k].config, [by_key[t][o] for o, t in enumerate(takes)],
+                              [models[t].config for t in takes])
+
+    out = dict(models)
+    for k in models:
+        if k != primary:
+            out[k] = LayerMapped(models[k], [by_key[k].get(o) for o in range(total)], labels[k],
+                                 config=stack_config(k))
+    lent = {o: out[giver[o]] for o in range(total) if o not in by_key[primary]}
+    last = [keys[src.model] for src in recipe.slices[-1].sources]  # the final norm and lm_head come from these
+    tail = out[last[0]] if primary not in last else None
+    out[primary] = LayerMapped(models[primary], [by_key[primary].get(o) for o in range(total)], labels[primary],
+                               lent=lent, tail=tail, config=stack_config(primary))
+    return out
+
+
+def _check_ranges(recipe: MergekitRecipe, counts: dict[str, int], labels: dict) -> None:
+    """Every source's layer_range within its model's layers."""
+    keys = recipe.keys()
+    for i, s in enumerate(recipe.slices):
         for j, src in enumerate(s.sources):
-            if tuple(src.layer_range) != (start, stop):
-                raise InputError(f"slices.{output_ranges(recipe).index((start, stop))}.sources.{j}.layer_range: "
-                                 f"{list(src.layer_range)} would become output layers [{start}, {stop}); slices "
-                                 f"taken from different models must keep their layer positions (tile the layers in "
-                                 "order), or list the same models in every slice")
+            start, stop = src.layer_range
+            have = counts[keys[src.model]]
+            if stop > have:
+                raise InputError(f"slices.{i}.sources.{j}.layer_range: [{start}, {stop}) reads layer {stop - 1} of "
+                                 f"{labels[keys[src.model]]}, which does not exist (it has {have} layers, "
+                                 f"0..{have - 1}); fix the layer_range")
 
 
 def view_notes(models: dict, labels: dict) -> list[str]:
@@ -76,8 +108,13 @@ def view_notes(models: dict, labels: dict) -> list[str]:
     notes = []
     for k, m in models.items():
         if isinstance(m, LayerMapped):
-            notes.append(f"slices: {labels[k]}: the output's {len(m.layers)} layers read its layers "
-                         f"{', '.join(map(str, m.layers))}")
+            own = [(o, j) for o, j in enumerate(m.layers) if j is not None]
+            if len(own) == len(m.layers):
+                notes.append(f"slices: {labels[k]}: the output's {len(m.layers)} layers read its layers "
+                             f"{', '.join(map(str, m.layers))}")
+            else:
+                notes.append(f"slices: {labels[k]}: output layers {', '.join(str(o) for o, _ in own)} (of "
+                             f"{len(m.layers)}) read its layers {', '.join(str(j) for _, j in own)}")
         inner = m.inner if isinstance(m, LayerMapped) else m
         if isinstance(inner, VocabMapped):
             filled = sum(r < 0 for r in inner.rows.own)
