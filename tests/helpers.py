@@ -32,3 +32,13 @@ def load_logits(folder: Path, vocab_probe: int = 8) -> torch.Tensor:
 
 def index(folder: Path) -> dict:
     return json.loads((Path(folder) / "model.safetensors.index.json").read_text())
+
+
+def ulps(ours: torch.Tensor, theirs: torch.Tensor, inputs=()) -> float:
+    """The largest ``|ours - theirs|`` in units in the last place of ``theirs``'s dtype at the magnitude
+    ``max(|ours|, |theirs|, |input_i|)`` of each entry."""
+    bits = {torch.bfloat16: 8, torch.float32: 24, torch.float16: 11}[theirs.dtype]
+    a, b = ours.double(), theirs.double()
+    scale = torch.stack([a.abs(), b.abs(), *(x.double().abs() for x in inputs)]).amax(0)
+    _, exponent = torch.frexp(scale.clamp(min=2.0 ** -120))
+    return float(((a - b).abs() / torch.ldexp(torch.ones_like(a), exponent - bits)).max())

@@ -24,7 +24,7 @@ from merge.cli import main
 from merge.io.views import layered_config, row_sources
 from merge.options import Options
 from tests.checkpoints import make_model, make_pair
-from tests.helpers import load_tensors
+from tests.helpers import load_tensors, ulps
 from tests.mergekit_runner import load_folder_tensors, run_mergekit_many
 
 LITERAL_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -125,6 +125,15 @@ def mergekit_tests(c: dict) -> dict[str, dict]:
         "mk_slerp": two("slerp", c["s0"], t=0.35),
         "mk_task_arithmetic": two("task_arithmetic", c["base"]),
         "mk_breadcrumbs": two("breadcrumbs", c["base"]),
+        "mk_ties_f32": {**two("ties", c["base"], density=0.3), "dtype": "float32"},  # bf16: ties at the cut, below
+        "mk_model_stock": {**two("model_stock", c["base"]), "models": [_m(c["s0"]), _m(c["s1"])]},
+        "mk_model_stock_filterwise": {**two("model_stock", c["base"], filter_wise=True),
+                                      "models": [_m(c["s0"]), _m(c["s1"])]},
+        # test_passthrough_scale and test_gpt2_stack (a model's whole stack twice)
+        "mk_passthrough_scale": {"merge_method": "passthrough", "dtype": "bfloat16",
+                                 "models": [_m(c["s0"], scale=[{"filter": "o_proj", "value": 0}, {"value": 1}])]},
+        "mk_stack": {"merge_method": "passthrough", "dtype": "bfloat16",
+                     "slices": [{"sources": [_src(c["s0"], [0, 3])]}] * 2},
         "mk_chat_chatml": chat("chatml"),
         "mk_chat_literal": chat("{{messages[0]['content']}}"),
         "mk_tokenizer_source_base": tokens(["tbase", "tpadded", "tchatml"], "base"),
@@ -336,10 +345,22 @@ def test_mergekit_examples_agree(outputs, name):
 
 @pytest.mark.parametrize("name", sorted(mergekit_tests(dict.fromkeys(
     ("s0", "s1", "base", "tbase", "tpadded", "tchatml", "tchatml2"), ""))))
-def test_mergekit_test_configs_agree(outputs, name):
-    theirs, ours = _compare(outputs, name, exact=not name.startswith(("mk_linear", "mk_slerp", "mk_task", "mk_bread")))
+def test_mergekit_test_configs_agree(outputs, ckpt, name):
+    if name.startswith("mk_model_stock"):  # float64 Gram sums vs mergekit's bf16 intermediates: a few ulps
+        theirs_dir, ours_dir = outputs[name]
+        theirs, ours = load_folder_tensors(theirs_dir), load_tensors(ours_dir)
+        inputs = [load_tensors(Path(ckpt[k])) for k in ("s0", "s1", "base")]
+        assert set(ours) == set(theirs)
+        assert max(ulps(ours[k], theirs[k], [x[k] for x in inputs]) for k in theirs) <= 8
+        return
+    rounded = ("mk_linear", "mk_slerp", "mk_task", "mk_bread", "mk_ties")
+    theirs, ours = _compare(outputs, name, exact=not name.startswith(rounded))
     mk, here = outputs[name]
     assert _config(here).get("vocab_size") == _config(mk).get("vocab_size")
+    if name == "mk_stack":
+        assert _config(here)["num_hidden_layers"] == _config(mk)["num_hidden_layers"] == 6
+    if name == "mk_passthrough_scale":
+        assert all(not t.any() for k, t in ours.items() if "o_proj" in k)
     if "chat" in name or "tokenizer" in name:
         assert AutoTokenizer.from_pretrained(here).get_vocab() == AutoTokenizer.from_pretrained(mk).get_vocab()
         assert AutoTokenizer.from_pretrained(here).chat_template == AutoTokenizer.from_pretrained(mk).chat_template

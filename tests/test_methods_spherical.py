@@ -19,7 +19,7 @@ import merge
 from merge.cli import main
 from merge.methods import karcher, model_stock, multislerp, nuslerp
 from merge.options import Options
-from tests.helpers import file_bytes, load_logits, load_tensors
+from tests.helpers import file_bytes, load_logits, load_tensors, ulps
 
 pytest.importorskip("mergekit")
 
@@ -97,16 +97,6 @@ def conformance(pairs, tmp_path_factory):
             results[key, name] = (load_folder_tensors(folders[name]), load_tensors(ours))
         results[key] = [load_tensors(p) for p in (base, *sfts)]
     return results
-
-
-def ulps(ours: torch.Tensor, theirs: torch.Tensor, inputs=()) -> float:
-    """The largest ``|ours - theirs|`` in units in the last place of ``theirs``'s dtype at the magnitude
-    ``max(|ours|, |theirs|, |input_i|)`` of each entry."""
-    bits = {torch.bfloat16: 8, torch.float32: 24, torch.float16: 11}[theirs.dtype]
-    a, b = ours.double(), theirs.double()
-    scale = torch.stack([a.abs(), b.abs(), *(x.double().abs() for x in inputs)]).amax(0)
-    _, exponent = torch.frexp(scale.clamp(min=2.0 ** -120))
-    return float(((a - b).abs() / torch.ldexp(torch.ones_like(a), exponent - bits)).max())
 
 
 @pytest.mark.parametrize("key", list(DTYPES))
