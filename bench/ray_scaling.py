@@ -30,7 +30,7 @@ def _merge(args, out: Path, **extra) -> tuple[float, object]:
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     summary = merge.merge(args.method, sft=str(args.pair / "sft"), base=str(args.pair / "base"), t=args.t, out=out,
-                          max_shard_size=args.max_shard_size, **extra)
+                          max_shard_size=args.max_shard_size, options=merge.Options.of(**extra))
     return time.perf_counter() - started, summary
 
 
