@@ -32,6 +32,9 @@ def test_every_method_is_registered_once_with_its_mergekit_names():
                                               "dare_ties", "breadcrumbs", "breadcrumbs_ties", "model_stock",
                                               "nuslerp", "multislerp", "karcher", "della", "della_linear", "sce",
                                               "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough"}
+    from mergekit.merge_methods import registry as mergekit_registry  # the oracle: every method mergekit registers
+
+    assert set(registry.mergekit_names()) == set(mergekit_registry._METHODS)
     for name in registry.mergekit_names():
         spec, variant = registry.for_mergekit(name)
         assert variant.name == name and spec.plan_mergekit is not None
