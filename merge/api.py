@@ -67,31 +67,6 @@ def merge(method: str, sft: str | Sequence[str], base: str, t=None, out: str | P
                                                        report=report))
 
 
-def check_spectral_options(sparsify: str, n_sfts: int, *, scale, density, gamma, seed, sign_consensus, rank,
-                           svd) -> None:
-    """``--sparsify svd|svd-threshold``: one SFT, one scale, a rank exactly for ``svd``, no entrywise options."""
-    if n_sfts != 1:
-        raise InputError(f"--sparsify {sparsify}: spectral repair takes one --sft (got {n_sfts}); merge several "
-                         "SFTs with --sparsify magnitude|random|breadcrumbs or none")
-    if isinstance(scale, (list, tuple)) and len(scale) != 1:
-        raise InputError(f"--scale: spectral repair takes one --sft, so one --scale (got {len(scale)})")
-    for name, v in (("--density", density), ("--gamma", gamma), ("--seed", seed),
-                    ("--sign-consensus", sign_consensus or None)):
-        if v is not None:
-            raise InputError(f"{name}: has no effect with --sparsify {sparsify} (it keeps singular components, "
-                             "not entries); drop it")
-    if sparsify == "svd" and rank is None:
-        raise InputError("--sparsify svd needs --rank (the singular components kept per 2-D delta, >= 1); or use "
-                         "--sparsify svd-threshold to let the Donoho-Gavish threshold choose")
-    if sparsify == "svd-threshold":
-        for name, v in (("--rank", rank), ("--svd", svd)):
-            if v is not None:
-                raise InputError(f"{name}: --sparsify svd-threshold chooses the rank itself from every singular "
-                                 "value (exact SVD); drop it, or use --sparsify svd --rank R")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise InputError(f"--rank: must be a whole number >= 1, got {rank!r}")
-
-
 def fold(adapter: str | Path, base: str | Path, out: str | Path | None = None, **options) -> MergeSummary:
     """Write the plain merged model ``W_base + s*B@A`` of a LoRA/DoRA adapter, streamed tensor by tensor.
 

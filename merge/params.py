@@ -101,3 +101,20 @@ def finite_value(v):
     if v is not None and not is_rules(v):
         check_finite(v)
     return v
+
+
+class ScaledDelta(BaseModel):
+    """Recipe parameters of a method that adds scaled deltas to the base: a default ``scale``, which an SFT may
+    override with its own (``sft: [{model: ..., scale: ...}]``)."""
+
+    scale: Value | None = Field(None, description="default scale of every delta")
+
+    @field_validator("scale")
+    @classmethod
+    def _finite(cls, v):
+        return finite_value(v)
+
+    def scale_of(self, index: int) -> Value:
+        """SFT ``index``'s scale: its own, else the default ``scale``."""
+        own = self.sft[index].scale
+        return own if own is not None else self.scale

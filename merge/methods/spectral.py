@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field
 
 from ..errors import InputError
-from ..params import Int, Value, finite_value
+from ..params import Int, ScaledDelta, Value
 from .base import KernelBase, MethodSpec, Operation, Planned
 
 OVERSAMPLE = 10
@@ -237,7 +237,7 @@ class SpectralKernel(KernelBase):
         return state.get("info")
 
 
-class SpectralParams(BaseModel):
+class SpectralParams(ScaledDelta):
     """Our recipe's parameters of spectral repair: the scale of the kept delta, and what is kept: the top
     ``rank`` components, or (``threshold: donoho_gavish``) those above the optimal hard threshold."""
 
@@ -247,16 +247,6 @@ class SpectralParams(BaseModel):
         None, description="spectral: keep the components above the Donoho-Gavish optimal hard threshold")
     svd: Literal["auto", "exact", "randomized"] = Field(
         "auto", description="spectral, rank mode: the SVD (auto: randomized when the rank is small, CPU)")
-
-    @field_validator("scale")
-    @classmethod
-    def _finite(cls, v):
-        return finite_value(v)
-
-    def scale_of(self, index: int) -> Value:
-        """The SFT's scale: its own, else the default ``scale``."""
-        own = self.sft[index].scale
-        return own if own is not None else self.scale
 
 
 def _check_recipe(recipe) -> None:

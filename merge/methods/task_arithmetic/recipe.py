@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field
 
 from ...errors import InputError
 from ...keys import BASE, sft_key
-from ...params import Bool, Sparsify, Value, finite_value
+from ...params import Bool, ScaledDelta, Sparsify, Value
 from .. import spectral
 from ..base import Copy, ParamSpec, Planned
 from ..della import DEFAULT_EPSILON, require_della_density
@@ -20,7 +20,7 @@ from .kernel import (
 )
 
 
-class TaskArithmeticParams(BaseModel):
+class TaskArithmeticParams(ScaledDelta):
     """Our recipe's parameters of task arithmetic: each SFT's scale (``scale`` is the default; an SFT may
     give its own), pruning, TIES sign consensus and normalisation."""
 
@@ -28,16 +28,6 @@ class TaskArithmeticParams(BaseModel):
     sparsify: Sparsify | None = None
     sign_consensus: Bool | Literal["sum", "count"] = False
     normalize: Bool = Field(False, description="task arithmetic: divide by the sum of the (kept) scales")
-
-    @field_validator("scale")
-    @classmethod
-    def _finite(cls, v):
-        return finite_value(v)
-
-    def scale_of(self, index: int) -> Value:
-        """SFT ``index``'s scale: its own, else the default ``scale``."""
-        own = self.sft[index].scale
-        return own if own is not None else self.scale
 
 
 def check_recipe(recipe) -> None:
