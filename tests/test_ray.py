@@ -29,6 +29,7 @@ from merge.io.output import staging_dir
 from merge.options import Options
 from tests.checkpoints import make_model
 from tests.helpers import file_bytes
+from tests.ray_cluster import two_node_cluster
 
 ray = pytest.importorskip("ray")
 
@@ -43,28 +44,10 @@ def _outputs(folder: Path) -> dict[str, bytes]:
     return {**file_bytes(folder), **{n: (folder / n).read_bytes() for n in KEPT if (folder / n).exists()}}
 
 
-def _processes(node) -> list:
-    return [p.process for procs in node.all_processes.values() for p in procs if p.process is not None]
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """One head and one worker node, one CPU each; connected in this process; everything stopped after."""
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    ray.init(address=c.address)
-    procs = []
-    try:
+    with two_node_cluster(client_server=False) as c:
         yield c
-    finally:
-        procs = [p for n in [c.head_node, *c.worker_nodes] for p in _processes(n)]
-        ray.shutdown()
-        c.shutdown()
-    left = [p.pid for p in procs if p.poll() is None]
-    assert not left, f"Ray processes left behind: {left}"
 
 
 def _attempts(pids_file: Path) -> list[tuple[int, str]]:

@@ -13,7 +13,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read by datasets at import 
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import merge
 from merge.cli import main
 from merge.demo import ASSETS
 from tests.helpers import file_bytes
+from tests.ray_cluster import two_node_cluster
 from tests.test_sweep import _probes
 
 ray = pytest.importorskip("ray")
@@ -35,39 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WRITTEN = ("config.json", "merge_recipe.yaml", "tokenizer.json")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes(node) -> list:
-    return [p.process for procs in node.all_processes.values() for p in procs if p.process is not None]
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """One head (with a Ray Client server) and one worker node, one CPU each; connected in this process;
-    everything stopped after."""
-    from ray._private.utils import get_ray_client_dependency_error
-    from ray.cluster_utils import Cluster
-
-    port = _free_port() if get_ray_client_dependency_error() is None else None  # Ray Client needs grpcio
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **({"ray_client_server_port": port} if port
-                                                                         else {})})
-    c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    c.client_port = port
-    ray.init(address=c.address)
-    procs = []
-    try:
+    with two_node_cluster(client_server=True) as c:
         yield c
-    finally:
-        procs = [p for n in [c.head_node, *c.worker_nodes] for p in _processes(n)]
-        ray.shutdown()
-        c.shutdown()
-    left = [p.pid for p in procs if p.poll() is None]
-    assert not left, f"Ray processes left behind: {left}"
 
 
 def _untimed(value):
