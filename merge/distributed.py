@@ -36,6 +36,27 @@ HOLD_ENV = "MERGEBACK_TEST_HOLD"  # tests: a folder; each task records its pid t
 MOUNT_ENV = "MERGEBACK_SIMULATED_MOUNT"  # tests: "FROM=TO" on a node makes its probe see FROM under TO
 
 
+CLIENT_START_ATTEMPTS = 3
+
+
+def _init_at(ray, address: str) -> None:
+    """``ray.init(address)``. Through Ray Client (``ray://``) the head starts a server process per client, and
+    that start can fail transiently ("Initialization failure from server"): then it is asked again, up to
+    ``CLIENT_START_ATTEMPTS`` times in all; any other failure is raised at once."""
+    import logging
+
+    for attempt in range(1, CLIENT_START_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+            return
+        except ConnectionError as e:
+            if not address.startswith("ray://") or "Initialization failure from server" not in str(e) \
+                    or attempt == CLIENT_START_ATTEMPTS:
+                raise
+            if ray.is_initialized():
+                ray.shutdown()
+
+
 class ClusterError(MergeError):
     """A unit was lost for good (its retries spent); finished shards are kept for ``--resume``."""
 
@@ -313,7 +334,7 @@ class Cluster:
             elif address == "local":
                 ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
             else:
-                ray.init(address=address, logging_level=logging.WARNING)
+                _init_at(ray, address)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise InputError(f"--ray {address}: cannot connect to a Ray cluster there ({str(e).splitlines()[0]}); "
                              "give auto, local, a head address like 10.0.0.1:6379 or ray://head:10001") from None

@@ -3,6 +3,7 @@ check that no Ray process is left behind."""
 
 from __future__ import annotations
 
+import os
 import socket
 from contextlib import contextmanager
 
@@ -26,6 +27,8 @@ def two_node_cluster(client_server: bool = False):
     from ray.cluster_utils import Cluster
 
     port = _free_port() if client_server and get_ray_client_dependency_error() is None else None
+    if port:  # the head's proxier waits this long for a client's server process (default 30 s: short on 2 busy cores)
+        os.environ.setdefault("RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S", "180")
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **({"ray_client_server_port": port}
                                                                          if port else {})})
     c.add_node(num_cpus=1)

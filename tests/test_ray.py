@@ -339,3 +339,40 @@ def test_fp8_inputs_and_output_split_across_workers_equal_local(cluster, pairs, 
     summary = merge.merge(out=out, **kw, options=Options.of(ray="auto", workers=2, memory=MEMORY))
     assert list(file_bytes(out)) == ["model.safetensors"] and summary.cluster.units == 4
     assert _outputs(out) == reference
+
+
+class _FlakyClient:
+    """A stand-in for the ``ray`` module whose Ray Client start fails ``failures`` times, as a head's
+    per-client server process sometimes does under load."""
+
+    def __init__(self, failures: int, message: str = "Initialization failure from server:\n"):
+        self.failures, self.message, self.calls, self.shutdowns = failures, message, 0, 0
+
+    def init(self, address, logging_level):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionAbortedError(self.message)
+
+    def is_initialized(self):
+        return False
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+def test_a_ray_client_start_that_fails_on_the_server_is_asked_again():
+    from merge.distributed import CLIENT_START_ATTEMPTS, _init_at
+
+    flaky = _FlakyClient(failures=CLIENT_START_ATTEMPTS - 1)
+    _init_at(flaky, "ray://head:10001")
+    assert flaky.calls == CLIENT_START_ATTEMPTS
+    with pytest.raises(ConnectionError, match="Initialization failure"):
+        _init_at(_FlakyClient(failures=CLIENT_START_ATTEMPTS), "ray://head:10001")
+    other = _FlakyClient(failures=1, message="Connection refused")
+    with pytest.raises(ConnectionError):
+        _init_at(other, "ray://head:10001")
+    assert other.calls == 1  # only the server-side start failure is asked again
+    head = _FlakyClient(failures=1)
+    with pytest.raises(ConnectionError):
+        _init_at(head, "10.0.0.1:6379")  # not Ray Client: no retry
+    assert head.calls == 1
